@@ -1,0 +1,69 @@
+"""Analytic parameter and FLOP counts of a GLaM model config, with no allocation.
+
+FLOPs are 2 x multiply-adds of every matmul one token passes through in a forward pass at
+sequence length T: attention projections (q, k, v, o), attention scores and the weighted sum of
+values (over all T keys, as the dense kernel computes them, masked or not), dense FFNs, the
+router and the K activated experts of each MoE layer, and the output projection. Norms, softmax
+and the position bias are not matmuls and are left out. Training FLOPs = 3 x forward
+(forward + backward with respect to activations and weights).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from glam.config import ModelConfig
+
+
+@dataclass(frozen=True)
+class Counts:
+    total_params: int
+    activated_params: int
+    embedding_params: int
+    non_embedding_params: int
+    activated_non_embedding_params: int
+    forward_flops_per_token: int
+    forward_flops_per_token_no_embedding: int
+    train_flops_per_token: int
+    seq_len: int
+    n_moe_layers: int
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def count(cfg: ModelConfig, seq_len: int | None = None) -> Counts:
+    """Counts for `cfg`; FLOPs at `seq_len` (default: the model's training length)."""
+    t = seq_len or cfg.seq_len
+    m, a, f, h, e, v = (cfg.d_model, cfg.attention_width, cfg.d_ff, cfg.expert_hidden,
+                        cfg.n_experts, cfg.vocab_size)
+    n_moe = len(cfg.moe_layers)
+    n_dense = cfg.n_layers - n_moe
+
+    attn = 4 * m * a + cfg.rel_pos_buckets * cfg.n_heads
+    norms = 2 * m
+    dense_ffn = (3 if cfg.ffn_kind == "geglu" else 2) * m * f
+    expert = 2 * m * h
+    router = m * e
+    embedding = v * m * (1 if cfg.tie_embeddings else 2)
+
+    shared = cfg.n_layers * (attn + norms) + n_dense * dense_ffn + n_moe * router + m
+    total_ne = shared + n_moe * e * expert
+    activated_ne = shared + n_moe * cfg.top_k * expert
+
+    layer_flops = 2 * (4 * m * a) + 2 * 2 * t * a
+    flops_ne = (cfg.n_layers * layer_flops + n_dense * 2 * dense_ffn
+                + n_moe * 2 * (router + cfg.top_k * expert))
+    flops = flops_ne + 2 * m * v
+    return Counts(
+        total_params=total_ne + embedding,
+        activated_params=activated_ne + embedding,
+        embedding_params=embedding,
+        non_embedding_params=total_ne,
+        activated_non_embedding_params=activated_ne,
+        forward_flops_per_token=flops,
+        forward_flops_per_token_no_embedding=flops_ne,
+        train_flops_per_token=3 * flops,
+        seq_len=t,
+        n_moe_layers=n_moe,
+    )

@@ -1,0 +1,92 @@
+"""Dense building blocks of the GLaM decoder: RMSNorm, relative-position attention, dense FFNs.
+
+Letters: B batch, T query positions, U key positions, N heads, D head width, M model width,
+F feed-forward width. Parameters are float32; each layer computes in the dtype of its input.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from glam.config import ModelConfig
+
+
+def param(rngs: nnx.Rngs, shape: tuple[int, ...], fan_in: int) -> nnx.Param:
+    """A float32 weight with variance 1 / fan_in, so activations keep unit scale."""
+    return nnx.Param(jax.random.normal(rngs.params(), shape, jnp.float32) * fan_in**-0.5)
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        self.scale = nnx.Param(jnp.ones((dim,), jnp.float32))
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (x32 * self.scale[...]).astype(x.dtype)
+
+
+def relative_position_buckets(length: int, num_buckets: int, max_distance: int) -> np.ndarray:
+    """T5 causal buckets [T, U] of the distance from query t back to key u (u > t is masked).
+
+    Distances below num_buckets / 2 get a bucket each; longer ones share log-spaced buckets up to
+    max_distance, beyond which all fall in the last bucket.
+    """
+    distance = np.maximum(np.arange(length)[:, None] - np.arange(length)[None, :], 0)
+    exact = num_buckets // 2
+    log_ratio = np.log(np.maximum(distance, 1) / exact) / math.log(max_distance / exact)
+    large = exact + (log_ratio * (num_buckets - exact)).astype(np.int64)
+    large = np.minimum(large, num_buckets - 1)
+    return np.where(distance < exact, distance, large)
+
+
+class Attention(nnx.Module):
+    """Causal multi-head attention with a learned per-layer relative position bias, no biases.
+
+    The attention width N * D may differ from the model width M (as in GLaM 64B/64E).
+    """
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        m, n, d = cfg.d_model, cfg.n_heads, cfg.head_dim
+        self.wq, self.wk, self.wv = (param(rngs, (m, n, d), m) for _ in range(3))
+        self.wo = param(rngs, (n, d, m), n * d)
+        self.rel_bias = nnx.Param(jnp.zeros((cfg.rel_pos_buckets, n), jnp.float32))
+        self.num_buckets = cfg.rel_pos_buckets
+        self.max_distance = cfg.rel_pos_max_distance
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        dt = x.dtype
+        t, d = x.shape[1], self.wq.shape[-1]
+        q, k, v = (jnp.einsum("btm,mnd->btnd", x, w[...].astype(dt)) for w in (self.wq, self.wk, self.wv))
+        scores = jnp.einsum("btnd,bund->bntu", q, k).astype(jnp.float32) * d**-0.5
+        buckets = relative_position_buckets(t, self.num_buckets, self.max_distance)
+        scores = scores + jnp.transpose(self.rel_bias[...][buckets], (2, 0, 1))[None]
+        causal = np.tril(np.ones((t, t), bool))
+        scores = jnp.where(causal, scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(dt)
+        out = jnp.einsum("bntu,bund->btnd", probs, v)
+        return jnp.einsum("btnd,ndm->btm", out, self.wo[...].astype(dt))
+
+
+class FeedForward(nnx.Module):
+    """Dense FFN: GeGLU (gelu(x wi_gate) * (x wi)) wo, or plain gelu(x wi) wo."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        m, f = cfg.d_model, cfg.d_ff
+        self.gated = cfg.ffn_kind == "geglu"
+        if self.gated:
+            self.wi_gate = param(rngs, (m, f), m)
+        self.wi = param(rngs, (m, f), m)
+        self.wo = param(rngs, (f, m), f)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        dt = x.dtype
+        h = x @ self.wi[...].astype(dt)
+        h = jax.nn.gelu(x @ self.wi_gate[...].astype(dt)) * h if self.gated else jax.nn.gelu(h)
+        return h @ self.wo[...].astype(dt)

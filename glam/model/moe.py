@@ -1,0 +1,105 @@
+"""The MoE feed-forward layer: router, E two-matrix GELU experts, and two dispatch paths.
+
+Dimension letters as in `glam.model.routing` (G, S, E, C, K, M) plus H, the expert hidden width.
+
+- `einsum`: one-hot dispatch and combine tensors [G, S, E, C] contracted with einsums, the GShard
+  reference. Its cost grows with S * E * C, i.e. with the group size squared.
+- `gather` (default): each expert slot looks up the index of the token that fills it, activations
+  are gathered into an [G, E, C, M] buffer, the experts run as one batched matmul, and each token
+  gathers its K outputs back. Cost stays close to the expert matmuls themselves.
+
+Both are checked against a slow loop-over-tokens reference in the tests.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from glam.config import ModelConfig
+from glam.model.layers import param
+from glam.model.routing import Routing, expert_capacity, second_expert_noise, top_k_gating
+
+
+def experts_ffn(x: jax.Array, w_in: jax.Array, w_out: jax.Array) -> jax.Array:
+    """Apply expert e's GELU FFN to buffer row e: [G, E, C, M] -> [G, E, C, M]."""
+    h = jax.nn.gelu(jnp.einsum("gecm,emh->gech", x, w_in))
+    return jnp.einsum("gech,ehm->gecm", h, w_out)
+
+
+def dispatch_combine_tensors(routing: Routing, n_experts: int) -> tuple[jax.Array, jax.Array]:
+    """One-hot dispatch [G, S, E, C] (0/1) and combine [G, S, E, C] (gate weights) tensors."""
+    expert = jax.nn.one_hot(routing.expert_index, n_experts, dtype=jnp.float32)  # [G, S, K, E]
+    slot = jax.nn.one_hot(routing.position, routing.capacity, dtype=jnp.float32)  # [G, S, K, C]
+    dispatch = jnp.einsum("gske,gskc->gsec", expert, slot)
+    combine = jnp.einsum("gske,gskc,gsk->gsec", expert, slot, routing.weight)
+    return dispatch, combine
+
+
+def moe_einsum(x: jax.Array, routing: Routing, w_in: jax.Array, w_out: jax.Array) -> jax.Array:
+    """GShard one-hot dispatch: x [G, S, M] -> [G, S, M]."""
+    dispatch, combine = dispatch_combine_tensors(routing, w_in.shape[0])
+    buffer = jnp.einsum("gsec,gsm->gecm", dispatch.astype(x.dtype), x)
+    y = experts_ffn(buffer, w_in, w_out)
+    return jnp.einsum("gsec,gecm->gsm", combine.astype(x.dtype), y)
+
+
+def moe_gather(x: jax.Array, routing: Routing, w_in: jax.Array, w_out: jax.Array) -> jax.Array:
+    """Index dispatch: gather tokens into [G, E, C, M], batched expert matmul, gather back."""
+    g, s, m = x.shape
+    e, c = w_in.shape[0], routing.capacity
+    # Flat slot of each assignment in the [E * C] buffer; unplaced ones point at a spare slot.
+    slot = jnp.where(routing.placed, routing.expert_index * c + routing.position, e * c)
+    token = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32)[None, :, None], slot.shape)
+    groups = jnp.arange(g)[:, None, None]
+    # Which token fills each slot; empty slots point at an all-zero padding row (index S).
+    token_of_slot = jnp.full((g, e * c + 1), s, jnp.int32).at[groups, slot].set(token)[:, : e * c]
+    x_pad = jnp.concatenate([x, jnp.zeros((g, 1, m), x.dtype)], axis=1)
+    buffer = jnp.take_along_axis(x_pad, token_of_slot[..., None], axis=1).reshape(g, e, c, m)
+    y = experts_ffn(buffer, w_in, w_out).reshape(g, e * c, m)
+    y_pad = jnp.concatenate([y, jnp.zeros((g, 1, m), y.dtype)], axis=1)
+    picked = jnp.take_along_axis(y_pad, slot.reshape(g, -1, 1), axis=1).reshape(g, s, -1, m)
+    return jnp.einsum("gskm,gsk->gsm", picked, routing.weight.astype(x.dtype))
+
+
+DISPATCH = {"einsum": moe_einsum, "gather": moe_gather}
+
+
+class MoEFeedForward(nnx.Module):
+    """Top-k routed mixture of E GELU FFNs (d_model -> expert d_ff -> d_model)."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        m, h, e = cfg.d_model, cfg.expert_hidden, cfg.n_experts
+        self.cfg = cfg
+        self.router = param(rngs, (m, e), m)
+        self.w_in = param(rngs, (e, m, h), m)
+        self.w_out = param(rngs, (e, h, m), h)
+
+    def __call__(self, x: jax.Array, key: Optional[jax.Array] = None) -> tuple[jax.Array, Routing]:
+        """x [B, T, M] -> ([B, T, M], Routing). `key` drives jitter and the second-expert policy;
+        without it (evaluation) routing is deterministic."""
+        cfg, r = self.cfg, self.cfg.router
+        b, t, m = x.shape
+        s = r.group_size or t
+        if (b * t) % s:
+            raise ValueError(f"model.router.group_size={s} does not divide the {b * t} tokens "
+                             f"of this batch ({b} x {t}); pick a divisor.")
+        grouped = x.reshape(-1, s, m)
+        router_in = grouped.astype(jnp.float32)
+        if key is not None:
+            jitter_key, key = jax.random.split(key)
+            if r.jitter > 0:
+                router_in = router_in * jax.random.uniform(
+                    jitter_key, router_in.shape, jnp.float32, 1.0 - r.jitter, 1.0 + r.jitter)
+        logits = router_in @ self.router[...]
+        capacity = expert_capacity(s, cfg.n_experts, cfg.top_k, r.capacity_factor,
+                                   r.capacity_multiple)
+        noise = second_expert_noise(key, r.second_expert_policy, logits.shape, cfg.top_k)
+        routing = top_k_gating(logits, top_k=cfg.top_k, capacity=capacity,
+                               policy=r.second_expert_policy, gate_norm=r.gate_norm, noise=noise)
+        w_in, w_out = (w[...].astype(x.dtype) for w in (self.w_in, self.w_out))
+        y = DISPATCH[r.dispatch](grouped, routing, w_in, w_out)
+        return y.reshape(b, t, m), routing

@@ -1,0 +1,81 @@
+"""The loss, the optimizer, and pure jitted train/eval steps over NNX state."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from glam.config import ModelConfig, OptimizerConfig
+from glam.model import GLaM, MoEOutputs
+
+
+def lr_schedule(cfg: OptimizerConfig, total_steps: int) -> optax.Schedule:
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=cfg.learning_rate, warmup_steps=cfg.warmup_steps,
+        decay_steps=max(total_steps, cfg.warmup_steps + 1),
+        end_value=cfg.learning_rate * cfg.end_lr_fraction)
+
+
+def make_optimizer(cfg: OptimizerConfig, total_steps: int) -> optax.GradientTransformation:
+    """AdamW; weight decay only on matrices (not norm scales), optional global-norm clipping."""
+    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)  # noqa: E731
+    adamw = optax.adamw(lr_schedule(cfg, total_steps), b1=cfg.b1, b2=cfg.b2,
+                        weight_decay=cfg.weight_decay, mask=decay_mask)
+    if cfg.grad_clip_norm is None:
+        return adamw
+    return optax.chain(optax.clip_by_global_norm(cfg.grad_clip_norm), adamw)
+
+
+def loss_fn(model: GLaM, tokens: jax.Array, key, cfg: ModelConfig):
+    """Next-token cross-entropy + aux_loss_weight * aux + z_loss_weight * z, all float32."""
+    logits, moe = model(tokens[:, :-1], key)
+    lm_loss = optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
+    r = cfg.router
+    total = lm_loss + r.aux_loss_weight * moe.aux_loss + r.z_loss_weight * moe.z_loss
+    return total, (lm_loss, moe)
+
+
+def moe_metrics(moe: MoEOutputs) -> dict[str, jax.Array]:
+    """Per-step scalars: router losses and each MoE layer's health signals."""
+    out = {"aux_loss": moe.aux_loss, "z_loss": moe.z_loss}
+    for layer, stats in moe.layer_stats.items():
+        for name, value in stats.items():
+            if name == "expert_load":
+                out[f"moe/layer{layer}/load_max"] = value.max()
+            else:
+                out[f"moe/layer{layer}/{name}"] = value
+    return out
+
+
+def make_train_step(graphdef: nnx.GraphDef, cfg: ModelConfig,
+                    schedule: optax.Schedule) -> Callable:
+    """(state, tokens [B, T+1], key) -> (state, metrics); `state` is nnx.state((model, opt))."""
+
+    def train_step(state, tokens, key):
+        model, opt = nnx.merge(graphdef, state)
+        grad_fn = nnx.value_and_grad(loss_fn, has_aux=True)
+        (loss, (lm_loss, moe)), grads = grad_fn(model, tokens, key, cfg)
+        metrics = {"loss": loss, "lm_loss": lm_loss, "grad_norm": optax.global_norm(grads),
+                   "learning_rate": schedule(opt.step[...]), **moe_metrics(moe)}
+        opt.update(model, grads)
+        return nnx.state((model, opt)), metrics
+
+    return jax.jit(train_step, donate_argnums=0)
+
+
+def make_eval_step(graphdef: nnx.GraphDef) -> Callable:
+    """(model state, tokens [B, T+1]) -> (summed next-token NLL, token count, expert load per
+    MoE layer); routing is deterministic."""
+
+    def eval_step(state, tokens):
+        model = nnx.merge(graphdef, state)
+        logits, moe = model(tokens[:, :-1])
+        nll = optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:])
+        loads = {layer: stats["expert_load"] for layer, stats in moe.layer_stats.items()}
+        return nll.sum(), jnp.asarray(nll.size, jnp.float32), loads
+
+    return jax.jit(eval_step)
