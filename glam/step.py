@@ -59,7 +59,7 @@ def make_train_step(graphdef: nnx.GraphDef, cfg: ModelConfig,
         model, opt = nnx.merge(graphdef, state)
         grad_fn = nnx.value_and_grad(loss_fn, has_aux=True)
         (loss, (lm_loss, moe)), grads = grad_fn(model, tokens, key, cfg)
-        metrics = {"loss": loss, "lm_loss": lm_loss, "grad_norm": optax.global_norm(grads),
+        metrics = {"loss": loss, "lm_loss": lm_loss, "grad_norm": optax.tree.norm(grads),
                    "learning_rate": schedule(opt.step[...]), **moe_metrics(moe)}
         opt.update(model, grads)
         return nnx.state((model, opt)), metrics

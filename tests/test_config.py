@@ -1,0 +1,54 @@
+"""Bad configs fail at load time, with the offending field named, before any JAX work."""
+
+import pytest
+from hydra.errors import ConfigCompositionException
+from omegaconf.errors import ValidationError
+
+from glam.config import ConfigError
+from glam.count import load
+
+
+@pytest.mark.parametrize("override,field", [
+    ("model.top_k=5", "model.top_k"),  # tiny_moe has 4 experts
+    ("model.d_model=0", "model.d_model"),
+    ("model.n_layers=-2", "model.n_layers"),
+    ("model.attn_width=100", "model.attn_width"),
+    ("model.d_model=33", "model.d_head"),  # 33 is not divisible by 2 heads, no d_head given
+    ("model.ffn_kind=swiglu", "model.ffn_kind"),
+    ("model.dtype=float16", "model.dtype"),
+    ("model.router.second_expert_policy=best", "model.router.second_expert_policy"),
+    ("model.router.dispatch=magic", "model.router.dispatch"),
+    ("model.router.capacity_factor=0", "model.router.capacity_factor"),
+    ("model.router.group_size=48", "model.router.group_size"),  # 16 x 32 = 512 tokens
+    ("model.moe_offset=2", "model.moe_offset"),
+    ("data.vocab_size=100", "data.vocab_size"),  # more token ids than the model embeds
+    ("train.batch_size=0", "train.batch_size"),
+])
+def test_semantic_errors_name_the_field(override, field):
+    base = ["model=tiny_moe", "model.vocab_size=64", "data.vocab_size=32", "train.batch_size=16"]
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        load(base + [override])
+
+
+def test_unknown_key_is_refused():
+    with pytest.raises(ConfigCompositionException, match="n_expert"):
+        load(["model.n_expert=8"])
+
+
+def test_wrong_type_names_the_key():
+    with pytest.raises(ConfigCompositionException) as err:
+        load(["model.d_model=wide"])
+    assert isinstance(err.value.__cause__, ValidationError)
+    assert "d_model" in str(err.value.__cause__)
+
+
+def test_unknown_preset_is_refused():
+    with pytest.raises(Exception, match="nonexistent"):
+        load(["model=nonexistent"])
+
+
+def test_good_config_loads_and_derives():
+    cfg = load(["model=cpu_moe"])
+    assert cfg.model.family == "moe" and cfg.model.moe_layers == (0, 2)
+    assert cfg.model.vocab_size == cfg.data.vocab_size  # interpolated, not typed twice
+    assert cfg.model.head_dim == cfg.model.d_model // cfg.model.n_heads
