@@ -91,3 +91,15 @@ def test_relative_position_buckets_t5():
     assert np.all(np.diff(row) >= 0)  # monotone in distance
     # log-spaced: bucket 16 + floor(16 * log(d / 16) / log(128 / 16))
     assert b[16, 0] == 16 and b[32, 0] == 21 and b[127, 0] == 31
+
+
+def test_jitter_and_policy_noise_only_with_a_key():
+    base = dict(**TINY, n_experts=4, router={"jitter": 0.5, "second_expert_policy": "random"})
+    model = GLaM(model_config(**base), rngs=nnx.Rngs(0))
+    tokens = jax.random.randint(jax.random.key(1), (2, 16), 0, 64)
+    a, _ = model(tokens)
+    b, _ = model(tokens)
+    np.testing.assert_array_equal(a, b)  # evaluation: deterministic routing
+    c, _ = model(tokens, jax.random.key(0))
+    d, _ = model(tokens, jax.random.key(1))
+    assert not np.allclose(c, d)
