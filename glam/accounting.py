@@ -6,6 +6,9 @@ values (over all T keys, as the dense kernel computes them, masked or not), dens
 router and the K activated experts of each MoE layer, and the output projection. Norms, softmax
 and the position bias are not matmuls and are left out. Training FLOPs = 3 x forward
 (forward + backward with respect to activations and weights).
+
+These are *activated* FLOPs, the paper's x-axis: an MoE layer counts its K chosen experts, not
+the capacity padding its buffers actually compute (E * C >= K * S slots), nor the K-way combine.
 """
 
 from __future__ import annotations

@@ -189,7 +189,7 @@ def validate_model(m: ModelConfig, prefix: str = "model") -> None:
     if m.n_experts > 0:
         _check(m.top_k <= m.n_experts, f"{prefix}.top_k",
                f"top_k={m.top_k} > n_experts={m.n_experts}; an MoE layer cannot pick more "
-               "experts than it has.")
+               "experts than it has (for E=1 set model.top_k=1).")
         _check(0 <= m.moe_offset < m.moe_every, f"{prefix}.moe_offset",
                f"must be in [0, moe_every={m.moe_every}), got {m.moe_offset}.")
     _check(m.rel_pos_max_distance > m.rel_pos_buckets // 2, f"{prefix}.rel_pos_max_distance",
@@ -214,12 +214,12 @@ def validate(cfg: Config) -> None:
            f"the corpus has {d.vocab_size} token ids but model.vocab_size={cfg.model.vocab_size}; "
            "raise model.vocab_size or lower data.vocab_size.")
     _check(d.branching <= d.vocab_size, "data.branching", "must be <= data.vocab_size.")
-    _positive(t, "train", ("steps", "batch_size", "log_every"))
-    _check(t.eval_batches >= 0, "train.eval_batches", "must be >= 0.")
+    _positive(t, "train", ("steps", "batch_size", "log_every", "eval_batches"))
     window = cfg.model.seq_len + 1
     _check(d.train_tokens >= t.batch_size * window, "data.train_tokens",
            f"must hold at least one batch ({t.batch_size} x {window} tokens).")
-    _check(d.val_tokens >= window, "data.val_tokens", f"must hold at least one window ({window}).")
+    _check(d.val_tokens >= t.batch_size * window, "data.val_tokens",
+           f"must hold at least one batch ({t.batch_size} x {window} tokens).")
     group = cfg.model.router.group_size
     if cfg.model.moe_layers and group is not None:
         tokens = t.batch_size * cfg.model.seq_len

@@ -40,7 +40,8 @@ def loss_fn(model: GLaM, tokens: jax.Array, key, cfg: ModelConfig):
 
 
 def moe_metrics(moe: MoEOutputs) -> dict[str, jax.Array]:
-    """Per-step scalars: router losses and each MoE layer's health signals."""
+    """Per-step scalars: router losses (summed over MoE layers, as added to the loss) and each
+    MoE layer's health signals (its own aux loss reads 1 under perfect balance)."""
     out = {"aux_loss": moe.aux_loss, "z_loss": moe.z_loss}
     for layer, stats in moe.layer_stats.items():
         for name, value in stats.items():

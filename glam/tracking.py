@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 _MAX_PARAMS_PER_CALL = 100
@@ -29,14 +30,24 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+def experiment_id(client: MlflowClient, name: str) -> str:
+    """Id of experiment `name`, created if missing; safe when parallel jobs race to create it."""
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    try:
+        return client.create_experiment(name)
+    except MlflowException:
+        return client.get_experiment_by_name(name).experiment_id
+
+
 class Tracker:
     """One MLflow run. Use as a context manager: the run ends FINISHED, or FAILED on error."""
 
     def __init__(self, tracking_uri: str, experiment: str, run_name: str | None,
                  params: Mapping[str, Any], tags: Mapping[str, str]):
         self.client = MlflowClient(tracking_uri)
-        exp = self.client.get_experiment_by_name(experiment)
-        exp_id = exp.experiment_id if exp else self.client.create_experiment(experiment)
+        exp_id = experiment_id(self.client, experiment)
         self.run_id = self.client.create_run(exp_id, run_name=run_name).info.run_id
         self.tracking_uri = tracking_uri
         self._buffer: list[Metric] = []

@@ -97,7 +97,8 @@ def run(cfg: Config, output_dir: str | Path, resolved: DictConfig | None = None)
             bar.update(1)
             if len(pending) >= lg.flush_every or step + 1 == t.steps:
                 for s, values in jax.device_get(pending):
-                    tracker.log_metrics(s, {**values, "train_flops": (s + 1) * tokens_per_step
+                    # Compute spent before the loss of step s was measured: s updates.
+                    tracker.log_metrics(s, {**values, "train_flops": s * tokens_per_step
                                             * counts.train_flops_per_token})
                 tracker.flush()
                 pending.clear()

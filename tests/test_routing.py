@@ -18,12 +18,17 @@ def _gelu(x):
 
 
 def reference_moe(x, logits, w_in, w_out, *, top_k, capacity, policy, gate_norm, noise):
-    """Route token by token, fill expert slots rank by rank, sum the gated expert outputs."""
+    """Route token by token, fill expert slots rank by rank, sum the gated expert outputs.
+    Returns the output, the slot of every assignment (-1: not placed) and the router losses and
+    statistics, computed by counting."""
     x, logits = np.asarray(x, np.float64), np.asarray(logits, np.float64)
     noise = None if noise is None else np.asarray(noise, np.float64)
     g_count, s_count, e_count = logits.shape
     out = np.zeros_like(x)
-    placed_all = np.zeros((g_count, s_count, top_k), bool)
+    slots = np.full((g_count, s_count, top_k), -1)
+    demand = np.zeros(e_count)
+    tried_lower = placed_lower = 0
+    aux = 0.0
     for g in range(g_count):
         probs = np.exp(logits[g] - logits[g].max(-1, keepdims=True))
         probs /= probs.sum(-1, keepdims=True)
@@ -40,15 +45,23 @@ def reference_moe(x, logits, w_in, w_out, *, top_k, capacity, policy, gate_norm,
                 for r in range(1, top_k)
             ]
             chosen.append(experts), gates.append((gate, norm)), attempted.append(tried)
+        top1_count = np.bincount([c[0] for c in chosen], minlength=e_count)
+        aux += np.sum(top1_count / s_count * probs.mean(0)) * e_count / g_count
         filled = np.zeros(e_count, int)
         placed = np.zeros((s_count, top_k), bool)
         for r in range(top_k):
             for s in range(s_count):
                 e = chosen[s][r]
-                if attempted[s][r] and filled[e] < capacity:
+                if not attempted[s][r]:
+                    continue
+                demand[e] += 1
+                if filled[e] < capacity:
                     placed[s, r] = True
+                    slots[g, s, r] = filled[e]
                     filled[e] += 1
-        placed_all[g] = placed
+                if r > 0:
+                    tried_lower += 1
+                    placed_lower += placed[s, r]
         for s in range(s_count):
             gate, norm = gates[s]
             if gate_norm == "after" and top_k > 1:
@@ -60,7 +73,9 @@ def reference_moe(x, logits, w_in, w_out, *, top_k, capacity, policy, gate_norm,
                 if placed[s, r]:
                     h = _gelu(x[g, s] @ w_in[e])
                     out[g, s] += weight[r] * (h @ w_out[e])
-    return out, placed_all
+    stats = {"aux_loss": aux, "expert_load": demand * e_count / demand.sum(),
+             "dropped_top2": (tried_lower - placed_lower) / max(tried_lower, 1)}
+    return out, slots, stats
 
 
 # One compilation per case instead of one per primitive per shape (eager mode).
@@ -101,11 +116,16 @@ def test_dispatch_matches_reference(case, dispatch, seed=0):
     routing = _jit_gating(logits, top_k=k, capacity=capacity, policy=policy,
                           gate_norm=gate_norm, noise=noise)
     got = jax.jit(DISPATCH[dispatch])(x, routing, w_in, w_out)
-    want, placed = reference_moe(x, logits, np.asarray(w_in), np.asarray(w_out), top_k=k,
+    want, slots, want_stats = reference_moe(x, logits, np.asarray(w_in), np.asarray(w_out), top_k=k,
                                  capacity=capacity, policy=policy, gate_norm=gate_norm,
                                  noise=noise)
-    np.testing.assert_array_equal(np.asarray(routing.placed), placed)
+    placed = slots >= 0
+    np.testing.assert_array_equal(np.where(routing.placed, routing.position, -1), slots)
     np.testing.assert_allclose(np.asarray(got), want, rtol=2e-5, atol=2e-5)
+    assert float(routing.aux_loss) == pytest.approx(want_stats["aux_loss"], rel=1e-5)
+    np.testing.assert_allclose(routing.stats["expert_load"], want_stats["expert_load"], rtol=1e-5)
+    if k > 1:
+        assert float(routing.stats["dropped_top2"]) == pytest.approx(want_stats["dropped_top2"], abs=1e-6)
 
     n_placed = placed.sum(-1)
     for n in range(k + 1):
@@ -202,7 +222,14 @@ def test_weights_sum_to_one_without_drops(k, policy):
     logits = jax.random.normal(jax.random.key(6), (2, 16, 4))
     noise = second_expert_noise(jax.random.key(7), policy, logits.shape, k)
     routing = top_k_gating(logits, top_k=k, capacity=16, policy=policy, noise=noise)
+    total = np.asarray(routing.weight.sum(-1))
     if k == 2 and policy == "all":
-        np.testing.assert_allclose(routing.weight.sum(-1), 1.0, rtol=1e-6)
+        np.testing.assert_allclose(total, 1.0, rtol=1e-6)
+    if k == 2 and policy == "random":  # a token whose second choice was not kept weighs < 1
+        assert np.all(total <= 1 + 1e-6) and np.any(total < 1 - 1e-3)
+    if k == 2 and policy == "sampling":  # the second choice is sampled: not always the runner-up
+        runner_up = np.argsort(-np.asarray(logits), axis=-1)[..., 1]
+        assert np.any(np.asarray(routing.expert_index[..., 1]) != runner_up)
+        np.testing.assert_allclose(total, 1.0, rtol=1e-6)
     if k == 1:  # Switch-style: the gate is the router probability itself
         np.testing.assert_allclose(routing.weight[..., 0], jax.nn.softmax(logits, -1).max(-1), rtol=1e-6)

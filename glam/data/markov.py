@@ -24,8 +24,10 @@ class MarkovCorpus:
         n_ctx = v**n
         self.next_tokens = np.stack([rng.choice(v, b, replace=False) for _ in range(n_ctx)])
         self.next_probs = rng.dirichlet(np.full(b, cfg.concentration), size=n_ctx)
-        self.train = self._generate(cfg.train_tokens, rng)
-        self.val, val_logp = self._generate(cfg.val_tokens, rng, with_logp=True)
+        # Separate streams: the validation split does not move when train_tokens changes.
+        self.train = self._generate(cfg.train_tokens, np.random.default_rng([cfg.seed, 1]))
+        self.val, val_logp = self._generate(cfg.val_tokens, np.random.default_rng([cfg.seed, 2]),
+                                            with_logp=True)
         self.entropy_nats = float(-val_logp.mean())
 
     def _context(self, history: np.ndarray) -> np.ndarray:
@@ -57,8 +59,9 @@ class MarkovCorpus:
         return self.train[starts[:, None] + np.arange(window)]
 
     def val_batches(self, n_batches: int, batch_size: int, window: int):
-        """Consecutive non-overlapping validation windows, the same every call."""
+        """Consecutive non-overlapping validation windows, the same every call; full batches only,
+        so every batch has the training shape."""
         n_windows = len(self.val) // window
         windows = self.val[: n_windows * window].reshape(n_windows, window)
-        for i in range(min(n_batches, -(-n_windows // batch_size))):
+        for i in range(min(n_batches, n_windows // batch_size)):
             yield windows[i * batch_size : (i + 1) * batch_size]

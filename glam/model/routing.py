@@ -128,9 +128,9 @@ def top_k_gating(logits: jax.Array, *, top_k: int, capacity: int, policy: str = 
     aux_loss = (density * density_proxy).mean() * e * e
     z_loss = jnp.mean(jax.nn.logsumexp(logits, axis=-1) ** 2)
 
+    stats = {**routing_stats(probs, onehot, attempted, placed), "aux_loss": aux_loss}
     return Routing(expert_index=index, position=position, weight=weight, aux_loss=aux_loss,
-                   z_loss=z_loss, stats=routing_stats(probs, onehot, attempted, placed),
-                   capacity=capacity)
+                   z_loss=z_loss, stats=stats, capacity=capacity)
 
 
 def routing_stats(probs: jax.Array, onehot: jax.Array, attempted: jax.Array,
