@@ -109,16 +109,34 @@ class DataConfig:
 
 @dataclass
 class OptimizerConfig:
-    """AdamW with linear warmup and cosine decay."""
+    """`adamw`, or `adafactor` with GLaM's settings (beta1 0, decay 1 - t^-0.8 capped at
+    `beta2_cap`, update clipping, factored second moments). Peak rate: `schedule.learning_rate`."""
 
     name: str = "adamw"
-    learning_rate: float = 3e-3
-    warmup_steps: int = 50
-    end_lr_fraction: float = 0.1
     b1: float = 0.9
     b2: float = 0.95
     weight_decay: float = 0.01
     grad_clip_norm: Optional[float] = 1.0
+    decay_rate: float = 0.8
+    beta2_cap: float = 0.99
+    update_clipping: Optional[float] = 1.0
+    factored: bool = True
+    min_dim_size_to_factor: int = 128
+    multiply_by_parameter_scale: bool = True
+
+
+@dataclass
+class ScheduleConfig:
+    """Learning rate over steps. `glam`: constant for `constant_steps`, then inverse square root;
+    `cosine`: linear warmup then cosine decay to end_lr_fraction; `wsd`: warmup, stable, then
+    linear decay over the last `decay_fraction` of training."""
+
+    name: str = "cosine"
+    learning_rate: float = 3e-3
+    warmup_steps: int = 30
+    constant_steps: int = 10_000
+    decay_fraction: float = 0.2
+    end_lr_fraction: float = 0.1
 
 
 @dataclass
@@ -146,6 +164,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
 
@@ -226,9 +245,16 @@ def validate(cfg: Config) -> None:
         _check(tokens % group == 0, "model.router.group_size",
                f"{group} does not divide the {tokens} tokens of a batch "
                f"(train.batch_size x model.seq_len); pick a divisor of {tokens}.")
-    _one_of(o.name, ("adamw",), "optimizer.name")
-    _check(o.learning_rate > 0, "optimizer.learning_rate", "must be positive.")
-    _check(o.warmup_steps >= 0, "optimizer.warmup_steps", "must be >= 0.")
+    _one_of(o.name, ("adamw", "adafactor"), "optimizer.name")
+    _check(0 < o.beta2_cap <= 1, "optimizer.beta2_cap", "must be in (0, 1].")
+    _positive(o, "optimizer", ("grad_clip_norm", "update_clipping", "min_dim_size_to_factor"))
+    s = cfg.schedule
+    _one_of(s.name, ("glam", "cosine", "wsd"), "schedule.name")
+    _check(s.learning_rate > 0, "schedule.learning_rate", "must be positive.")
+    for name in ("warmup_steps", "constant_steps"):
+        _check(getattr(s, name) >= 0, f"schedule.{name}", "must be >= 0.")
+    _check(0 < s.decay_fraction <= 1, "schedule.decay_fraction", "must be in (0, 1].")
+    _check(0 <= s.end_lr_fraction <= 1, "schedule.end_lr_fraction", "must be in [0, 1].")
     _positive(cfg.logger, "logger", ("flush_every",))
 
 

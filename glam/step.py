@@ -1,4 +1,4 @@
-"""The loss, the optimizer, and pure jitted train/eval steps over NNX state."""
+"""The loss and the pure jitted train/eval steps over NNX state."""
 
 from __future__ import annotations
 
@@ -9,25 +9,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from glam.config import ModelConfig, OptimizerConfig
+from glam.config import ModelConfig
 from glam.model import GLaM, MoEOutputs
-
-
-def lr_schedule(cfg: OptimizerConfig, total_steps: int) -> optax.Schedule:
-    return optax.warmup_cosine_decay_schedule(
-        init_value=0.0, peak_value=cfg.learning_rate, warmup_steps=cfg.warmup_steps,
-        decay_steps=max(total_steps, cfg.warmup_steps + 1),
-        end_value=cfg.learning_rate * cfg.end_lr_fraction)
-
-
-def make_optimizer(cfg: OptimizerConfig, total_steps: int) -> optax.GradientTransformation:
-    """AdamW; weight decay only on matrices (not norm scales), optional global-norm clipping."""
-    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)  # noqa: E731
-    adamw = optax.adamw(lr_schedule(cfg, total_steps), b1=cfg.b1, b2=cfg.b2,
-                        weight_decay=cfg.weight_decay, mask=decay_mask)
-    if cfg.grad_clip_norm is None:
-        return adamw
-    return optax.chain(optax.clip_by_global_norm(cfg.grad_clip_norm), adamw)
 
 
 def loss_fn(model: GLaM, tokens: jax.Array, key, cfg: ModelConfig):

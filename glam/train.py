@@ -24,7 +24,8 @@ from glam import accounting
 from glam.config import CONF_DIR, Config, register_configs, to_config
 from glam.data import MarkovCorpus
 from glam.model import GLaM
-from glam.step import lr_schedule, make_eval_step, make_optimizer, make_train_step
+from glam.optim import lr_schedule, make_optimizer
+from glam.step import make_eval_step, make_train_step
 from glam.tracking import Tracker
 
 log = logging.getLogger("glam.train")
@@ -60,10 +61,11 @@ def run(cfg: Config, output_dir: str | Path, resolved: DictConfig | None = None)
     corpus = MarkovCorpus(cfg.data)
 
     model = GLaM(m, rngs=nnx.Rngs(t.seed))
-    optimizer = nnx.Optimizer(model, make_optimizer(cfg.optimizer, t.steps), wrt=nnx.Param)
+    schedule = lr_schedule(cfg.schedule, t.steps)
+    optimizer = nnx.Optimizer(model, make_optimizer(cfg.optimizer, schedule), wrt=nnx.Param)
     model_graphdef, _ = nnx.split(model)
     graphdef, state = nnx.split((model, optimizer))
-    train_step = make_train_step(graphdef, m, lr_schedule(cfg.optimizer, t.steps))
+    train_step = make_train_step(graphdef, m, schedule)
     eval_step = make_eval_step(model_graphdef)
     base_key = jax.random.key(t.seed + 1)
 

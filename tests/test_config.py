@@ -23,6 +23,9 @@ from glam.count import load
     ("model.moe_offset=2", "model.moe_offset"),
     ("data.vocab_size=100", "data.vocab_size"),  # more token ids than the model embeds
     ("train.batch_size=0", "train.batch_size"),
+    ("optimizer.name=sgd", "optimizer.name"),
+    ("schedule.name=linear", "schedule.name"),
+    ("schedule.decay_fraction=0", "schedule.decay_fraction"),
 ])
 def test_semantic_errors_name_the_field(override, field):
     base = ["model=tiny_moe", "model.vocab_size=64", "data.vocab_size=32", "train.batch_size=16"]

@@ -18,7 +18,7 @@ def moe_run(tmp_path_factory):
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
     cfg = load(["model=tiny_moe", "train.steps=80", "train.batch_size=8", "train.log_every=20",
                 "train.progress=false", "train.eval_batches=2", "logger.flush_every=30",
-                "optimizer.warmup_steps=10", "data.train_tokens=50000", "data.val_tokens=4096",
+                "schedule.warmup_steps=10", "data.train_tokens=50000", "data.val_tokens=4096",
                 f"logger.tracking_uri={uri}", "logger.experiment=test"])
     final = run(cfg, tmp / "out")
     return cfg, final, MlflowClient(uri), tmp
