@@ -141,12 +141,50 @@ class ScheduleConfig:
 
 @dataclass
 class TrainConfig:
+    """`resume`: `auto` continues from the newest checkpoint in the run directory (if any);
+    `never` refuses to start over a run directory that already holds checkpoints."""
+
     steps: int = 300
     batch_size: int = 16
     seed: int = 0
     log_every: int = 10
     eval_batches: int = 8
     progress: bool = True
+    resume: str = "auto"
+
+
+@dataclass
+class CheckpointConfig:
+    """Orbax checkpoints under `<run dir>/checkpoints`, every `every` steps (0: none)."""
+
+    every: int = 100
+    keep: int = 3
+    async_save: bool = True
+
+
+@dataclass
+class StabilityConfig:
+    """GLaM's practice: skip non-finite updates; after `max_consecutive_skips` skipped steps in a
+    row, or a loss above `spike_factor` x its mean over the last `spike_window` steps, roll back to
+    the last checkpoint and continue on a new data order; give up after `max_rollbacks`."""
+
+    max_consecutive_skips: int = 5
+    spike_factor: float = 3.0
+    spike_window: int = 50
+    max_rollbacks: int = 3
+
+
+@dataclass
+class FaultConfig:
+    """Fault injection for testing the stability paths; all off by default. A non-finite step
+    multiplies the loss by NaN, a spike step by `spike_scale`; `crash_at_step` raises as a killed
+    job would. Faults fire on the first data order only unless `repeat_after_rollback`."""
+
+    nonfinite_steps: list[int] = field(default_factory=list)
+    spike_steps: list[int] = field(default_factory=list)
+    spike_scale: float = 100.0
+    crash_at_step: Optional[int] = None
+    repeat_after_rollback: bool = False
 
 
 @dataclass
@@ -166,6 +204,9 @@ class Config:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    stability: StabilityConfig = field(default_factory=StabilityConfig)
+    faults: FaultConfig = field(default_factory=FaultConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
 
 
@@ -234,6 +275,13 @@ def validate(cfg: Config) -> None:
            "raise model.vocab_size or lower data.vocab_size.")
     _check(d.branching <= d.vocab_size, "data.branching", "must be <= data.vocab_size.")
     _positive(t, "train", ("steps", "batch_size", "log_every", "eval_batches"))
+    _one_of(t.resume, ("auto", "never"), "train.resume")
+    c, st = cfg.checkpoint, cfg.stability
+    _check(c.every >= 0, "checkpoint.every", "must be >= 0 (0 disables checkpoints).")
+    _positive(c, "checkpoint", ("keep",))
+    _positive(st, "stability", ("max_consecutive_skips", "spike_window"))
+    _check(st.spike_factor > 1, "stability.spike_factor", "must be > 1.")
+    _check(st.max_rollbacks >= 0, "stability.max_rollbacks", "must be >= 0.")
     window = cfg.model.seq_len + 1
     _check(d.train_tokens >= t.batch_size * window, "data.train_tokens",
            f"must hold at least one batch ({t.batch_size} x {window} tokens).")

@@ -13,10 +13,11 @@ from glam.config import ModelConfig
 from glam.model import GLaM, MoEOutputs
 
 
-def loss_fn(model: GLaM, tokens: jax.Array, key, cfg: ModelConfig):
-    """Next-token cross-entropy + aux_loss_weight * aux + z_loss_weight * z, all float32."""
+def loss_fn(model: GLaM, tokens: jax.Array, key, cfg: ModelConfig, scale=1.0):
+    """Next-token cross-entropy + aux_loss_weight * aux + z_loss_weight * z, all float32.
+    `scale` multiplies the LM loss: 1 except under fault injection (NaN, or a spike)."""
     logits, moe = model(tokens[:, :-1], key)
-    lm_loss = optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
+    lm_loss = optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean() * scale
     r = cfg.router
     total = lm_loss + r.aux_loss_weight * moe.aux_loss + r.z_loss_weight * moe.z_loss
     return total, (lm_loss, moe)
@@ -37,16 +38,24 @@ def moe_metrics(moe: MoEOutputs) -> dict[str, jax.Array]:
 
 def make_train_step(graphdef: nnx.GraphDef, cfg: ModelConfig,
                     schedule: optax.Schedule) -> Callable:
-    """(state, tokens [B, T+1], key) -> (state, metrics); `state` is nnx.state((model, opt))."""
+    """(state, tokens [B, T+1], key, fault scale) -> (state, metrics), where `state` is
+    nnx.state((model, opt)). A step whose loss or gradients are not finite leaves the state
+    unchanged (`skipped` = 1), decided on device: no host synchronisation."""
 
-    def train_step(state, tokens, key):
-        model, opt = nnx.merge(graphdef, state)
+    def train_step(state, tokens, key, scale):
+        # copy=True: without it the merged Variables alias `state`, and the update would
+        # overwrite the values a skipped step must keep.
+        model, opt = nnx.merge(graphdef, state, copy=True)
         grad_fn = nnx.value_and_grad(loss_fn, has_aux=True)
-        (loss, (lm_loss, moe)), grads = grad_fn(model, tokens, key, cfg)
-        metrics = {"loss": loss, "lm_loss": lm_loss, "grad_norm": optax.tree.norm(grads),
-                   "learning_rate": schedule(opt.step[...]), **moe_metrics(moe)}
+        (loss, (lm_loss, moe)), grads = grad_fn(model, tokens, key, cfg, scale)
+        grad_norm = optax.tree.norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        metrics = {"loss": loss, "lm_loss": lm_loss, "grad_norm": grad_norm,
+                   "learning_rate": schedule(opt.step[...]), "skipped": (~finite).astype(jnp.int32),
+                   **moe_metrics(moe)}
         opt.update(model, grads)
-        return nnx.state((model, opt)), metrics
+        updated = nnx.state((model, opt))
+        return jax.tree.map(lambda new, old: jnp.where(finite, new, old), updated, state), metrics
 
     return jax.jit(train_step, donate_argnums=0)
 

@@ -42,15 +42,28 @@ def experiment_id(client: MlflowClient, name: str) -> str:
 
 
 class Tracker:
-    """One MLflow run. Use as a context manager: the run ends FINISHED, or FAILED on error."""
+    """One MLflow run. Use as a context manager: the run ends FINISHED, or FAILED on error.
+
+    With `run_id`, an existing run is continued (a resumed training run): it is set RUNNING
+    again, its params are left as they are, and metric points at steps it already holds are not
+    written twice.
+    """
 
     def __init__(self, tracking_uri: str, experiment: str, run_name: str | None,
-                 params: Mapping[str, Any], tags: Mapping[str, str]):
+                 params: Mapping[str, Any], tags: Mapping[str, str], run_id: str | None = None):
         self.client = MlflowClient(tracking_uri)
-        exp_id = experiment_id(self.client, experiment)
-        self.run_id = self.client.create_run(exp_id, run_name=run_name).info.run_id
         self.tracking_uri = tracking_uri
         self._buffer: list[Metric] = []
+        self._logged_until: dict[str, int] = {}
+        if run_id is not None:
+            self.run_id = run_id
+            self.client.update_run(run_id, status="RUNNING")
+            for key in self.client.get_run(run_id).data.metrics:
+                history = self.client.get_metric_history(run_id, key)
+                self._logged_until[key] = max(m.step for m in history)
+            return
+        exp_id = experiment_id(self.client, experiment)
+        self.run_id = self.client.create_run(exp_id, run_name=run_name).info.run_id
         items = [Param(k, str(v)) for k, v in flatten(params).items()]
         for i in range(0, len(items), _MAX_PARAMS_PER_CALL):
             self.client.log_batch(self.run_id, params=items[i : i + _MAX_PARAMS_PER_CALL])
@@ -58,7 +71,11 @@ class Tracker:
 
     def log_metrics(self, step: int, metrics: Mapping[str, float]) -> None:
         now = int(time.time() * 1000)
-        self._buffer.extend(Metric(k, float(v), now, step) for k, v in metrics.items())
+        self._buffer.extend(Metric(k, float(v), now, step) for k, v in metrics.items()
+                            if step > self._logged_until.get(k, -1))
+
+    def set_tag(self, key: str, value: str) -> None:
+        self.client.set_tag(self.run_id, key, value)
 
     def flush(self) -> None:
         for i in range(0, len(self._buffer), _MAX_METRICS_PER_CALL):

@@ -2,6 +2,10 @@
 
     glam-train model=cpu_dense train.steps=200
     glam-train -m model=cpu_dense,cpu_moe          # Hydra multirun, one MLflow run each
+    glam-train hydra.run.dir=outputs/my_run        # rerun the same line to resume it
+
+Metrics reach MLflow when the checkpoint that covers them is written, after the health check:
+a rollback or a crash never leaves metric points for steps that are then recomputed.
 """
 
 from __future__ import annotations
@@ -21,16 +25,22 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from glam import accounting
-from glam.config import CONF_DIR, Config, register_configs, to_config
+from glam.checkpoint import Checkpointer, model_record
+from glam.config import CONF_DIR, Config, ConfigError, register_configs, to_config
 from glam.data import MarkovCorpus
 from glam.model import GLaM
 from glam.optim import lr_schedule, make_optimizer
+from glam.stability import HealthMonitor, TrainingDiverged, fault_scale
 from glam.step import make_eval_step, make_train_step
 from glam.tracking import Tracker
 
 log = logging.getLogger("glam.train")
 
 register_configs()
+
+
+class SimulatedCrash(RuntimeError):
+    """Raised by `faults.crash_at_step`, standing in for a killed job."""
 
 
 def evaluate(eval_step, model_state, corpus: MarkovCorpus, cfg: Config):
@@ -47,86 +57,211 @@ def evaluate(eval_step, model_state, corpus: MarkovCorpus, cfg: Config):
     return {"val_loss": loss, "val_perplexity": math.exp(min(loss, 50.0))}, expert_load
 
 
+class Trainer:
+    """One run: state, data, checkpoints, health checks and MLflow logging."""
+
+    def __init__(self, cfg: Config, output_dir: Path, resolved: DictConfig):
+        self.cfg, self.output_dir, self.resolved = cfg, output_dir, resolved
+        m, t = cfg.model, cfg.train
+        self.counts = accounting.count(m)
+        self.tokens_per_step = t.batch_size * m.seq_len
+        self.ckpt = (Checkpointer(output_dir / "checkpoints", cfg.checkpoint)
+                     if cfg.checkpoint.every else None)
+        latest = self.ckpt.latest_step() if self.ckpt else None
+        if latest is not None and t.resume == "never":
+            raise ConfigError(f"train.resume: 'never', but {self.ckpt.directory} holds checkpoints "
+                              "(newest: step {latest}); use train.resume=auto to continue them "
+                              "or a new hydra.run.dir.")
+        # Read (and check) the record before building or compiling anything.
+        self.record = self.ckpt.read_record(latest, m) if latest is not None else None
+
+        self.corpus = MarkovCorpus(cfg.data)
+        model = GLaM(m, rngs=nnx.Rngs(t.seed))
+        self.schedule = lr_schedule(cfg.schedule, t.steps)
+        optimizer = nnx.Optimizer(model, make_optimizer(cfg.optimizer, self.schedule), wrt=nnx.Param)
+        model_graphdef, _ = nnx.split(model)
+        self.graphdef, self.state = nnx.split((model, optimizer))
+        self.train_step = make_train_step(self.graphdef, m, self.schedule)
+        self.eval_step = make_eval_step(model_graphdef)
+        self.base_key = jax.random.key(t.seed + 1)
+
+        self.step, self.data_order, self.rollbacks, self.skipped = 0, 0, [], 0
+        self.monitor = HealthMonitor(cfg.stability)
+        if self.record is not None:
+            self._restore(latest)
+        self.unchecked: list[tuple[int, dict]] = []  # fetched lazily from the device
+        self.verified: list[tuple[int, dict]] = []  # healthy, waiting for the next checkpoint
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def _restore(self, step: int) -> None:
+        record = self.ckpt.read_record(step, self.cfg.model)
+        self.state = self.ckpt.restore_state(step, self.state)
+        self.step, self.data_order = record["step"], record["data_order"]
+        self.rollbacks, self.skipped = record["rollbacks"], record["skipped_steps"]
+        self.monitor = HealthMonitor(self.cfg.stability, record["recent_losses"])
+        self.record = record
+
+    def _save(self, run_id: str) -> None:
+        record = {"step": self.step, "data_order": self.data_order, "seed": self.cfg.train.seed,
+                  "rollbacks": self.rollbacks, "skipped_steps": self.skipped,
+                  "recent_losses": self.monitor.snapshot(), "mlflow_run_id": run_id,
+                  "model": model_record(self.cfg.model)}
+        self.ckpt.save(self.step, self.state, record)
+
+    # -- health --------------------------------------------------------------------------------
+    def _check(self) -> str | None:
+        """Fetch pending step metrics; move healthy ones to `verified`; return a rollback reason."""
+        for step, metrics in jax.device_get(self.unchecked):
+            reason = self.monitor.observe(step, float(metrics["lm_loss"]), bool(metrics["skipped"]))
+            if reason:
+                self.unchecked.clear()
+                return reason
+            self.skipped += int(metrics["skipped"])
+            finite = {k: float(v) for k, v in metrics.items() if np.isfinite(v)}
+            finite["skipped_steps"] = self.skipped
+            finite["train_flops"] = step * self.tokens_per_step * self.counts.train_flops_per_token
+            self.verified.append((step, finite))
+        self.unchecked.clear()
+        return None
+
+    def _rollback(self, reason: str, tracker: Tracker) -> None:
+        max_rollbacks = self.cfg.stability.max_rollbacks
+        at = self.step
+        if self.ckpt is None or self.ckpt.latest_step() is None:
+            raise TrainingDiverged(f"{reason}; no checkpoint to roll back to "
+                                   "(checkpoint.every=0).")
+        if len(self.rollbacks) >= max_rollbacks:
+            raise TrainingDiverged(
+                f"gave up after {len(self.rollbacks)} rollbacks (stability.max_rollbacks="
+                f"{max_rollbacks}); last: {reason}. Lower the learning rate, check the data, "
+                "or raise stability.max_rollbacks.")
+        rollbacks = self.rollbacks + [{"at_step": at, "reason": reason}]
+        data_order = self.data_order + 1  # new batches from here on: often enough to pass
+        target = self.ckpt.latest_step()
+        self._restore(target)
+        self.rollbacks, self.data_order = rollbacks, data_order
+        self.verified.clear()
+        tracker.log_metrics(at, {"rollback_to_step": target, "rollbacks": len(rollbacks)})
+        tracker.set_tag(f"rollback_{len(rollbacks)}", f"at step {at} to step {target}: {reason}")
+        tracker.flush()
+        log.warning("rollback %d: %s; back to step %d, data order %d", len(rollbacks), reason,
+                    target, self.data_order)
+
+    # -- the loop ------------------------------------------------------------------------------
+    def run(self) -> dict:
+        cfg, m, t, lg = self.cfg, self.cfg.model, self.cfg.train, self.cfg.logger
+        config_path = self.output_dir / "config.yaml"
+        config_path.write_text(OmegaConf.to_yaml(self.resolved, resolve=True))
+        run_id = self.record["mlflow_run_id"] if self.record else None
+        params = {**OmegaConf.to_container(self.resolved, resolve=True),
+                  "counts": self.counts.as_dict()}
+        tags = {"model": m.name, "family": m.family, "n_experts": m.n_experts,
+                "activated_params": self.counts.activated_params,
+                "forward_flops_per_token": self.counts.forward_flops_per_token,
+                "output_dir": str(self.output_dir)}
+        with Tracker(lg.tracking_uri, lg.experiment, lg.run_name or m.name, params, tags,
+                     run_id=run_id) as tracker:
+            if run_id:
+                log.info("resuming MLflow run %s from step %d", run_id, self.step)
+            else:
+                log.info("MLflow run %s (%s): %s params, %s activated, %.3g forward FLOPs/token",
+                         tracker.run_id, m.family, f"{self.counts.total_params:,}",
+                         f"{self.counts.activated_params:,}", self.counts.forward_flops_per_token)
+                if self.ckpt:
+                    self._save(tracker.run_id)  # step 0: a rollback target always exists
+            timing = self._loop(tracker)
+            final = self._finish(tracker, config_path, timing)
+        if self.ckpt:
+            self.ckpt.close()
+        log.info("done: val_loss %.4f (data entropy %.4f), %.0f tokens/s",
+                 final["val_loss"], self.corpus.entropy_nats, final["tokens_per_second"])
+        return final
+
+    def _loop(self, tracker: Tracker) -> dict:
+        cfg, t = self.cfg, self.cfg.train
+        every, window = cfg.checkpoint.every, cfg.model.seq_len + 1
+        bar = tqdm(total=t.steps, initial=self.step, disable=not t.progress, unit="step",
+                   dynamic_ncols=True)
+        compile_s, steps_timed, train_s = 0.0, 0, 0.0
+        mark = time.perf_counter()
+        first = True
+        while self.step < t.steps:
+            step = self.step
+            if step == cfg.faults.crash_at_step and self.data_order == 0:
+                raise SimulatedCrash(f"faults.crash_at_step={step}")
+            batch = self.corpus.train_batch(step, t.batch_size, window, t.seed, self.data_order)
+            key = jax.random.fold_in(jax.random.fold_in(self.base_key, self.data_order), step)
+            scale = fault_scale(cfg.faults, step, self.data_order)
+            self.state, metrics = self.train_step(self.state, batch, key, np.float32(scale))
+            self.unchecked.append((step, metrics))
+            self.step += 1
+            bar.update(1)
+            if first:
+                jax.block_until_ready(metrics)
+                now = time.perf_counter()
+                compile_s, mark, first = now - mark, now, False
+            checkpoint_due = bool(every) and (self.step % every == 0 or self.step == t.steps)
+            if self.step % t.log_every == 0 or self.step == t.steps or checkpoint_due:
+                n_new = len(self.unchecked)
+                reason = self._check()
+                now = time.perf_counter()
+                train_s += now - mark
+                steps_timed += n_new
+                mark = now
+                if reason:
+                    self._rollback(reason, tracker)
+                    bar.reset(total=t.steps)
+                    bar.update(self.step)
+                    continue
+                last = self.verified[-1][1]
+                bar.set_postfix(loss=f"{last.get('lm_loss', math.nan):.3f}",
+                                tok_s=f"{steps_timed * self.tokens_per_step / max(train_s, 1e-9):,.0f}")
+            if checkpoint_due or (not every and len(self.verified) >= cfg.logger.flush_every):
+                self._flush(tracker)
+                if checkpoint_due:
+                    self._save(tracker.run_id)
+        bar.close()
+        self._flush(tracker)
+        return {"compile_seconds": compile_s, "train_seconds": train_s,
+                "tokens_per_second": steps_timed * self.tokens_per_step / max(train_s, 1e-9)}
+
+    def _flush(self, tracker: Tracker) -> None:
+        for step, metrics in self.verified:
+            tracker.log_metrics(step, metrics)
+        tracker.flush()
+        self.verified.clear()
+
+    def _finish(self, tracker: Tracker, config_path: Path, timing: dict) -> dict:
+        t = self.cfg.train
+        model_state = nnx.state(nnx.merge(self.graphdef, self.state)[0])
+        val_metrics, expert_load = evaluate(self.eval_step, model_state, self.corpus, self.cfg)
+        final = {
+            **val_metrics, **timing,
+            "train_tokens": t.steps * self.tokens_per_step,
+            "train_flops_total": t.steps * self.tokens_per_step * self.counts.train_flops_per_token,
+            "data_entropy_nats": self.corpus.entropy_nats,
+            "skipped_steps": self.skipped,
+            "rollbacks": len(self.rollbacks),
+        }
+        tracker.log_metrics(t.steps, final)
+        artifacts = {"expert_load.json": expert_load, "rollbacks.json": self.rollbacks,
+                     "final_metrics.json": final}
+        for name, content in artifacts.items():
+            (self.output_dir / name).write_text(json.dumps(content, indent=1))
+        for path in [config_path, *(self.output_dir / name for name in artifacts)]:
+            tracker.log_artifact(path)
+        if self.ckpt:
+            self.ckpt.wait()
+        return {**final, "run_id": tracker.run_id}
+
+
 def run(cfg: Config, output_dir: str | Path, resolved: DictConfig | None = None) -> dict:
-    """Train per `cfg`, log to MLflow, write artifacts under `output_dir`; return final metrics."""
+    """Train per `cfg` (resuming from `output_dir`'s checkpoints), log to MLflow, return the
+    final metrics and the MLflow run id."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     resolved = resolved if resolved is not None else OmegaConf.structured(cfg)
-    config_path = output_dir / "config.yaml"
-    config_path.write_text(OmegaConf.to_yaml(resolved, resolve=True))
-
-    m, t = cfg.model, cfg.train
-    counts = accounting.count(m)
-    tokens_per_step = t.batch_size * m.seq_len
-    corpus = MarkovCorpus(cfg.data)
-
-    model = GLaM(m, rngs=nnx.Rngs(t.seed))
-    schedule = lr_schedule(cfg.schedule, t.steps)
-    optimizer = nnx.Optimizer(model, make_optimizer(cfg.optimizer, schedule), wrt=nnx.Param)
-    model_graphdef, _ = nnx.split(model)
-    graphdef, state = nnx.split((model, optimizer))
-    train_step = make_train_step(graphdef, m, schedule)
-    eval_step = make_eval_step(model_graphdef)
-    base_key = jax.random.key(t.seed + 1)
-
-    params = {**OmegaConf.to_container(resolved, resolve=True), "counts": counts.as_dict()}
-    tags = {"model": m.name, "family": m.family, "n_experts": m.n_experts,
-            "activated_params": counts.activated_params,
-            "forward_flops_per_token": counts.forward_flops_per_token,
-            "output_dir": str(output_dir)}
-    lg = cfg.logger
-    with Tracker(lg.tracking_uri, lg.experiment, lg.run_name or m.name, params, tags) as tracker:
-        log.info("MLflow run %s (%s): %s params, %s activated, %.3g forward FLOPs/token",
-                 tracker.run_id, m.family, f"{counts.total_params:,}",
-                 f"{counts.activated_params:,}", counts.forward_flops_per_token)
-        pending: list[tuple[int, dict]] = []
-        bar = tqdm(total=t.steps, disable=not t.progress, unit="step", dynamic_ncols=True)
-        start = mark = time.perf_counter()
-        mark_step = 0
-        for step in range(t.steps):
-            batch = corpus.train_batch(step, t.batch_size, m.seq_len + 1, t.seed)
-            state, metrics = train_step(state, batch, jax.random.fold_in(base_key, step))
-            pending.append((step, metrics))
-            if step == 0:
-                jax.block_until_ready(metrics)
-                mark, mark_step = time.perf_counter(), 1  # throughput excludes compilation
-                compile_s = mark - start
-            if (step + 1) % t.log_every == 0 or step + 1 == t.steps:
-                loss = float(metrics["lm_loss"])
-                now = time.perf_counter()
-                rate = (step + 1 - mark_step) * tokens_per_step / max(now - mark, 1e-9)
-                bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{rate:,.0f}")
-            bar.update(1)
-            if len(pending) >= lg.flush_every or step + 1 == t.steps:
-                for s, values in jax.device_get(pending):
-                    # Compute spent before the loss of step s was measured: s updates.
-                    tracker.log_metrics(s, {**values, "train_flops": s * tokens_per_step
-                                            * counts.train_flops_per_token})
-                tracker.flush()
-                pending.clear()
-        bar.close()
-        train_s = time.perf_counter() - mark
-        model_state = nnx.state(nnx.merge(graphdef, state)[0])
-        val_metrics, expert_load = evaluate(eval_step, model_state, corpus, cfg)
-        final = {
-            **val_metrics,
-            "final_lm_loss": float(metrics["lm_loss"]),
-            "tokens_per_second": (t.steps - 1) * tokens_per_step / max(train_s, 1e-9),
-            "compile_seconds": compile_s,
-            "train_seconds": train_s,
-            "train_tokens": t.steps * tokens_per_step,
-            "train_flops_total": t.steps * tokens_per_step * counts.train_flops_per_token,
-            "data_entropy_nats": corpus.entropy_nats,
-        }
-        tracker.log_metrics(t.steps, final)
-        routing_path = output_dir / "expert_load.json"
-        routing_path.write_text(json.dumps(expert_load, indent=1))
-        for path in (config_path, routing_path):
-            tracker.log_artifact(path)
-        final["run_id"] = tracker.run_id
-    log.info("done: val_loss %.4f (data entropy %.4f), %.0f tokens/s",
-             final["val_loss"], corpus.entropy_nats, final["tokens_per_second"])
-    return final
+    return Trainer(cfg, output_dir, resolved).run()
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")

@@ -52,9 +52,11 @@ class MarkovCorpus:
             return tokens, logp[:, self.cfg.order :].reshape(-1)[:n_tokens]
         return tokens
 
-    def train_batch(self, step: int, batch_size: int, window: int, seed: int) -> np.ndarray:
-        """Windows [batch_size, window] at random offsets; a pure function of (seed, step)."""
-        rng = np.random.default_rng([seed, step])
+    def train_batch(self, step: int, batch_size: int, window: int, seed: int,
+                    data_order: int = 0) -> np.ndarray:
+        """Windows [batch_size, window] at random offsets; a pure function of
+        (seed, data_order, step), so a resumed run draws exactly the batches it would have."""
+        rng = np.random.default_rng([seed, data_order, step])
         starts = rng.integers(0, len(self.train) - window + 1, batch_size)
         return self.train[starts[:, None] + np.arange(window)]
 

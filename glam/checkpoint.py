@@ -1,0 +1,96 @@
+"""Orbax checkpoints of a run: train state (model + optimizer) plus a JSON record of the step,
+data position, RNG seed, MLflow run id and the model config it was written for.
+
+The RNG needs no array of its own: every random draw of a step is a pure function of
+(train.seed, data order, step), all of which are in the record.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Optional
+
+import jax
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from glam.config import CheckpointConfig, ConfigError, ModelConfig
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be used; the message says which and what to do."""
+
+
+def model_record(model: ModelConfig) -> dict:
+    return dataclasses.asdict(model)
+
+
+def _differences(saved: dict, current: dict, prefix: str = "model") -> list[str]:
+    out = []
+    for key in sorted(set(saved) | set(current)):
+        a, b = saved.get(key), current.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _differences(a, b, f"{prefix}.{key}")
+        elif a != b:
+            out.append(f"{prefix}.{key}: checkpoint {a!r}, config {b!r}")
+    return out
+
+
+class Checkpointer:
+    def __init__(self, directory: Path, cfg: CheckpointConfig):
+        self.directory = Path(directory).resolve()
+        self.manager = ocp.CheckpointManager(
+            self.directory,
+            options=ocp.CheckpointManagerOptions(
+                max_to_keep=cfg.keep, create=True, enable_async_checkpointing=cfg.async_save))
+
+    def latest_step(self) -> Optional[int]:
+        return self.manager.latest_step()
+
+    def save(self, step: int, state: Any, record: dict) -> None:
+        """Write asynchronously; `state` is an nnx.State, `record` plain JSON."""
+        self.manager.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(nnx.to_pure_dict(state)),
+            record=ocp.args.JsonSave(record)))
+
+    def read_record(self, step: int, model: ModelConfig) -> dict:
+        """The JSON record of checkpoint `step`, refused if written for another model config.
+        Cheap: no arrays are read, nothing is compiled."""
+        self.manager.wait_until_finished()
+        try:
+            record = self.manager.restore(step, args=ocp.args.Composite(
+                record=ocp.args.JsonRestore())).record
+        except Exception as err:  # orbax raises many types for a damaged directory
+            raise CheckpointError(self._unreadable(step, err)) from err
+        diffs = _differences(record["model"], model_record(model))
+        if diffs:
+            raise ConfigError(
+                f"checkpoint {self.directory / str(step)} was written for another model:\n  "
+                + "\n  ".join(diffs)
+                + "\nResume with the model config it was written for, or start a new run "
+                  "directory (a different hydra.run.dir).")
+        return record
+
+    def restore_state(self, step: int, state: Any) -> Any:
+        """`state` with its arrays replaced by checkpoint `step`'s."""
+        self.manager.wait_until_finished()
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, nnx.to_pure_dict(state))
+        try:
+            restored = self.manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract))).state
+        except Exception as err:
+            raise CheckpointError(self._unreadable(step, err)) from err
+        nnx.replace_by_pure_dict(state, restored)
+        return state
+
+    def _unreadable(self, step: int, err: Exception) -> str:
+        return (f"checkpoint {self.directory / str(step)} is unreadable "
+                f"({type(err).__name__}: {str(err)[:200]}). Move that step's directory aside to "
+                "resume from the previous checkpoint, or start a new run directory.")
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.close()
