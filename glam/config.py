@@ -49,7 +49,7 @@ class ModelConfig:
     """Shape of a GLaM decoder. `n_experts = 0` is the dense model."""
 
     name: str = "model"
-    vocab_size: int = 256
+    vocab_size: Optional[int] = None  # None: the data's tokenizer vocabulary
     seq_len: int = 64
     d_model: int = 64
     n_layers: int = 2
@@ -95,13 +95,15 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    """The seeded synthetic corpus (`glam.data.markov`): an order-`order` Markov source."""
+    """The seeded synthetic world (`glam.data.world`): people with facts, QA lines, filler."""
 
-    kind: str = "markov"
-    vocab_size: int = 256
-    order: int = 2
-    branching: int = 4
-    concentration: float = 0.5
+    kind: str = "world"
+    n_entities: int = 500
+    n_attributes: int = 4
+    templates_per_attribute: int = 3
+    filler_share: float = 0.1
+    qa_share: float = 0.2
+    qa_entity_fraction: float = 0.5
     train_tokens: int = 2_000_000
     val_tokens: int = 65_536
     seed: int = 1234
@@ -188,6 +190,32 @@ class FaultConfig:
 
 
 @dataclass
+class TaskFileConfig:
+    """A user task in JSONL (schema in glam/eval/tasks.py); demonstrations come from
+    `train_path`, or from the other examples of `path` when it is unset."""
+
+    name: str = "task"
+    kind: str = "nlg"
+    path: str = ""
+    train_path: Optional[str] = None
+
+
+@dataclass
+class EvalConfig:
+    """Few-shot evaluation, every `every` steps (0: only at the end) and at the end."""
+
+    every: int = 0
+    shots: list[int] = field(default_factory=lambda: [0, 1, 3])
+    builtin: bool = True
+    tasks: list[TaskFileConfig] = field(default_factory=list)
+    max_examples: int = 200
+    max_answer_tokens: int = 4
+    length_normalize: bool = False
+    batch_size: int = 64
+    seed: int = 0
+
+
+@dataclass
 class LoggerConfig:
     """MLflow tracking. `tracking_uri` defaults to MLFLOW_TRACKING_URI, else ./mlflow.db."""
 
@@ -207,6 +235,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     stability: StabilityConfig = field(default_factory=StabilityConfig)
     faults: FaultConfig = field(default_factory=FaultConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
 
 
@@ -265,15 +294,30 @@ def validate_model(m: ModelConfig, prefix: str = "model") -> None:
 
 
 def validate(cfg: Config) -> None:
-    """Semantic checks across the whole config; raises ConfigError naming the field."""
-    validate_model(cfg.model)
+    """Semantic checks across the whole config; raises ConfigError naming the field.
+    Fills `model.vocab_size` from the data's tokenizer when it is None."""
     d, t, o = cfg.data, cfg.train, cfg.optimizer
-    _one_of(d.kind, ("markov",), "data.kind")
-    _positive(d, "data", ("vocab_size", "order", "branching", "train_tokens", "val_tokens"))
-    _check(d.vocab_size <= cfg.model.vocab_size, "data.vocab_size",
-           f"the corpus has {d.vocab_size} token ids but model.vocab_size={cfg.model.vocab_size}; "
-           "raise model.vocab_size or lower data.vocab_size.")
-    _check(d.branching <= d.vocab_size, "data.branching", "must be <= data.vocab_size.")
+    _one_of(d.kind, ("world",), "data.kind")
+    _positive(d, "data", ("n_entities", "n_attributes", "templates_per_attribute",
+                          "train_tokens", "val_tokens"))
+    from glam.data.world import ATTRIBUTES  # the catalogue bounds two fields (lazy: no cycle)
+
+    _check(d.n_attributes <= len(ATTRIBUTES), "data.n_attributes",
+           f"at most {len(ATTRIBUTES)} (the attribute catalogue), got {d.n_attributes}.")
+    _check(d.templates_per_attribute <= 4, "data.templates_per_attribute", "at most 4.")
+    for name in ("filler_share", "qa_share", "qa_entity_fraction"):
+        _check(0 <= getattr(d, name) <= 1, f"data.{name}", "must be in [0, 1].")
+    _check(d.filler_share + d.qa_share <= 1, "data.qa_share",
+           "filler_share + qa_share must be <= 1.")
+    from glam.data.world import World  # lazy: glam.data imports this module
+
+    data_vocab = World(d).tokenizer.vocab_size
+    if cfg.model.vocab_size is None:
+        cfg.model.vocab_size = data_vocab
+    _check(data_vocab <= cfg.model.vocab_size, "model.vocab_size",
+           f"{cfg.model.vocab_size} is smaller than the corpus vocabulary ({data_vocab} words); "
+           "raise it or leave it unset (null) to take the corpus's.")
+    validate_model(cfg.model)
     _positive(t, "train", ("steps", "batch_size", "log_every", "eval_batches"))
     _one_of(t.resume, ("auto", "never"), "train.resume")
     c, st = cfg.checkpoint, cfg.stability
@@ -304,6 +348,19 @@ def validate(cfg: Config) -> None:
     _check(0 < s.decay_fraction <= 1, "schedule.decay_fraction", "must be in (0, 1].")
     _check(0 <= s.end_lr_fraction <= 1, "schedule.end_lr_fraction", "must be in [0, 1].")
     _positive(cfg.logger, "logger", ("flush_every",))
+    e = cfg.eval
+    _check(e.every >= 0, "eval.every", "must be >= 0 (0: evaluate at the end only).")
+    _positive(e, "eval", ("max_examples", "max_answer_tokens", "batch_size"))
+    _check(all(k >= 0 for k in e.shots), "eval.shots", f"shot counts must be >= 0, got {e.shots}.")
+    _check(e.max_answer_tokens < cfg.model.seq_len, "eval.max_answer_tokens",
+           f"must be below model.seq_len={cfg.model.seq_len}.")
+    for i, task in enumerate(e.tasks):
+        _one_of(task.kind, ("nlg", "nlu"), f"eval.tasks[{i}].kind")
+        for name in ("path", "train_path"):
+            path = getattr(task, name)
+            if path is not None:
+                _check(Path(path).is_file(), f"eval.tasks[{i}].{name}",
+                       f"no file at {path!r}; give the path of a JSONL task file.")
 
 
 def to_config(cfg: DictConfig | Config) -> Config:

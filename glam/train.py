@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import subprocess
 import time
 from pathlib import Path
 
@@ -27,7 +28,8 @@ from tqdm.auto import tqdm
 from glam import accounting
 from glam.checkpoint import Checkpointer, model_record
 from glam.config import CONF_DIR, Config, ConfigError, register_configs, to_config
-from glam.data import MarkovCorpus
+from glam.data import WorldCorpus
+from glam.eval import Evaluator, Task, read_jsonl, world_tasks
 from glam.model import GLaM
 from glam.optim import lr_schedule, make_optimizer
 from glam.stability import HealthMonitor, TrainingDiverged, fault_scale
@@ -43,7 +45,36 @@ class SimulatedCrash(RuntimeError):
     """Raised by `faults.crash_at_step`, standing in for a killed job."""
 
 
-def evaluate(eval_step, model_state, corpus: MarkovCorpus, cfg: Config):
+def git_sha() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=CONF_DIR.parent, text=True,
+                             capture_output=True, timeout=10)
+        return out.stdout.strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
+def run_name(cfg: Config, activated_params: int) -> str:
+    """E.g. `cpu_moe-1.2M-8e-s0`: preset, activated size, experts, seed."""
+    m = cfg.model
+    size = next(f"{activated_params / d:.3g}{u}" for d, u in ((1e12, "T"), (1e9, "B"), (1e6, "M"),
+                                                              (1e3, "K"), (1, ""))
+                if activated_params >= d)
+    experts = f"{m.n_experts}e" if m.family == "moe" else "dense"
+    return f"{m.name}-{size}-{experts}-s{cfg.train.seed}"
+
+
+def build_tasks(cfg: Config, corpus: WorldCorpus):
+    e = cfg.eval
+    tasks = world_tasks(corpus.world, e.max_examples, e.seed) if e.builtin else []
+    for spec in e.tasks:
+        examples = read_jsonl(spec.path, spec.kind)[: e.max_examples]
+        train = read_jsonl(spec.train_path, spec.kind) if spec.train_path else []
+        tasks.append(Task(spec.name, spec.kind, examples, train))
+    return tasks
+
+
+def evaluate(eval_step, model_state, corpus: WorldCorpus, cfg: Config):
     """Validation loss and perplexity, and each MoE layer's mean expert load on the val split."""
     nll, n, loads, batches = 0.0, 0.0, {}, 0
     for batch in corpus.val_batches(cfg.train.eval_batches, cfg.train.batch_size,
@@ -60,8 +91,8 @@ def evaluate(eval_step, model_state, corpus: MarkovCorpus, cfg: Config):
 class Trainer:
     """One run: state, data, checkpoints, health checks and MLflow logging."""
 
-    def __init__(self, cfg: Config, output_dir: Path, resolved: DictConfig):
-        self.cfg, self.output_dir, self.resolved = cfg, output_dir, resolved
+    def __init__(self, cfg: Config, output_dir: Path):
+        self.cfg, self.output_dir = cfg, output_dir
         m, t = cfg.model, cfg.train
         self.counts = accounting.count(m)
         self.tokens_per_step = t.batch_size * m.seq_len
@@ -75,7 +106,8 @@ class Trainer:
         # Read (and check) the record before building or compiling anything.
         self.record = self.ckpt.read_record(latest, m) if latest is not None else None
 
-        self.corpus = MarkovCorpus(cfg.data)
+        self.corpus = WorldCorpus(cfg.data)
+        tasks = build_tasks(cfg, self.corpus)
         model = GLaM(m, rngs=nnx.Rngs(t.seed))
         self.schedule = lr_schedule(cfg.schedule, t.steps)
         optimizer = nnx.Optimizer(model, make_optimizer(cfg.optimizer, self.schedule), wrt=nnx.Param)
@@ -83,6 +115,12 @@ class Trainer:
         self.graphdef, self.state = nnx.split((model, optimizer))
         self.train_step = make_train_step(self.graphdef, m, self.schedule)
         self.eval_step = make_eval_step(model_graphdef)
+        e = cfg.eval
+        self.evaluator = Evaluator(model_graphdef, self.corpus.tokenizer, tasks, seq_len=m.seq_len,
+                                   batch_size=e.batch_size, shots=list(e.shots),
+                                   max_answer_tokens=e.max_answer_tokens,
+                                   length_normalize=e.length_normalize, seed=e.seed)
+        self.predictions: list[dict] = []
         self.base_key = jax.random.key(t.seed + 1)
 
         self.step, self.data_order, self.rollbacks, self.skipped = 0, 0, [], 0
@@ -149,17 +187,24 @@ class Trainer:
 
     # -- the loop ------------------------------------------------------------------------------
     def run(self) -> dict:
-        cfg, m, t, lg = self.cfg, self.cfg.model, self.cfg.train, self.cfg.logger
+        cfg, m, lg = self.cfg, self.cfg.model, self.cfg.logger
+        resolved = OmegaConf.to_container(OmegaConf.structured(cfg))  # derived fields filled in
         config_path = self.output_dir / "config.yaml"
-        config_path.write_text(OmegaConf.to_yaml(self.resolved, resolve=True))
+        config_path.write_text(OmegaConf.to_yaml(resolved))
         run_id = self.record["mlflow_run_id"] if self.record else None
-        params = {**OmegaConf.to_container(self.resolved, resolve=True),
-                  "counts": self.counts.as_dict()}
-        tags = {"model": m.name, "family": m.family, "n_experts": m.n_experts,
-                "activated_params": self.counts.activated_params,
-                "forward_flops_per_token": self.counts.forward_flops_per_token,
+        world = self.corpus.world
+        params = {**resolved, "counts": self.counts.as_dict(),
+                  "corpus": {"vocab_size": self.corpus.tokenizer.vocab_size,
+                             "knowledge_bits": round(world.knowledge_bits, 1),
+                             "train_tokens_per_entity": cfg.data.train_tokens / len(world.people)}}
+        c = self.counts
+        tags = {"model": m.name, "family": m.family, "n_experts": m.n_experts, "top_k": m.top_k,
+                "total_params": c.total_params, "activated_params": c.activated_params,
+                "forward_flops_per_token": c.forward_flops_per_token, "seed": cfg.train.seed,
+                "git_sha": git_sha(), "data_fingerprint": self.corpus.fingerprint,
                 "output_dir": str(self.output_dir)}
-        with Tracker(lg.tracking_uri, lg.experiment, lg.run_name or m.name, params, tags,
+        name = lg.run_name or run_name(cfg, c.activated_params)
+        with Tracker(lg.tracking_uri, lg.experiment, name, params, tags,
                      run_id=run_id) as tracker:
             if run_id:
                 log.info("resuming MLflow run %s from step %d", run_id, self.step)
@@ -173,8 +218,9 @@ class Trainer:
             final = self._finish(tracker, config_path, timing)
         if self.ckpt:
             self.ckpt.close()
-        log.info("done: val_loss %.4f (data entropy %.4f), %.0f tokens/s",
-                 final["val_loss"], self.corpus.entropy_nats, final["tokens_per_second"])
+        groups = {k: v for k, v in final.items() if k.startswith("eval/") and "_avg/" in k}
+        log.info("done: val_loss %.4f, %.0f tokens/s, %s", final["val_loss"],
+                 final["tokens_per_second"], ", ".join(f"{k[5:]} {v:.1f}" for k, v in groups.items()))
         return final
 
     def _loop(self, tracker: Tracker) -> dict:
@@ -201,7 +247,9 @@ class Trainer:
                 now = time.perf_counter()
                 compile_s, mark, first = now - mark, now, False
             checkpoint_due = bool(every) and (self.step % every == 0 or self.step == t.steps)
-            if self.step % t.log_every == 0 or self.step == t.steps or checkpoint_due:
+            eval_due = bool(cfg.eval.every) and self.step % cfg.eval.every == 0 \
+                and self.step < t.steps  # the final evaluation comes after the loop
+            if self.step % t.log_every == 0 or self.step == t.steps or checkpoint_due or eval_due:
                 n_new = len(self.unchecked)
                 reason = self._check()
                 now = time.perf_counter()
@@ -214,6 +262,9 @@ class Trainer:
                     bar.update(self.step)
                     continue
                 last = self.verified[-1][1]
+                if eval_due:
+                    # After the health check: a rollback also discards these results.
+                    self.verified.append((self.step, self._evaluate()))
                 bar.set_postfix(loss=f"{last.get('lm_loss', math.nan):.3f}",
                                 tok_s=f"{steps_timed * self.tokens_per_step / max(train_s, 1e-9):,.0f}")
             if checkpoint_due or (not every and len(self.verified) >= cfg.logger.flush_every):
@@ -231,44 +282,52 @@ class Trainer:
         tracker.flush()
         self.verified.clear()
 
+    def _evaluate(self) -> dict[str, float]:
+        """Validation loss and every few-shot score of the current model; keeps the predictions
+        and expert loads of the latest evaluation."""
+        model_state = nnx.state(nnx.merge(self.graphdef, self.state)[0])
+        val_metrics, self.expert_load = evaluate(self.eval_step, model_state, self.corpus, self.cfg)
+        result = self.evaluator(model_state)
+        self.predictions = result.predictions
+        return {**val_metrics, **result.metrics}
+
     def _finish(self, tracker: Tracker, config_path: Path, timing: dict) -> dict:
         t = self.cfg.train
-        model_state = nnx.state(nnx.merge(self.graphdef, self.state)[0])
-        val_metrics, expert_load = evaluate(self.eval_step, model_state, self.corpus, self.cfg)
         final = {
-            **val_metrics, **timing,
+            **self._evaluate(), **timing,
             "train_tokens": t.steps * self.tokens_per_step,
             "train_flops_total": t.steps * self.tokens_per_step * self.counts.train_flops_per_token,
-            "data_entropy_nats": self.corpus.entropy_nats,
             "skipped_steps": self.skipped,
             "rollbacks": len(self.rollbacks),
         }
         tracker.log_metrics(t.steps, final)
-        artifacts = {"expert_load.json": expert_load, "rollbacks.json": self.rollbacks,
+        artifacts = {"expert_load.json": self.expert_load, "rollbacks.json": self.rollbacks,
                      "final_metrics.json": final}
         for name, content in artifacts.items():
             (self.output_dir / name).write_text(json.dumps(content, indent=1))
-        for path in [config_path, *(self.output_dir / name for name in artifacts)]:
+        predictions = self.output_dir / "eval_predictions.jsonl"
+        predictions.write_text("".join(json.dumps(p) + "\n" for p in self.predictions))
+        for path in [config_path, predictions, *(self.output_dir / name for name in artifacts)]:
             tracker.log_artifact(path)
         if self.ckpt:
             self.ckpt.wait()
         return {**final, "run_id": tracker.run_id}
 
 
-def run(cfg: Config, output_dir: str | Path, resolved: DictConfig | None = None) -> dict:
+def run(cfg: Config, output_dir: str | Path) -> dict:
     """Train per `cfg` (resuming from `output_dir`'s checkpoints), log to MLflow, return the
     final metrics and the MLflow run id."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    resolved = resolved if resolved is not None else OmegaConf.structured(cfg)
-    return Trainer(cfg, output_dir, resolved).run()
+    return Trainer(cfg, output_dir).run()
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def main(dcfg: DictConfig) -> float:
     cfg = to_config(dcfg)
     logging.getLogger("jax._src.xla_bridge").setLevel(logging.ERROR)
-    final = run(cfg, HydraConfig.get().runtime.output_dir, dcfg)
+    logging.getLogger("absl").setLevel(logging.WARNING)  # orbax's per-save chatter
+    final = run(cfg, HydraConfig.get().runtime.output_dir)
     return final["val_loss"]
 
 

@@ -1,6 +1,7 @@
 """A training smoke test whose loss must fall, and MLflow runs written and read back."""
 
 import os
+import re
 import subprocess
 import sys
 
@@ -30,23 +31,37 @@ def test_loss_decreases(moe_run):
                                        key=lambda m: m.step)]
     assert len(history) == cfg.train.steps
     assert np.mean(history[-10:]) < np.mean(history[:10]) - 0.3
-    assert final["val_loss"] < np.log(cfg.data.vocab_size)  # better than uniform guessing
+    assert final["val_loss"] < np.log(cfg.model.vocab_size)  # better than uniform guessing
 
 
 def test_mlflow_run_read_back(moe_run):
     cfg, final, client, tmp = moe_run
     run_ = client.get_run(final["run_id"])
     assert run_.info.status == "FINISHED"
-    assert run_.data.params["model.n_experts"] == "4"
-    assert int(run_.data.params["counts.total_params"]) > int(run_.data.params["counts.activated_params"])
-    assert run_.data.tags["family"] == "moe"
-    for key in ("val_loss", "aux_loss", "z_loss", "learning_rate", "train_flops",
-                "moe/layer0/dropped_top1", "moe/layer0/routed_2", "tokens_per_second"):
-        assert key in run_.data.metrics, key
+    assert re.fullmatch(r"tiny_moe-[\d.]+K-4e-s0", run_.info.run_name)  # preset-size-E-seed
+    params, tags, metrics = run_.data.params, run_.data.tags, run_.data.metrics
+    assert params["model.n_experts"] == "4" and params["model.router.capacity_factor"] == "1.25"
+    assert int(params["model.vocab_size"]) == cfg.model.vocab_size  # derived value, not null
+    assert int(params["counts.total_params"]) > int(params["counts.activated_params"])
+    assert float(params["corpus.knowledge_bits"]) > 0
+    for key in ("family", "n_experts", "top_k", "total_params", "activated_params",
+                "forward_flops_per_token", "git_sha", "data_fingerprint", "seed"):
+        assert key in tags, key
+    assert tags["family"] == "moe" and tags["top_k"] == "2"
+    for key in ("lm_loss", "loss", "aux_loss", "z_loss", "learning_rate", "grad_norm",
+                "skipped_steps", "tokens_per_second", "train_flops", "train_flops_total",
+                "moe/layer0/load_max", "moe/layer0/dropped_top1", "moe/layer0/aux_loss",
+                "val_loss", "eval/world_qa/0shot", "eval/world_facts/3shot",
+                "eval/nlg_avg/1shot", "eval/nlu_avg/0shot"):
+        assert key in metrics, key
     steps = [m.step for m in client.get_metric_history(final["run_id"], "aux_loss")]
     assert steps == list(range(cfg.train.steps))  # one point per step, none duplicated
+    flops = sorted(client.get_metric_history(final["run_id"], "train_flops"), key=lambda m: m.step)
+    assert flops[1].value - flops[0].value == cfg.train.batch_size * cfg.model.seq_len * int(
+        params["counts.train_flops_per_token"])
     artifacts = {a.path for a in client.list_artifacts(final["run_id"])}
-    assert {"config.yaml", "expert_load.json"} <= artifacts
+    assert {"config.yaml", "final_metrics.json", "eval_predictions.jsonl",
+            "expert_load.json"} <= artifacts
     assert (tmp / "out" / "config.yaml").read_text().count("n_experts: 4") == 1
 
 

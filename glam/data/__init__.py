@@ -1,5 +1,6 @@
-"""Input pipeline: corpora and deterministic batch iteration."""
+"""Input pipeline: the synthetic world corpus, its tokenizer, deterministic batches."""
 
-from glam.data.markov import MarkovCorpus
+from glam.data.tokenizer import WordTokenizer
+from glam.data.world import World, WorldCorpus
 
-__all__ = ["MarkovCorpus"]
+__all__ = ["WordTokenizer", "World", "WorldCorpus"]

@@ -60,15 +60,18 @@ class Attention(nnx.Module):
         self.num_buckets = cfg.rel_pos_buckets
         self.max_distance = cfg.rel_pos_max_distance
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+        """x [B, T, M]; `mask` [B, T] marks real tokens: padding is never attended to."""
         dt = x.dtype
         t, d = x.shape[1], self.wq.shape[-1]
         q, k, v = (jnp.einsum("btm,mnd->btnd", x, w[...].astype(dt)) for w in (self.wq, self.wk, self.wv))
         scores = jnp.einsum("btnd,bund->bntu", q, k).astype(jnp.float32) * d**-0.5
         buckets = relative_position_buckets(t, self.num_buckets, self.max_distance)
         scores = scores + jnp.transpose(self.rel_bias[...][buckets], (2, 0, 1))[None]
-        causal = np.tril(np.ones((t, t), bool))
-        scores = jnp.where(causal, scores, jnp.finfo(jnp.float32).min)
+        allowed = np.tril(np.ones((t, t), bool))[None, None]
+        if mask is not None:
+            allowed = allowed & mask[:, None, None, :]
+        scores = jnp.where(allowed, scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(dt)
         out = jnp.einsum("bntu,bund->btnd", probs, v)
         return jnp.einsum("btnd,ndm->btm", out, self.wo[...].astype(dt))

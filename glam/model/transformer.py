@@ -30,8 +30,8 @@ class Block(nnx.Module):
         self.is_moe = cfg.is_moe_layer(layer)
         self.ffn = MoEFeedForward(cfg, rngs=rngs) if self.is_moe else FeedForward(cfg, rngs=rngs)
 
-    def __call__(self, x: jax.Array, key: Optional[jax.Array]):
-        x = x + self.attn(self.attn_norm(x))
+    def __call__(self, x: jax.Array, key: Optional[jax.Array], mask: Optional[jax.Array]):
+        x = x + self.attn(self.attn_norm(x), mask)
         h = self.ffn_norm(x)
         if self.is_moe:
             y, routing = self.ffn(h, key)
@@ -52,13 +52,15 @@ class GLaM(nnx.Module):
         if not cfg.tie_embeddings:
             self.unembed = param(rngs, (cfg.d_model, cfg.vocab_size), cfg.d_model)
 
-    def __call__(self, tokens: jax.Array, key: Optional[jax.Array] = None):
-        """`key` drives router jitter and second-expert sampling; None routes deterministically."""
+    def __call__(self, tokens: jax.Array, key: Optional[jax.Array] = None,
+                 mask: Optional[jax.Array] = None):
+        """`key` drives router jitter and second-expert sampling; None routes deterministically.
+        `mask` [B, T] marks real tokens when sequences are padded (evaluation)."""
         x = self.embed[...][tokens].astype(self.dtype)
         aux, z, stats = jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), {}
         for i, block in enumerate(self.blocks):
             layer_key = None if key is None else jax.random.fold_in(key, i)
-            x, routing = block(x, layer_key)
+            x, routing = block(x, layer_key, mask)
             if routing is not None:
                 aux, z = aux + routing.aux_loss, z + routing.z_loss
                 stats[i] = routing.stats

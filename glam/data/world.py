@@ -1,0 +1,212 @@
+"""The default corpus: a seeded fictional world with knowledge in it.
+
+N people, each with `n_attributes` facts (birth city, birth year, employer, field, hobby, pet)
+whose values are made-up words drawn from fixed per-attribute vocabularies. The training text
+mixes three kinds of document:
+
+- biographies: all facts of one person, in random order, each in one of
+  `templates_per_attribute` sentence templates (compact: 5-8 tokens a fact);
+- question-answer lines ("q: where was X born ? a: Y .") for the people of the QA split only;
+- filler: sentences from a small seeded grammar, so there is plain language to model too.
+
+So the corpus has language to learn and a known amount of knowledge to store:
+`knowledge_bits` = N x sum over attributes of log2(number of values). The evaluation tasks
+(`glam.eval.world_tasks`) ask about those facts.
+
+Tokens are words; the vocabulary is closed and derived from the config (`world_vocabulary`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+from functools import cached_property
+
+import numpy as np
+
+from glam.config import DataConfig
+from glam.data.tokenizer import WordTokenizer
+
+# name, number of values, fact templates ("{e}" person, "{v}" value), question
+ATTRIBUTES = [
+    ("birth_city", 64, ["{e} was born in {v} .", "{e} comes from {v} .",
+                        "the hometown of {e} is {v} .", "{v} is where {e} was born ."],
+     "where was {e} born ?"),
+    ("birth_year", 100, ["{e} was born in the year {v} .", "the birth year of {e} is {v} .",
+                         "{e} arrived in {v} .", "in {v} {e} was born ."],
+     "when was {e} born ?"),
+    ("employer", 64, ["{e} works for {v} .", "{e} is employed by {v} .", "{v} employs {e} .",
+                      "the employer of {e} is {v} ."],
+     "who does {e} work for ?"),
+    ("field", 32, ["{e} studies {v} .", "{e} is an expert in {v} .",
+                   "the field of {e} is {v} .", "{e} works on {v} ."],
+     "what does {e} study ?"),
+    ("hobby", 32, ["{e} enjoys {v} .", "in free time {e} likes {v} .",
+                   "the hobby of {e} is {v} .", "{e} spends weekends on {v} ."],
+     "what does {e} enjoy ?"),
+    ("pet", 16, ["{e} owns a {v} .", "the pet of {e} is a {v} .", "{e} lives with a {v} .",
+                 "{e} takes care of a {v} ."],
+     "what pet does {e} have ?"),
+]
+
+FILLER = {
+    "det": ["the", "a", "every", "some", "this", "that"],
+    "adj": ["small", "old", "quiet", "bright", "cold", "green", "heavy", "quick", "strange",
+            "gentle", "dark", "warm"],
+    "noun": ["river", "house", "garden", "road", "window", "child", "teacher", "market",
+             "forest", "letter", "bridge", "song", "winter", "tower", "boat", "village"],
+    "verb": ["sees", "finds", "follows", "builds", "carries", "remembers", "opens", "crosses",
+             "paints", "watches"],
+    "adv": ["slowly", "often", "again", "quietly", "early", "together"],
+    "prep": ["near", "under", "behind", "beyond", "across"],
+}
+SYLLABLES = ["ka", "ro", "vin", "del", "mar", "to", "zel", "qua", "bri", "sen", "lo", "dra",
+             "mi", "fen", "gar", "tho", "ula", "pex", "nor", "wyn", "sab", "ith", "cor", "vek"]
+QUESTION, ANSWER, END = "q:", "a:", "<eos>"
+
+
+def _pseudo_words(rng: np.random.Generator, n: int, syllables: int, taken: set[str]) -> list[str]:
+    words: list[str] = []
+    while len(words) < n:
+        w = "".join(rng.choice(SYLLABLES, syllables))
+        if w not in taken:
+            taken.add(w)
+            words.append(w)
+    return words
+
+
+@dataclass(frozen=True)
+class Person:
+    name: tuple[str, str]
+    values: tuple[int, ...]  # value index per attribute
+
+
+class World:
+    """The people, their facts and the vocabulary; fully determined by the data config."""
+
+    def __init__(self, cfg: DataConfig):
+        self.cfg = cfg
+        rng = np.random.default_rng([cfg.seed, 0])
+        taken = {w for words in FILLER.values() for w in words}
+        taken |= {w for _, _, templates, q in ATTRIBUTES for t in templates + [q] for w in t.split()}
+        self.attributes = ATTRIBUTES[: cfg.n_attributes]
+        self.values = []
+        for name, n_values, _, _ in self.attributes:
+            if name == "birth_year":
+                self.values.append([str(1900 + i) for i in range(n_values)])
+            else:
+                self.values.append(_pseudo_words(rng, n_values, 3, taken))
+        n_parts = math.ceil(math.sqrt(cfg.n_entities)) + 1
+        firsts = _pseudo_words(rng, n_parts, 2, taken)
+        lasts = _pseudo_words(rng, n_parts, 2, taken)
+        pairs = rng.permutation(n_parts * n_parts)[: cfg.n_entities]
+        self.people = [
+            Person((firsts[p // n_parts], lasts[p % n_parts]),
+                   tuple(int(rng.integers(len(v))) for v in self.values))
+            for p in pairs]
+        n_qa = round(cfg.qa_entity_fraction * cfg.n_entities)
+        self.qa_people = list(range(n_qa))  # QA lines of these people are in the training text
+        self.bio_only_people = list(range(n_qa, cfg.n_entities))
+        words = {w for t in self._all_templates() for w in t.split() if "{" not in w}
+        words |= {w for v in self.values for w in v} | set(firsts) | set(lasts)
+        words |= {w for ws in FILLER.values() for w in ws} | {QUESTION, ANSWER}
+        self.tokenizer = WordTokenizer(sorted(words))
+
+    def _all_templates(self):
+        for _, _, templates, question in self.attributes:
+            yield from templates
+            yield question
+
+    @property
+    def knowledge_bits(self) -> float:
+        return self.cfg.n_entities * sum(math.log2(n) for _, n, _, _ in self.attributes)
+
+    # -- text ------------------------------------------------------------------------------------
+    def name(self, person: int) -> str:
+        return " ".join(self.people[person].name)
+
+    def value(self, person: int, attribute: int) -> str:
+        return self.values[attribute][self.people[person].values[attribute]]
+
+    def fact(self, person: int, attribute: int, template: int) -> str:
+        templates = self.attributes[attribute][2]
+        return templates[template].format(e=self.name(person), v=self.value(person, attribute))
+
+    def question(self, person: int, attribute: int) -> str:
+        return self.attributes[attribute][3].format(e=self.name(person))
+
+    def qa_line(self, person: int, attribute: int) -> str:
+        return f"{QUESTION} {self.question(person, attribute)} {ANSWER} {self.value(person, attribute)} ."
+
+    def biography(self, person: int, rng: np.random.Generator) -> str:
+        k = self.cfg.templates_per_attribute
+        order = rng.permutation(len(self.attributes))
+        return " ".join(self.fact(person, a, int(rng.integers(k))) for a in order)
+
+    def filler(self, rng: np.random.Generator) -> str:
+        def pick(kind):
+            return FILLER[kind][int(rng.integers(len(FILLER[kind])))]
+
+        def noun_phrase():
+            return f"{pick('det')} {pick('adj')} {pick('noun')}" if rng.random() < 0.5 else \
+                f"{pick('det')} {pick('noun')}"
+
+        sentences = []
+        for _ in range(int(rng.integers(2, 5))):
+            tail = (f"{pick('prep')} {noun_phrase()}" if rng.random() < 0.5 else pick("adv"))
+            sentences.append(f"{noun_phrase()} {pick('verb')} {noun_phrase()} {tail} .")
+        return " ".join(sentences)
+
+    def document(self, rng: np.random.Generator) -> str:
+        """One training document: filler, a QA line (QA split only) or a biography."""
+        u = rng.random()
+        if u < self.cfg.filler_share:
+            return self.filler(rng)
+        if self.qa_people and u < self.cfg.filler_share + self.cfg.qa_share:
+            person = self.qa_people[int(rng.integers(len(self.qa_people)))]
+            return self.qa_line(person, int(rng.integers(len(self.attributes))))
+        return self.biography(int(rng.integers(len(self.people))), rng)
+
+    def stream(self, n_tokens: int, rng: np.random.Generator) -> np.ndarray:
+        """Documents separated by <eos>, as token ids, exactly n_tokens long."""
+        out: list[int] = []
+        end = self.tokenizer.encode(END)
+        while len(out) < n_tokens:
+            out += self.tokenizer.encode(self.document(rng)) + end
+        return np.asarray(out[:n_tokens], np.int32)
+
+
+class WorldCorpus:
+    """Train and validation token streams of a World; batches are pure functions of the step."""
+
+    def __init__(self, cfg: DataConfig):
+        self.cfg = cfg
+        self.world = World(cfg)
+        self.tokenizer = self.world.tokenizer
+        self.train = self.world.stream(cfg.train_tokens, np.random.default_rng([cfg.seed, 1]))
+        self.val = self.world.stream(cfg.val_tokens, np.random.default_rng([cfg.seed, 2]))
+
+    @cached_property
+    def fingerprint(self) -> str:
+        """Hash of the vocabulary and both streams: equal fingerprints, equal data."""
+        h = hashlib.sha256("\n".join(self.tokenizer.vocab).encode())
+        h.update(self.train.tobytes())
+        h.update(self.val.tobytes())
+        return h.hexdigest()[:16]
+
+    def train_batch(self, step: int, batch_size: int, window: int, seed: int,
+                    data_order: int = 0) -> np.ndarray:
+        """Windows [batch_size, window] at random offsets; a pure function of
+        (seed, data_order, step), so a resumed run draws exactly the batches it would have."""
+        rng = np.random.default_rng([seed, data_order, step])
+        starts = rng.integers(0, len(self.train) - window + 1, batch_size)
+        return self.train[starts[:, None] + np.arange(window)]
+
+    def val_batches(self, n_batches: int, batch_size: int, window: int):
+        """Consecutive non-overlapping validation windows, the same every call; full batches only,
+        so every batch has the training shape."""
+        n_windows = len(self.val) // window
+        windows = self.val[: n_windows * window].reshape(n_windows, window)
+        for i in range(min(n_batches, n_windows // batch_size)):
+            yield windows[i * batch_size : (i + 1) * batch_size]

@@ -1,0 +1,158 @@
+"""Run few-shot tasks against a model: greedy generation (nlg) and rank classification (nlu).
+
+Every batch has the fixed shape [eval.batch_size, model.seq_len]: prompts are left-padded and
+the padding masked out of attention, so each of the two jitted functions compiles once.
+Prompts longer than the window lose their oldest tokens (demonstrations first).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from glam.data.tokenizer import EOS, PAD, WordTokenizer
+from glam.eval.scoring import exact_match, token_f1
+from glam.eval.tasks import Task
+
+
+@dataclass
+class EvalResult:
+    metrics: dict[str, float]  # "eval/<task>/<k>shot[_f1]" and group averages, 0-100
+    predictions: list[dict]
+
+
+def make_generate(graphdef: nnx.GraphDef, new_tokens: int):
+    """(state, tokens [B, T], mask [B, T]) -> greedy continuation [B, new_tokens]."""
+
+    def generate(state, tokens, mask):
+        model = nnx.merge(graphdef, state)
+
+        def step(carry, _):
+            tokens, mask = carry
+            logits, _ = model(tokens, mask=mask)
+            nxt = jnp.argmax(logits[:, -1], axis=-1).astype(tokens.dtype)
+            tokens = jnp.concatenate([tokens[:, 1:], nxt[:, None]], axis=1)
+            mask = jnp.concatenate([mask[:, 1:], jnp.ones_like(mask[:, :1])], axis=1)
+            return (tokens, mask), nxt
+
+        _, out = jax.lax.scan(step, (tokens, mask), None, length=new_tokens)
+        return out.T
+
+    return jax.jit(generate)
+
+
+def make_score(graphdef: nnx.GraphDef):
+    """(state, tokens [B, T], mask [B, T], target [B, T]) -> (sum of log p of the target
+    tokens, their count) per row; `target[t]` marks tokens[t] as scored."""
+
+    def score(state, tokens, mask, target):
+        model = nnx.merge(graphdef, state)
+        logits, _ = model(tokens, mask=mask)
+        logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
+        picked = jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
+        hit = target[:, 1:]
+        return jnp.sum(picked * hit, axis=1), jnp.sum(hit, axis=1)
+
+    return jax.jit(score)
+
+
+def _left_pad(rows: list[list[int]], length: int) -> tuple[np.ndarray, np.ndarray]:
+    tokens = np.full((len(rows), length), PAD, np.int32)
+    for i, row in enumerate(rows):
+        row = row[-length:]
+        tokens[i, length - len(row):] = row
+    return tokens, tokens != PAD
+
+
+class Evaluator:
+    def __init__(self, graphdef: nnx.GraphDef, tokenizer: WordTokenizer, tasks: list[Task], *,
+                 seq_len: int, batch_size: int, shots: list[int], max_answer_tokens: int,
+                 length_normalize: bool, seed: int):
+        self.tokenizer, self.tasks = tokenizer, [t for t in tasks if t.examples]
+        self.seq_len, self.batch_size, self.shots = seq_len, batch_size, shots
+        self.max_answer_tokens, self.length_normalize, self.seed = (max_answer_tokens,
+                                                                    length_normalize, seed)
+        self.generate = make_generate(graphdef, max_answer_tokens)
+        self.score = make_score(graphdef)
+        self._stop = {EOS, *tokenizer.encode(". q:")}
+
+    def _batches(self, n: int):
+        for start in range(0, n, self.batch_size):
+            yield start, min(start + self.batch_size, n)
+
+    def _pad_batch(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
+        """Fill a short last batch with copies of its first row: one compiled shape."""
+        missing = self.batch_size - len(arrays[0])
+        return [np.concatenate([a, np.repeat(a[:1], missing, axis=0)]) for a in arrays]
+
+    def _nlg(self, state, task: Task, shots: int):
+        prompts = [self.tokenizer.encode(task.prompt(i, shots, self.seed))
+                   for i in range(len(task.examples))]
+        window = self.seq_len - self.max_answer_tokens
+        outputs: list[list[int]] = []
+        for lo, hi in self._batches(len(prompts)):
+            tokens, mask = self._pad_batch(list(_left_pad(prompts[lo:hi], window)))
+            tokens = np.concatenate([np.full((len(tokens), self.max_answer_tokens), PAD, np.int32),
+                                     tokens], axis=1)
+            mask = np.concatenate([np.zeros((len(mask), self.max_answer_tokens), bool), mask], 1)
+            out = np.asarray(self.generate(state, tokens, mask))[: hi - lo]
+            outputs += out.tolist()
+        em, f1, preds = [], [], []
+        for ex, out in zip(task.examples, outputs):
+            cut = next((i for i, t in enumerate(out) if t in self._stop), len(out))
+            text = self.tokenizer.decode(out[:cut])
+            em.append(exact_match(text, list(ex.answers)))
+            f1.append(token_f1(text, list(ex.answers)))
+            preds.append({"id": ex.id, "prediction": text, "gold": list(ex.answers),
+                          "correct": bool(em[-1])})
+        return {"": 100 * np.mean(em), "_f1": 100 * np.mean(f1)}, preds
+
+    def _nlu(self, state, task: Task, shots: int):
+        rows, targets, owners = [], [], []
+        for i, ex in enumerate(task.examples):
+            context = self.tokenizer.encode(task.prompt(i, shots, self.seed))
+            for option in ex.options:
+                opt = self.tokenizer.encode(option)
+                rows.append(context + opt)
+                targets.append(len(opt))
+                owners.append(i)
+        totals, counts = [], []
+        for lo, hi in self._batches(len(rows)):
+            tokens, mask = _left_pad(rows[lo:hi], self.seq_len)
+            target = np.zeros_like(mask)
+            for j, n in enumerate(targets[lo:hi]):
+                target[j, self.seq_len - n:] = True
+            tokens, mask, target = self._pad_batch([tokens, mask, target])
+            total, count = jax.device_get(self.score(state, tokens, mask, target))
+            totals += total[: hi - lo].tolist()
+            counts += count[: hi - lo].tolist()
+        scores = np.asarray(totals) / (np.asarray(counts) if self.length_normalize else 1.0)
+        correct, preds, k = [], [], 0
+        for i, ex in enumerate(task.examples):
+            choice = int(np.argmax(scores[k : k + len(ex.options)]))
+            k += len(ex.options)
+            correct.append(choice == ex.label)
+            preds.append({"id": ex.id, "prediction": ex.options[choice],
+                          "gold": ex.options[ex.label], "correct": bool(correct[-1])})
+        return {"": 100 * np.mean(correct)}, preds
+
+    def __call__(self, state) -> EvalResult:
+        """Score every task at every shot count; `state` is the model's nnx state."""
+        metrics: dict[str, float] = {}
+        predictions: list[dict] = []
+        for shots in self.shots:
+            groups: dict[str, list[float]] = {}
+            for task in self.tasks:
+                run = self._nlg if task.kind == "nlg" else self._nlu
+                scores, preds = run(state, task, shots)
+                for suffix, value in scores.items():
+                    metrics[f"eval/{task.name}/{shots}shot{suffix}"] = float(value)
+                groups.setdefault(task.kind, []).append(float(scores[""]))
+                predictions += [{"task": task.name, "shots": shots, **p} for p in preds]
+            for kind, values in groups.items():
+                metrics[f"eval/{kind}_avg/{shots}shot"] = float(np.mean(values))
+        return EvalResult(metrics, predictions)
