@@ -98,7 +98,7 @@ class DataConfig:
     """The seeded synthetic world (`glam.data.world`): people with facts, QA lines, filler."""
 
     kind: str = "world"
-    n_entities: int = 500
+    n_entities: int = 400
     n_attributes: int = 4
     templates_per_attribute: int = 3
     filler_share: float = 0.1
@@ -146,7 +146,7 @@ class TrainConfig:
     """`resume`: `auto` continues from the newest checkpoint in the run directory (if any);
     `never` refuses to start over a run directory that already holds checkpoints."""
 
-    steps: int = 300
+    steps: int = 600
     batch_size: int = 16
     seed: int = 0
     log_every: int = 10

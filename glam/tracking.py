@@ -16,6 +16,7 @@ from mlflow.tracking import MlflowClient
 
 _MAX_PARAMS_PER_CALL = 100
 _MAX_METRICS_PER_CALL = 1000
+_MAX_PARAM_VALUE = 6000  # characters; MLflow refuses longer values
 
 
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -64,7 +65,7 @@ class Tracker:
             return
         exp_id = experiment_id(self.client, experiment)
         self.run_id = self.client.create_run(exp_id, run_name=run_name).info.run_id
-        items = [Param(k, str(v)) for k, v in flatten(params).items()]
+        items = [Param(k, str(v)[:_MAX_PARAM_VALUE]) for k, v in flatten(params).items()]
         for i in range(0, len(items), _MAX_PARAMS_PER_CALL):
             self.client.log_batch(self.run_id, params=items[i : i + _MAX_PARAMS_PER_CALL])
         self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])

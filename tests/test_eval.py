@@ -60,6 +60,7 @@ def test_demonstrations_never_leak_the_evaluated_example():
             assert prompt.count("q:") == shots + 1 and prompt.endswith(f"question {i} a:")
     assert task.prompt(2, 3, seed=0) == task.prompt(2, 3, seed=0)  # fixed seed
     assert task.prompt(0, 0, seed=0) == "q: question 0 a:"
+    assert task.prompt(0, 1, seed=0).count("<eos>") == 1  # demonstrations end like documents
 
 
 def test_world_is_deterministic_and_fingerprinted():

@@ -18,7 +18,8 @@ def moe_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("train")
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
     cfg = load(["model=tiny_moe", "train.steps=80", "train.batch_size=8", "train.log_every=20",
-                "train.progress=false", "train.eval_batches=2", "logger.flush_every=30",
+                "train.progress=false", "train.eval_batches=2", "checkpoint.every=30",
+                "eval.every=40", "eval.max_examples=20",
                 "schedule.warmup_steps=10", "data.train_tokens=50000", "data.val_tokens=4096",
                 f"logger.tracking_uri={uri}", "logger.experiment=test"])
     final = run(cfg, tmp / "out")
@@ -54,6 +55,8 @@ def test_mlflow_run_read_back(moe_run):
                 "val_loss", "eval/world_qa/0shot", "eval/world_facts/3shot",
                 "eval/nlg_avg/1shot", "eval/nlu_avg/0shot"):
         assert key in metrics, key
+    evals = client.get_metric_history(final["run_id"], "eval/world_facts/0shot")
+    assert sorted(m.step for m in evals) == [40, 80]  # periodic, then final
     steps = [m.step for m in client.get_metric_history(final["run_id"], "aux_loss")]
     assert steps == list(range(cfg.train.steps))  # one point per step, none duplicated
     flops = sorted(client.get_metric_history(final["run_id"], "train_flops"), key=lambda m: m.step)

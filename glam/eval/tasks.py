@@ -5,6 +5,8 @@ Two kinds, as in the paper:
   Prompt: "q: <question> a:" after k demonstrations "q: <question> a: <answer> .".
 - `nlu`: a context and options; the model picks the option of highest log-likelihood.
   Prompt: "<context>" after k demonstrations "<context> <correct option>".
+Demonstrations are separated by the corpus's document separator (<eos>), as documents are in
+training.
 
 JSONL schema (one example per line; extra fields ignored):
 - nlg: {"question": str, "answers": [str, ...]}; also "answer" as a string, and the TriviaQA
@@ -21,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from glam.data.world import ANSWER, QUESTION, World
+from glam.data.world import ANSWER, END, QUESTION, World
 
 
 @dataclass(frozen=True)
@@ -54,7 +56,7 @@ class Task:
         picks = rng.choice(len(pool), size=min(shots, len(pool)), replace=False) if shots else []
         demos = [pool[i].demonstration(self.kind) for i in picks]
         query = f"{QUESTION} {ex.prompt} {ANSWER}" if self.kind == "nlg" else ex.prompt
-        return " ".join(demos + [query])
+        return f" {END} ".join(demos + [query])
 
 
 def _nlg_example(row: dict, i: int) -> Example:
