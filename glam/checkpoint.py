@@ -7,7 +7,6 @@ The RNG needs no array of its own: every random draw of a step is a pure functio
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Any, Optional
 
@@ -15,25 +14,21 @@ import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from glam.config import CheckpointConfig, ConfigError, ModelConfig
+from glam.config import CheckpointConfig, ConfigError
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint cannot be used; the message says which and what to do."""
 
 
-def model_record(model: ModelConfig) -> dict:
-    return dataclasses.asdict(model)
-
-
-def _differences(saved: dict, current: dict, prefix: str = "model") -> list[str]:
+def _differences(saved: dict, current: dict, prefix: str = "") -> list[str]:
     out = []
     for key in sorted(set(saved) | set(current)):
         a, b = saved.get(key), current.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
-            out += _differences(a, b, f"{prefix}.{key}")
+            out += _differences(a, b, f"{prefix}{key}.")
         elif a != b:
-            out.append(f"{prefix}.{key}: checkpoint {a!r}, config {b!r}")
+            out.append(f"{prefix}{key}: checkpoint {a!r}, config {b!r}")
     return out
 
 
@@ -54,19 +49,20 @@ class Checkpointer:
             state=ocp.args.StandardSave(nnx.to_pure_dict(state)),
             record=ocp.args.JsonSave(record)))
 
-    def read_record(self, step: int, model: ModelConfig) -> dict:
-        """The JSON record of checkpoint `step`, refused if written for another model config.
-        Cheap: no arrays are read, nothing is compiled."""
+    def read_record(self, step: int, identity: dict) -> dict:
+        """The JSON record of checkpoint `step`, refused unless it matches `identity` (the model,
+        data and optimisation settings it must share with the resuming config). Cheap: no arrays
+        are read, nothing is compiled."""
         self.manager.wait_until_finished()
         try:
             record = self.manager.restore(step, args=ocp.args.Composite(
                 record=ocp.args.JsonRestore())).record
         except Exception as err:  # orbax raises many types for a damaged directory
             raise CheckpointError(self._unreadable(step, err)) from err
-        diffs = _differences(record["model"], model_record(model))
+        diffs = _differences({k: record.get(k) for k in identity}, identity)
         if diffs:
             raise ConfigError(
-                f"checkpoint {self.directory / str(step)} was written for another model:\n  "
+                f"checkpoint {self.directory / str(step)} was written for another config:\n  "
                 + "\n  ".join(diffs)
                 + "\nResume with the model config it was written for, or start a new run "
                   "directory (a different hydra.run.dir).")

@@ -10,29 +10,31 @@ from glam.config import OptimizerConfig, ScheduleConfig
 
 
 def lr_schedule(cfg: ScheduleConfig, total_steps: int) -> optax.Schedule:
-    """Learning rate as a function of the step count (the number of updates already applied)."""
+    """Learning rate of update number `count` + 1 (`count` updates already applied): warmup
+    reaches the peak at update `warmup_steps`, and the last update uses the final rate; no update
+    is spent at rate 0."""
     peak, warmup = cfg.learning_rate, cfg.warmup_steps
     end = peak * cfg.end_lr_fraction
     if cfg.name == "cosine":
-        return optax.warmup_cosine_decay_schedule(0.0, peak, warmup,
+        base = optax.warmup_cosine_decay_schedule(0.0, peak, warmup,
                                                   max(total_steps, warmup + 1), end)
-    if cfg.name == "wsd":
+    elif cfg.name == "wsd":
         decay = max(1, round(cfg.decay_fraction * total_steps))
         stable = max(0, total_steps - warmup - decay)
-        return optax.join_schedules(
+        base = optax.join_schedules(
             [optax.linear_schedule(0.0, peak, warmup), optax.constant_schedule(peak),
              optax.linear_schedule(peak, end, decay)],
             boundaries=[warmup, warmup + stable])
-    if cfg.name == "glam":
+    elif cfg.name == "glam":
         hold = max(cfg.constant_steps, 1)
 
-        def glam(step):
-            step = jnp.asarray(step, jnp.float32)
-            ramp = jnp.minimum(1.0, (step + 1) / warmup) if warmup else 1.0
-            return peak * ramp * jnp.sqrt(hold / jnp.maximum(step, hold))
-
-        return glam
-    raise ValueError(f"unknown schedule {cfg.name!r}")
+        def base(update):
+            update = jnp.asarray(update, jnp.float32)
+            ramp = jnp.minimum(1.0, update / warmup) if warmup else 1.0
+            return peak * ramp * jnp.sqrt(hold / jnp.maximum(update, hold))
+    else:
+        raise ValueError(f"unknown schedule {cfg.name!r}")
+    return lambda count: base(count + 1)
 
 
 def capped_decay(decay_rate: float, cap: float):

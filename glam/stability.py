@@ -22,9 +22,9 @@ class TrainingDiverged(RuntimeError):
 class HealthMonitor:
     """Consecutive skipped steps and loss spikes against a moving average of healthy losses."""
 
-    def __init__(self, cfg: StabilityConfig, recent: Optional[list[float]] = None):
+    def __init__(self, cfg: StabilityConfig):
         self.cfg = cfg
-        self.recent: deque[float] = deque(recent or [], maxlen=cfg.spike_window)
+        self.recent: deque[float] = deque(maxlen=cfg.spike_window)
         self.consecutive_skips = 0
 
     def observe(self, step: int, loss: float, skipped: bool) -> Optional[str]:
@@ -43,8 +43,16 @@ class HealthMonitor:
         self.recent.append(loss)
         return None
 
-    def snapshot(self) -> list[float]:
-        return list(self.recent)
+    def snapshot(self) -> dict:
+        """What a checkpoint keeps, so a resumed run decides exactly as the original would."""
+        return {"recent": list(self.recent), "consecutive_skips": self.consecutive_skips}
+
+    @classmethod
+    def restore(cls, cfg: StabilityConfig, snapshot: dict) -> "HealthMonitor":
+        monitor = cls(cfg)
+        monitor.recent.extend(snapshot["recent"])
+        monitor.consecutive_skips = snapshot["consecutive_skips"]
+        return monitor
 
 
 def fault_scale(cfg: FaultConfig, step: int, data_order: int) -> float:

@@ -4,16 +4,19 @@
     glam-train -m model=cpu_dense,cpu_moe          # Hydra multirun, one MLflow run each
     glam-train hydra.run.dir=outputs/my_run        # rerun the same line to resume it
 
-Metrics reach MLflow when the checkpoint that covers them is written, after the health check:
-a rollback or a crash never leaves metric points for steps that are then recomputed.
+Metrics reach MLflow after the health check, once a finished checkpoint covers them (each
+checkpoint also carries the metrics it covers that are not yet published): a rollback or a crash
+never leaves points for steps that are then recomputed, nor loses points of steps that are not.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -26,7 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from glam import accounting
-from glam.checkpoint import Checkpointer, model_record
+from glam.checkpoint import Checkpointer
 from glam.config import CONF_DIR, Config, ConfigError, register_configs, to_config
 from glam.data import WorldCorpus
 from glam.eval import Evaluator, Task, read_jsonl, world_tasks
@@ -39,6 +42,15 @@ from glam.tracking import Tracker
 log = logging.getLogger("glam.train")
 
 register_configs()
+
+
+def run_identity(cfg: Config, data_fingerprint: str) -> dict:
+    """What a checkpoint must share with the config that resumes it: the model, the data, the
+    optimisation and the step/batch/seed that fix every batch and learning rate."""
+    return {"model": dataclasses.asdict(cfg.model), "optimizer": dataclasses.asdict(cfg.optimizer),
+            "schedule": dataclasses.asdict(cfg.schedule),
+            "train": {k: getattr(cfg.train, k) for k in ("steps", "batch_size", "seed")},
+            "data_fingerprint": data_fingerprint}
 
 
 class SimulatedCrash(RuntimeError):
@@ -101,12 +113,12 @@ class Trainer:
         latest = self.ckpt.latest_step() if self.ckpt else None
         if latest is not None and t.resume == "never":
             raise ConfigError(f"train.resume: 'never', but {self.ckpt.directory} holds checkpoints "
-                              "(newest: step {latest}); use train.resume=auto to continue them "
+                              f"(newest: step {latest}); use train.resume=auto to continue them "
                               "or a new hydra.run.dir.")
-        # Read (and check) the record before building or compiling anything.
-        self.record = self.ckpt.read_record(latest, m) if latest is not None else None
-
         self.corpus = WorldCorpus(cfg.data)
+        # Read (and check) the record before building or compiling anything.
+        self.record = (self.ckpt.read_record(latest, run_identity(cfg, self.corpus.fingerprint))
+                       if latest is not None else None)
         tasks = build_tasks(cfg, self.corpus)
         model = GLaM(m, rngs=nnx.Rngs(t.seed))
         self.schedule = lr_schedule(cfg.schedule, t.steps)
@@ -120,30 +132,36 @@ class Trainer:
                                    batch_size=e.batch_size, shots=list(e.shots),
                                    max_answer_tokens=e.max_answer_tokens,
                                    length_normalize=e.length_normalize, seed=e.seed)
-        self.predictions: list[dict] = []
+        self.predictions: list[dict] = []  # of the latest evaluation
+        self.expert_load: dict = {}
         self.base_key = jax.random.key(t.seed + 1)
 
         self.step, self.data_order, self.rollbacks, self.skipped = 0, 0, [], 0
         self.monitor = HealthMonitor(cfg.stability)
-        if self.record is not None:
-            self._restore(latest)
         self.unchecked: list[tuple[int, dict]] = []  # fetched lazily from the device
         self.verified: list[tuple[int, dict]] = []  # healthy, waiting for the next checkpoint
+        self.durable: list[tuple[int, dict]] = []  # covered by the newest checkpoint
+        if self.record is not None:
+            self._restore(latest)
 
     # -- checkpoints ---------------------------------------------------------------------------
     def _restore(self, step: int) -> None:
-        record = self.ckpt.read_record(step, self.cfg.model)
+        record = self.ckpt.read_record(step, run_identity(self.cfg, self.corpus.fingerprint))
         self.state = self.ckpt.restore_state(step, self.state)
         self.step, self.data_order = record["step"], record["data_order"]
         self.rollbacks, self.skipped = record["rollbacks"], record["skipped_steps"]
-        self.monitor = HealthMonitor(self.cfg.stability, record["recent_losses"])
+        self.monitor = HealthMonitor.restore(self.cfg.stability, record["monitor"])
+        # Metrics of the steps this checkpoint covers that may not have reached MLflow yet
+        # (the Tracker skips any that did).
+        self.durable = [(step, metrics) for step, metrics in record["unpublished_metrics"]]
+        self.verified = []
         self.record = record
 
     def _save(self, run_id: str) -> None:
-        record = {"step": self.step, "data_order": self.data_order, "seed": self.cfg.train.seed,
-                  "rollbacks": self.rollbacks, "skipped_steps": self.skipped,
-                  "recent_losses": self.monitor.snapshot(), "mlflow_run_id": run_id,
-                  "model": model_record(self.cfg.model)}
+        record = {"step": self.step, "data_order": self.data_order, "rollbacks": self.rollbacks,
+                  "skipped_steps": self.skipped, "monitor": self.monitor.snapshot(),
+                  "unpublished_metrics": self.durable,
+                  "mlflow_run_id": run_id, **run_identity(self.cfg, self.corpus.fingerprint)}
         self.ckpt.save(self.step, self.state, record)
 
     # -- health --------------------------------------------------------------------------------
@@ -175,13 +193,11 @@ class Trainer:
                 "or raise stability.max_rollbacks.")
         rollbacks = self.rollbacks + [{"at_step": at, "reason": reason}]
         data_order = self.data_order + 1  # new batches from here on: often enough to pass
+        self.ckpt.wait()  # the newest checkpoint may still be being written
         target = self.ckpt.latest_step()
         self._restore(target)
         self.rollbacks, self.data_order = rollbacks, data_order
-        self.verified.clear()
-        tracker.log_metrics(at, {"rollback_to_step": target, "rollbacks": len(rollbacks)})
         tracker.set_tag(f"rollback_{len(rollbacks)}", f"at step {at} to step {target}: {reason}")
-        tracker.flush()
         log.warning("rollback %d: %s; back to step %d, data order %d", len(rollbacks), reason,
                     target, self.data_order)
 
@@ -227,7 +243,7 @@ class Trainer:
         cfg, t = self.cfg, self.cfg.train
         every, window = cfg.checkpoint.every, cfg.model.seq_len + 1
         bar = tqdm(total=t.steps, initial=self.step, disable=not t.progress, unit="step",
-                   dynamic_ncols=True)
+                   dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 30)
         compile_s, steps_timed, train_s = 0.0, 0, 0.0
         mark = time.perf_counter()
         first = True
@@ -267,20 +283,29 @@ class Trainer:
                     self.verified.append((self.step, self._evaluate()))
                 bar.set_postfix(loss=f"{last.get('lm_loss', math.nan):.3f}",
                                 tok_s=f"{steps_timed * self.tokens_per_step / max(train_s, 1e-9):,.0f}")
-            if checkpoint_due or (not every and len(self.verified) >= cfg.logger.flush_every):
-                self._flush(tracker)
-                if checkpoint_due:
-                    self._save(tracker.run_id)
+            if checkpoint_due:
+                # Once wait() returns the previous save is complete and its metrics can be
+                # published; this checkpoint carries its own until the next one is written.
+                self.ckpt.wait()
+                self._flush(tracker, self.durable)
+                self.durable, self.verified = self.verified, []
+                self._save(tracker.run_id)
+            elif not every and len(self.verified) >= cfg.logger.flush_every:
+                self._flush(tracker, self.verified)
+                self.verified = []
         bar.close()
-        self._flush(tracker)
+        if self.ckpt:
+            self.ckpt.wait()
+        self._flush(tracker, self.durable + self.verified)
+        self.durable, self.verified = [], []
         return {"compile_seconds": compile_s, "train_seconds": train_s,
                 "tokens_per_second": steps_timed * self.tokens_per_step / max(train_s, 1e-9)}
 
-    def _flush(self, tracker: Tracker) -> None:
-        for step, metrics in self.verified:
+    @staticmethod
+    def _flush(tracker: Tracker, entries: list[tuple[int, dict]]) -> None:
+        for step, metrics in entries:
             tracker.log_metrics(step, metrics)
         tracker.flush()
-        self.verified.clear()
 
     def _evaluate(self) -> dict[str, float]:
         """Validation loss and every few-shot score of the current model; keeps the predictions

@@ -143,11 +143,18 @@ def test_harness_runs_a_real_model_on_world_tasks():
     assert len(result.predictions) == 2 * 18
 
 
-def test_left_padding_is_masked_out():
-    cfg = model_config(vocab_size=50, seq_len=16, d_model=32, n_layers=2, n_heads=2, d_ff=64)
+@pytest.mark.parametrize("n_experts", [0, 4])
+def test_left_padding_is_masked_out(n_experts):
+    """Padding is not attended to and takes no expert capacity: the real tokens' logits do not
+    depend on how much padding precedes them (capacity is tight here: factor 1)."""
+    cfg = model_config(vocab_size=50, seq_len=16, d_model=32, n_layers=2, n_heads=2, d_ff=64,
+                       n_experts=n_experts, router={"capacity_factor": 1.0, "capacity_multiple": 1})
     model = GLaM(cfg, rngs=nnx.Rngs(0))
-    tokens = jax.random.randint(jax.random.key(0), (1, 10), 3, 50)
-    plain, _ = model(tokens)
-    padded = jnp.concatenate([jnp.full((1, 6), PAD), tokens], axis=1)
-    masked, _ = model(padded, mask=padded != PAD)
-    np.testing.assert_allclose(masked[:, 6:], plain, atol=1e-5)
+    tokens = jax.random.randint(jax.random.key(0), (1, 8), 3, 50)
+    outputs = []
+    for pad, pad_id in ((8, PAD), (8, 7), (24, PAD)):
+        padded = jnp.concatenate([jnp.full((1, pad), pad_id), tokens], axis=1)
+        mask = jnp.arange(pad + 8)[None] >= pad
+        outputs.append(model(padded, mask=mask)[0][:, pad:])
+    np.testing.assert_allclose(outputs[0], outputs[1], atol=1e-5)
+    np.testing.assert_allclose(outputs[0], outputs[2], atol=1e-5)

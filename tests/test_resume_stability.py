@@ -31,23 +31,32 @@ def _history(client, run_id, key="lm_loss"):
     return steps, [p.value for p in points]
 
 
-def test_resume_reproduces_the_uninterrupted_run(tmp_path):
-    straight, client = _run(tmp_path, "straight")
+@pytest.mark.parametrize("crash_at", [17, 20])  # between checkpoints; right after one
+def test_resume_reproduces_the_uninterrupted_run(tmp_path, crash_at):
+    straight, client = _run(tmp_path, "straight", "eval.every=10", "eval.max_examples=8",
+                            "faults.nonfinite_steps=[12]")
     with pytest.raises(SimulatedCrash):
-        _run(tmp_path, "crashed", "faults.crash_at_step=17")
+        _run(tmp_path, "crashed", "eval.every=10", "eval.max_examples=8",
+             "faults.nonfinite_steps=[12]", f"faults.crash_at_step={crash_at}")
     exp = client.get_experiment_by_name("glam")
     crashed = [r for r in client.search_runs([exp.experiment_id]) if r.info.run_id != straight["run_id"]]
     assert len(crashed) == 1 and crashed[0].info.status == "FAILED"
 
-    resumed, _ = _run(tmp_path, "crashed")  # same run directory, resume=auto
+    resumed, _ = _run(tmp_path, "crashed", "eval.every=10", "eval.max_examples=8",
+                      "faults.nonfinite_steps=[12]")  # same run directory, resume=auto
     assert resumed["run_id"] == crashed[0].info.run_id  # the MLflow run continues
     assert len(client.search_runs([exp.experiment_id])) == 2  # no new run
     assert client.get_run(resumed["run_id"]).info.status == "FINISHED"
-    steps_a, loss_a = _history(client, straight["run_id"])
-    steps_b, loss_b = _history(client, resumed["run_id"])
-    assert steps_a == steps_b == list(range(30))
-    np.testing.assert_array_equal(loss_a, loss_b)  # bit-identical on CPU
-    assert resumed["val_loss"] == straight["val_loss"]
+    a = client.get_run(straight["run_id"]).data.metrics
+    b = client.get_run(resumed["run_id"]).data.metrics
+    assert a.keys() == b.keys()
+    for key in ("lm_loss", "aux_loss", "skipped_steps", "eval/world_facts/0shot", "val_loss"):
+        steps_a, values_a = _history(client, straight["run_id"], key)
+        steps_b, values_b = _history(client, resumed["run_id"], key)
+        assert steps_a == steps_b, key
+        np.testing.assert_array_equal(values_a, values_b)  # bit-identical on CPU
+    assert _history(client, straight["run_id"])[0] == [s for s in range(30) if s != 12]
+    assert resumed["skipped_steps"] == straight["skipped_steps"] == 1
 
 
 def test_resume_never_refuses_existing_checkpoints(tmp_path):
@@ -56,10 +65,16 @@ def test_resume_never_refuses_existing_checkpoints(tmp_path):
         _run(tmp_path, "r", "train.steps=10", "train.resume=never")
 
 
-def test_checkpoint_of_another_model_is_refused(tmp_path):
+@pytest.mark.parametrize("override,message", [
+    ("model.d_model=48", r"model\.d_model: checkpoint 32, config 48"),
+    ("train.seed=5", r"train\.seed: checkpoint 0, config 5"),
+    ("data.n_entities=30", r"data_fingerprint: checkpoint"),
+    ("schedule.learning_rate=0.1", r"schedule\.learning_rate"),
+])
+def test_checkpoint_of_another_config_is_refused(tmp_path, override, message):
     _run(tmp_path, "r", "train.steps=10")
-    with pytest.raises(ConfigError, match=r"model\.d_model: checkpoint 32, config 48"):
-        _run(tmp_path, "r", "train.steps=10", "model.d_model=48")
+    with pytest.raises(ConfigError, match=message):
+        _run(tmp_path, "r", "train.steps=10", override)
 
 
 def test_corrupt_checkpoint_is_named(tmp_path):
@@ -107,3 +122,4 @@ def test_give_up_after_max_rollbacks(tmp_path):
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     (run_,) = client.search_runs([client.get_experiment_by_name("glam").experiment_id])
     assert run_.info.status == "FAILED" and "rollback_2" in run_.data.tags
+    _history(client, run_.info.run_id)  # no duplicated steps after two rollbacks

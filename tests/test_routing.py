@@ -17,7 +17,8 @@ def _gelu(x):
     return 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x**3)))
 
 
-def reference_moe(x, logits, w_in, w_out, *, top_k, capacity, policy, gate_norm, noise):
+def reference_moe(x, logits, w_in, w_out, *, top_k, capacity, policy, gate_norm, noise,
+                  valid=None):
     """Route token by token, fill expert slots rank by rank, sum the gated expert outputs.
     Returns the output, the slot of every assignment (-1: not placed) and the router losses and
     statistics, computed by counting."""
@@ -40,10 +41,11 @@ def reference_moe(x, logits, w_in, w_out, *, top_k, capacity, policy, gate_norm,
             experts = [first] + rest
             gate = probs[s, experts]
             norm = gate / gate.sum() if top_k > 1 else gate
-            tried = [True] + [
+            tried = [True if valid is None else bool(valid[g, s])] + [
                 (top_k * norm[r] > noise[g, s, r - 1]) if policy == "random" and noise is not None else True
                 for r in range(1, top_k)
             ]
+            tried = [t and tried[0] for t in tried]
             chosen.append(experts), gates.append((gate, norm)), attempted.append(tried)
         top1_count = np.bincount([c[0] for c in chosen], minlength=e_count)
         aux += np.sum(top1_count / s_count * probs.mean(0)) * e_count / g_count
@@ -233,3 +235,24 @@ def test_weights_sum_to_one_without_drops(k, policy):
         np.testing.assert_allclose(total, 1.0, rtol=1e-6)
     if k == 1:  # Switch-style: the gate is the router probability itself
         np.testing.assert_allclose(routing.weight[..., 0], jax.nn.softmax(logits, -1).max(-1), rtol=1e-6)
+
+
+@pytest.mark.parametrize("dispatch", sorted(DISPATCH))
+def test_padding_takes_no_capacity(dispatch):
+    g, s, e, k, m, h = 2, 16, 4, 2, 8, 16
+    keys = jax.random.split(jax.random.key(11), 5)
+    x = jax.random.normal(keys[0], (g, s, m))
+    logits = jax.random.normal(keys[1], (g, s, e)).at[..., 0].add(2.0)
+    w_in = jax.random.normal(keys[2], (e, m, h)) / np.sqrt(m)
+    w_out = jax.random.normal(keys[3], (e, h, m)) / np.sqrt(h)
+    valid = jax.random.uniform(keys[4], (g, s)) > 0.4
+    capacity = expert_capacity(s, e, k, 0.5, 1)
+    routing = _jit_gating(logits, top_k=k, capacity=capacity, policy="all", gate_norm="before",
+                          noise=None, valid=valid)
+    got = jax.jit(DISPATCH[dispatch])(x, routing, w_in, w_out)
+    want, slots, _ = reference_moe(x, logits, np.asarray(w_in), np.asarray(w_out), top_k=k,
+                                   capacity=capacity, policy="all", gate_norm="before",
+                                   noise=None, valid=np.asarray(valid))
+    np.testing.assert_array_equal(np.where(routing.placed, routing.position, -1), slots)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=2e-5, atol=2e-5)
+    assert not np.any(np.asarray(routing.placed)[~np.asarray(valid)])

@@ -78,9 +78,11 @@ class MoEFeedForward(nnx.Module):
         self.w_in = param(rngs, (e, m, h), m)
         self.w_out = param(rngs, (e, h, m), h)
 
-    def __call__(self, x: jax.Array, key: Optional[jax.Array] = None) -> tuple[jax.Array, Routing]:
+    def __call__(self, x: jax.Array, key: Optional[jax.Array] = None,
+                 mask: Optional[jax.Array] = None) -> tuple[jax.Array, Routing]:
         """x [B, T, M] -> ([B, T, M], Routing). `key` drives jitter and the second-expert policy;
-        without it (evaluation) routing is deterministic."""
+        without it (evaluation) routing is deterministic. `mask` [B, T] marks real tokens:
+        padding takes no expert capacity."""
         cfg, r = self.cfg, self.cfg.router
         b, t, m = x.shape
         s = r.group_size or t
@@ -99,7 +101,8 @@ class MoEFeedForward(nnx.Module):
                                    r.capacity_multiple)
         noise = second_expert_noise(key, r.second_expert_policy, logits.shape, cfg.top_k)
         routing = top_k_gating(logits, top_k=cfg.top_k, capacity=capacity,
-                               policy=r.second_expert_policy, gate_norm=r.gate_norm, noise=noise)
+                               policy=r.second_expert_policy, gate_norm=r.gate_norm, noise=noise,
+                               valid=None if mask is None else mask.reshape(-1, s))
         w_in, w_out = (w[...].astype(x.dtype) for w in (self.w_in, self.w_out))
         y = DISPATCH[r.dispatch](grouped, routing, w_in, w_out)
         return y.reshape(b, t, m), routing

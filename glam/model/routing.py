@@ -72,7 +72,8 @@ def second_expert_noise(key: Optional[jax.Array], policy: str, logits_shape: tup
 
 
 def top_k_gating(logits: jax.Array, *, top_k: int, capacity: int, policy: str = "all",
-                 gate_norm: str = "before", noise: Optional[jax.Array] = None) -> Routing:
+                 gate_norm: str = "before", noise: Optional[jax.Array] = None,
+                 valid: Optional[jax.Array] = None) -> Routing:
     """Route each token of each group to up to `top_k` experts with GShard semantics.
 
     1. probs = softmax(logits) in float32; the top-1 expert is argmax(probs).
@@ -84,6 +85,9 @@ def top_k_gating(logits: jax.Array, *, top_k: int, capacity: int, policy: str = 
     4. Slots are given rank by rank: all top-1 assignments first, in token order, then the top-2
        assignments starting after the accepted top-1 count, and so on. An assignment whose slot
        would be >= capacity is dropped.
+
+    `valid` [G, S] marks real tokens; padding (evaluation batches) is routed nowhere and takes
+    no capacity.
     """
     logits = logits.astype(jnp.float32)
     g, s, e = logits.shape
@@ -101,6 +105,8 @@ def top_k_gating(logits: jax.Array, *, top_k: int, capacity: int, policy: str = 
     normalised = gates / (gates.sum(-1, keepdims=True) + _EPS) if top_k > 1 else gates
 
     attempted = jnp.ones((g, s, top_k), bool)
+    if valid is not None:
+        attempted = attempted & valid[..., None]
     if policy == "random" and noise is not None:
         attempted = attempted.at[..., 1:].set(top_k * normalised[..., 1:] > noise)
 

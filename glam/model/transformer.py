@@ -34,7 +34,7 @@ class Block(nnx.Module):
         x = x + self.attn(self.attn_norm(x), mask)
         h = self.ffn_norm(x)
         if self.is_moe:
-            y, routing = self.ffn(h, key)
+            y, routing = self.ffn(h, key, mask)
             return x + y, routing
         return x + self.ffn(h), None
 
