@@ -278,11 +278,12 @@ class Trainer:
                     bar.update(self.step)
                     continue
                 last = self.verified[-1][1]
+                last["tokens_per_second"] = steps_timed * self.tokens_per_step / max(train_s, 1e-9)
                 if eval_due:
                     # After the health check: a rollback also discards these results.
                     self.verified.append((self.step, self._evaluate()))
                 bar.set_postfix(loss=f"{last.get('lm_loss', math.nan):.3f}",
-                                tok_s=f"{steps_timed * self.tokens_per_step / max(train_s, 1e-9):,.0f}")
+                                tok_s=f"{last['tokens_per_second']:,.0f}")
             if checkpoint_due:
                 # Once wait() returns the previous save is complete and its metrics can be
                 # published; this checkpoint carries its own until the next one is written.
