@@ -226,6 +226,25 @@ class LoggerConfig:
 
 
 @dataclass
+class PlanConfig:
+    """How an MoE model is placed against its dense counterpart (`glam.plan`): `glam` keeps the
+    dense FFN width for the experts; `matched` solves the expert width for equal activated
+    forward FLOPs per token, within `tolerance`."""
+
+    placement: str = "glam"
+    tolerance: float = 0.02
+
+
+@dataclass
+class StudyConfig:
+    """Set by the sweep configs (`+sweep=...`): the study's name (its MLflow parent run and
+    experiment) and whether its points must share activated FLOPs (checked before launch)."""
+
+    name: Optional[str] = None
+    match_flops: bool = False
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -236,6 +255,8 @@ class Config:
     stability: StabilityConfig = field(default_factory=StabilityConfig)
     faults: FaultConfig = field(default_factory=FaultConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    plan: PlanConfig = field(default_factory=PlanConfig)
+    study: StudyConfig = field(default_factory=StudyConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
 
 
@@ -317,6 +338,11 @@ def validate(cfg: Config) -> None:
     _check(data_vocab <= cfg.model.vocab_size, "model.vocab_size",
            f"{cfg.model.vocab_size} is smaller than the corpus vocabulary ({data_vocab} words); "
            "raise it or leave it unset (null) to take the corpus's.")
+    _one_of(cfg.plan.placement, ("glam", "matched"), "plan.placement")
+    _check(0 < cfg.plan.tolerance < 1, "plan.tolerance", "must be in (0, 1).")
+    from glam.plan import apply_placement  # lazy: glam.plan imports this module
+
+    apply_placement(cfg)
     validate_model(cfg.model)
     _positive(t, "train", ("steps", "batch_size", "log_every", "eval_batches"))
     _one_of(t.resume, ("auto", "never"), "train.resume")

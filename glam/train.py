@@ -37,6 +37,7 @@ from glam.model import GLaM
 from glam.optim import lr_schedule, make_optimizer
 from glam.stability import HealthMonitor, TrainingDiverged, fault_scale
 from glam.step import make_eval_step, make_train_step
+from glam.sweep import config_hash, finished_run, sweep_context
 from glam.tracking import Tracker
 
 log = logging.getLogger("glam.train")
@@ -103,8 +104,8 @@ def evaluate(eval_step, model_state, corpus: WorldCorpus, cfg: Config):
 class Trainer:
     """One run: state, data, checkpoints, health checks and MLflow logging."""
 
-    def __init__(self, cfg: Config, output_dir: Path):
-        self.cfg, self.output_dir = cfg, output_dir
+    def __init__(self, cfg: Config, output_dir: Path, extra_tags: dict | None = None):
+        self.cfg, self.output_dir, self.extra_tags = cfg, output_dir, extra_tags or {}
         m, t = cfg.model, cfg.train
         self.counts = accounting.count(m)
         self.tokens_per_step = t.batch_size * m.seq_len
@@ -218,7 +219,8 @@ class Trainer:
                 "total_params": c.total_params, "activated_params": c.activated_params,
                 "forward_flops_per_token": c.forward_flops_per_token, "seed": cfg.train.seed,
                 "git_sha": git_sha(), "data_fingerprint": self.corpus.fingerprint,
-                "output_dir": str(self.output_dir)}
+                "config_hash": config_hash(resolved), "output_dir": str(self.output_dir),
+                **self.extra_tags}
         name = lg.run_name or run_name(cfg, c.activated_params)
         with Tracker(lg.tracking_uri, lg.experiment, name, params, tags,
                      run_id=run_id) as tracker:
@@ -340,12 +342,12 @@ class Trainer:
         return {**final, "run_id": tracker.run_id}
 
 
-def run(cfg: Config, output_dir: str | Path) -> dict:
+def run(cfg: Config, output_dir: str | Path, extra_tags: dict | None = None) -> dict:
     """Train per `cfg` (resuming from `output_dir`'s checkpoints), log to MLflow, return the
     final metrics and the MLflow run id."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    return Trainer(cfg, output_dir).run()
+    return Trainer(cfg, output_dir, extra_tags).run()
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
@@ -353,7 +355,15 @@ def main(dcfg: DictConfig) -> float:
     cfg = to_config(dcfg)
     logging.getLogger("jax._src.xla_bridge").setLevel(logging.ERROR)
     logging.getLogger("absl").setLevel(logging.WARNING)  # orbax's per-save chatter
-    final = run(cfg, HydraConfig.get().runtime.output_dir)
+    sweep = sweep_context(cfg.study.name)
+    if sweep is not None:
+        done = finished_run(cfg.logger.tracking_uri, cfg.logger.experiment,
+                            config_hash(OmegaConf.to_container(OmegaConf.structured(cfg))))
+        if done:
+            log.info("sweep point %s already finished (MLflow run %s): skipped",
+                     sweep["tags"]["sweep_point"], done)
+            return math.nan
+    final = run(cfg, HydraConfig.get().runtime.output_dir, sweep["tags"] if sweep else None)
     return final["val_loss"]
 
 
