@@ -31,8 +31,8 @@ class Hardware:
 
 
 PROFILES = {
-    # GLaM trained on TPU-v4: 275 TFLOP/s bf16 per chip; the paper's 456 MWh for 600B tokens of
-    # 64B/64E implies about 40% utilisation at ~300 W per chip with a PUE of 1.1.
+    # Peaks are the vendors' dense bf16 figures; utilisation, watts (chip, host and network
+    # share) and PUE are assumptions, not measurements: edit them for your fleet.
     "tpu_v4": Hardware("tpu_v4", 275e12, 0.40, 300.0, 1.10),
     "a100": Hardware("a100", 312e12, 0.40, 400.0, 1.10),
     "h100": Hardware("h100", 989e12, 0.40, 700.0, 1.10),

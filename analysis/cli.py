@@ -1,0 +1,117 @@
+"""`glam-analyze`: runs of a study -> run table, scaling-law fits, paper-style figures, energy.
+
+    glam-analyze --study expert_count                      # the study's latest sweep
+    glam-analyze --sweep <parent run id> --out figures/
+    glam-analyze --experiment glam --figures compute_vs_accuracy data_efficiency
+    glam-analyze --table runs.csv --out figures/           # offline, from an exported table
+    glam-analyze --paper-table --hardware tpu_v4           # GLaM Table 1 from the presets
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import pandas as pd
+from mlflow.tracking import MlflowClient
+
+from analysis import energy, figures
+from analysis.runs import export, load_histories, load_runs, read_table
+
+FIGURES = ("compute_vs_accuracy", "expert_count", "data_efficiency", "routing_health")
+
+
+def find_study_parent(client: MlflowClient, study: str) -> str:
+    exp = client.get_experiment_by_name(study)
+    runs = [] if exp is None else client.search_runs(
+        [exp.experiment_id], filter_string="tags.sweep_role = 'parent'",
+        order_by=["attributes.start_time DESC"], max_results=1)
+    if not runs:
+        raise SystemExit(f"glam-analyze: no sweep of study {study!r} at {client.tracking_uri}; "
+                         f"run it first: glam-train -m +sweep={study}")
+    return runs[0].info.run_id
+
+
+def expert_loads(client: MlflowClient, table: pd.DataFrame) -> dict:
+    loads = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for _, row in table[table["family"] == "moe"].iterrows():
+            try:
+                path = client.download_artifacts(row["run_id"], "expert_load.json", tmp)
+            except Exception:  # a run without the artifact (older, or still running)
+                continue
+            loads[row["run_name"]] = json.loads(Path(path).read_text())
+    return loads
+
+
+def analyze(table: pd.DataFrame, out: Path, which: list[str], shots: int,
+            client: MlflowClient | None) -> list[Path]:
+    written: list[Path] = []
+    if "compute_vs_accuracy" in which and table["forward_flops_per_token"].nunique() >= 2:
+        written += figures.compute_vs_accuracy(table, out, shots)
+    if "expert_count" in which and table["n_experts"].nunique() >= 2:
+        written += figures.expert_count(table, out, shots)
+    if client is not None and "data_efficiency" in which:
+        histories = load_histories(client.tracking_uri, list(table["run_id"]), ["lm_loss"])
+        written += figures.data_efficiency(table, histories, out)
+    if client is not None and "routing_health" in which and (table["family"] == "moe").any():
+        written += figures.routing_health(expert_loads(client, table), table, out)
+    return written
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="glam-analyze", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--study", help="a sweep config's study name (its newest parent run)")
+    src.add_argument("--sweep", help="MLflow parent run id of a sweep")
+    src.add_argument("--experiment", help="every finished run of an MLflow experiment")
+    src.add_argument("--table", help="an exported run table (.csv or .parquet), offline")
+    p.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI",
+                                                            "sqlite:///mlflow.db"))
+    p.add_argument("--out", default=None, help="output folder (default outputs/analysis/<name>)")
+    p.add_argument("--figures", nargs="*", default=list(FIGURES), choices=FIGURES)
+    p.add_argument("--shots", type=int, default=0, help="k-shot setting of the accuracy panels")
+    p.add_argument("--export", help="also write the run table here (.csv or .parquet)")
+    p.add_argument("--hardware", default="cpu", help="profile for the energy table")
+    p.add_argument("--paper-table", action="store_true",
+                   help="print GLaM Table 1 (FLOPs/token, training energy) for the paper presets")
+    args = p.parse_args(argv)
+
+    if args.paper_table:
+        print(energy.paper_table(args.hardware).to_string(index=False, float_format="%.4g"))
+        if not (args.study or args.sweep or args.experiment or args.table):
+            return
+    client, parent = None, None
+    if args.table:
+        table, name = read_table(args.table), Path(args.table).stem
+    else:
+        client = MlflowClient(args.tracking_uri)
+        parent = args.sweep or (find_study_parent(client, args.study) if args.study else None)
+        table = load_runs(args.tracking_uri, args.experiment, parent)
+        name = args.study or args.experiment or parent
+    if table.empty:
+        raise SystemExit("glam-analyze: no finished runs to analyse")
+    out = Path(args.out or Path("outputs") / "analysis" / str(name))
+    written = analyze(table, out, args.figures, args.shots, client)
+    written.append(export(table, out / "runs.csv"))
+    if args.export:
+        written.append(export(table, args.export))
+    cost = energy.run_energy(table, args.hardware)
+    written.append(export(cost, out / f"energy_{args.hardware}.csv"))
+    if parent is not None:
+        for path in written:
+            client.log_artifact(parent, str(path), artifact_path="analysis")
+    print(cost.to_string(index=False, float_format="%.4g"))
+    total = energy.sweep_energy(table, args.hardware)
+    print(f"\n{total['runs']} runs: {total['device_hours']:.3g} device-hours, "
+          f"{total['energy_kwh']:.3g} kWh on {args.hardware}")
+    print(f"figures and tables in {out.resolve()}" + (f" (also on MLflow run {parent})"
+                                                      if parent else ""))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,121 @@
+"""Scaling-law fits: a power law of a metric against compute, and Clark et al.'s routed law.
+
+Both fit in log space with a robust (soft-L1) loss, so a diverged or noisy point bends the fit
+less than under least squares, and give bootstrap confidence intervals by refitting on
+resampled points.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+from scipy.optimize import least_squares
+
+
+@dataclass
+class PowerLaw:
+    """y = a * x^b, fitted on log y = log a + b log x."""
+
+    a: float
+    b: float
+    b_low: float  # bootstrap 2.5% / 97.5% quantiles of the exponent
+    b_high: float
+    n_points: int
+    boot_log_a: np.ndarray  # bootstrap replicates, for bands
+    boot_b: np.ndarray
+
+    def __call__(self, x):
+        return self.a * np.asarray(x, float) ** self.b
+
+    def band(self, x, level: float = 0.95) -> tuple[np.ndarray, np.ndarray]:
+        """Pointwise bootstrap band of the fitted curve at `x`."""
+        logx = np.log(np.asarray(x, float))
+        curves = self.boot_log_a[:, None] + self.boot_b[:, None] * logx[None]
+        lo, hi = np.quantile(curves, [(1 - level) / 2, (1 + level) / 2], axis=0)
+        return np.exp(lo), np.exp(hi)
+
+    def summary(self) -> dict:
+        d = asdict(self)
+        d.pop("boot_log_a"), d.pop("boot_b")
+        return d
+
+
+def _robust_line(logx: np.ndarray, logy: np.ndarray) -> np.ndarray:
+    start = np.polyfit(logx, logy, 1)[::-1]
+    scale = max(np.std(logy), 1e-3) * 0.1
+    return least_squares(lambda p: p[0] + p[1] * logx - logy, start, loss="soft_l1",
+                         f_scale=scale).x
+
+
+def fit_power_law(x, y, n_boot: int = 500, seed: int = 0) -> PowerLaw:
+    """Fit y = a x^b on the points with x, y > 0 (at least 3 distinct x)."""
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    keep = (x > 0) & (y > 0) & np.isfinite(x) & np.isfinite(y)
+    x, y = x[keep], y[keep]
+    if len(np.unique(x)) < 3:
+        raise ValueError(f"a power law needs at least 3 distinct positive x, got {len(np.unique(x))}")
+    logx, logy = np.log(x), np.log(y)
+    log_a, b = _robust_line(logx, logy)
+    rng = np.random.default_rng(seed)
+    boots = []
+    while len(boots) < n_boot:
+        idx = rng.integers(0, len(x), len(x))
+        if len(np.unique(logx[idx])) >= 2:
+            boots.append(_robust_line(logx[idx], logy[idx]))
+    boots = np.asarray(boots)
+    b_low, b_high = np.quantile(boots[:, 1], [0.025, 0.975])
+    return PowerLaw(float(np.exp(log_a)), float(b), float(b_low), float(b_high), len(x),
+                    boots[:, 0], boots[:, 1])
+
+
+def saturating_experts(e, e_start: float = 1.0, e_max: float = 1e4):
+    """Clark et al.'s Ê: 1/Ê = 1/(E - 1 + 1/(1/e_start - 1/e_max)) + 1/e_max; Ê = E for small E
+    and saturates at e_max."""
+    e = np.asarray(e, float)
+    return 1.0 / (1.0 / (e - 1.0 + 1.0 / (1.0 / e_start - 1.0 / e_max)) + 1.0 / e_max)
+
+
+@dataclass
+class RoutedLaw:
+    """log L = a log N + b log Ê + c log N log Ê + d (Clark et al. 2022, eq. 6)."""
+
+    a: float
+    b: float
+    c: float
+    d: float
+    intervals: dict  # name -> (2.5%, 97.5%) bootstrap quantiles
+
+    def __call__(self, n, e):
+        logn, loge = np.log(np.asarray(n, float)), np.log(saturating_experts(e))
+        return np.exp(self.a * logn + self.b * loge + self.c * logn * loge + self.d)
+
+    def summary(self) -> dict:
+        return asdict(self)
+
+
+def fit_routed_law(n, e, loss, n_boot: int = 300, seed: int = 0) -> RoutedLaw:
+    """Fit the routed law to loss at activated size `n` and expert count `e` (E = 1: dense)."""
+    n, e, loss = (np.asarray(v, float) for v in (n, e, loss))
+    design = np.stack([np.log(n), np.log(saturating_experts(e)),
+                       np.log(n) * np.log(saturating_experts(e)), np.ones_like(n)], axis=1)
+    target = np.log(loss)
+    if np.linalg.matrix_rank(design) < 4:
+        raise ValueError("the routed law needs runs that vary both the size and the expert count")
+
+    def solve(rows):
+        start = np.linalg.lstsq(design[rows], target[rows], rcond=None)[0]
+        return least_squares(lambda p: design[rows] @ p - target[rows], start, loss="soft_l1",
+                             f_scale=0.05).x
+
+    coef = solve(np.arange(len(n)))
+    rng = np.random.default_rng(seed)
+    boots = []
+    while len(boots) < n_boot:
+        rows = rng.integers(0, len(n), len(n))
+        if np.linalg.matrix_rank(design[rows]) == 4:
+            boots.append(solve(rows))
+    q = np.quantile(np.asarray(boots), [0.025, 0.975], axis=0)
+    names = ("a", "b", "c", "d")
+    return RoutedLaw(*map(float, coef), {k: (float(q[0, i]), float(q[1, i]))
+                                          for i, k in enumerate(names)})
