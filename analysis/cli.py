@@ -19,6 +19,7 @@ import pandas as pd
 from mlflow.tracking import MlflowClient
 
 from analysis import energy, figures
+from analysis.summary import print_summary
 from analysis.runs import export, load_histories, load_runs, read_table
 
 FIGURES = ("compute_vs_accuracy", "expert_count", "data_efficiency", "routing_health")
@@ -105,7 +106,7 @@ def main(argv: list[str] | None = None) -> None:
     if parent is not None:
         for path in written:
             client.log_artifact(parent, str(path), artifact_path="analysis")
-    print(cost.to_string(index=False, float_format="%.4g"))
+    print_summary(table)
     total = energy.sweep_energy(table, args.hardware)
     print(f"\n{total['runs']} runs: {total['device_hours']:.3g} device-hours, "
           f"{total['energy_kwh']:.3g} kWh on {args.hardware}")

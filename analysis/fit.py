@@ -1,8 +1,8 @@
 """Scaling-law fits: a power law of a metric against compute, and Clark et al.'s routed law.
 
-Both fit in log space with a robust (soft-L1) loss, so a diverged or noisy point bends the fit
-less than under least squares, and give bootstrap confidence intervals by refitting on
-resampled points.
+Both fit in log space with a robust loss (Cauchy for the power law, soft-L1 for the routed law),
+so a diverged or noisy point bends the fit less than under least squares, and give bootstrap
+confidence intervals by refitting on resampled points.
 """
 
 from __future__ import annotations
@@ -42,10 +42,13 @@ class PowerLaw:
 
 
 def _robust_line(logx: np.ndarray, logy: np.ndarray) -> np.ndarray:
+    """Cauchy-loss line fit, scaled by the robust spread (MAD) of the least-squares residuals:
+    a point many spreads away has almost no pull."""
     start = np.polyfit(logx, logy, 1)[::-1]
-    scale = max(np.std(logy), 1e-3) * 0.1
-    return least_squares(lambda p: p[0] + p[1] * logx - logy, start, loss="soft_l1",
-                         f_scale=scale).x
+    resid = start[0] + start[1] * logx - logy
+    scale = max(1.4826 * np.median(np.abs(resid - np.median(resid))), 1e-3)
+    return least_squares(lambda p: p[0] + p[1] * logx - logy, start, loss="cauchy",
+                         f_scale=1.5 * scale).x
 
 
 def fit_power_law(x, y, n_boot: int = 500, seed: int = 0) -> PowerLaw:

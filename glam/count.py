@@ -10,6 +10,7 @@ import json
 import sys
 
 from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
 
 from glam import accounting
 from glam.config import CONF_DIR, register_configs, to_config
@@ -18,6 +19,8 @@ from glam.config import CONF_DIR, register_configs, to_config
 def load(overrides: list[str]):
     """Compose `conf/config.yaml` with `overrides` and validate it, as glam-train would."""
     register_configs()
+    if GlobalHydra.instance().is_initialized():  # inside a Hydra app (the sweep callback)
+        return to_config(compose(config_name="config", overrides=overrides))
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return to_config(compose(config_name="config", overrides=overrides))
 

@@ -106,14 +106,18 @@ def sweep_points(overrides: list[str]) -> list[list[str]]:
     """Every point of the sweep that `overrides` select: the sweep config's hydra.sweeper.params
     and any comma-separated override (`train.seed=0,1`) expanded; or the single point itself."""
     from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
 
     from glam.config import CONF_DIR, register_configs
 
     fixed = [o for o in overrides if "," not in o.split("=", 1)[-1] or "[" in o]
     swept = dict(o.split("=", 1) for o in overrides if o not in fixed)
     register_configs()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+    if GlobalHydra.instance().is_initialized():  # inside a Hydra app (the sweep callback)
         composed = compose("config", overrides=fixed, return_hydra_config=True)
+    else:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            composed = compose("config", overrides=fixed, return_hydra_config=True)
     params = {**dict(composed.hydra.sweeper.params or {}), **swept}
     return [fixed + point for point in expand(params)] if params else [fixed]
 

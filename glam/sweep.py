@@ -38,6 +38,14 @@ def config_hash(resolved: dict) -> str:
 
 class SweepCallback(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        # Hydra turns a callback's exceptions into warnings; a refused sweep must stop here.
+        try:
+            self._start(config)
+        except Exception as err:
+            log.error("sweep refused: %s", err)
+            raise SystemExit(f"glam sweep refused before launch: {err}") from err
+
+    def _start(self, config: DictConfig) -> None:
         from glam.plan import plan
 
         study = config.study.name or "sweep"

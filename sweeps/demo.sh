@@ -1,32 +1,24 @@
 #!/usr/bin/env bash
-# `make demo`: train the CPU-scale dense and MoE presets as one Hydra multirun, logging both
-# to MLflow in ./mlflow.db, then say where everything is.
+# `make demo`: both studies at CPU scale as Hydra multiruns (two parallel jobs), their analysis,
+# and where everything is. MLflow: ./mlflow.db (or $MLFLOW_TRACKING_URI).
 set -euo pipefail
 export MLFLOW_TRACKING_URI="${MLFLOW_TRACKING_URI:-sqlite:///mlflow.db}"
+launcher=(hydra/launcher=joblib hydra.launcher.n_jobs=2)
 
-glam-train -m model=cpu_dense,cpu_moe "$@"
+for study in compute_vs_accuracy expert_count; do
+  echo "== study ${study}: $(glam-plan "+sweep=${study}" | tail -1)"
+  glam-train -m "+sweep=${study}" "${launcher[@]}" "$@"
+done
+for study in compute_vs_accuracy expert_count; do
+  echo "== analysis of ${study}"
+  glam-analyze --study "${study}" --out "outputs/analysis/${study}"
+done
 
-python - <<'PY'
-import os
-import shutil
-from mlflow.tracking import MlflowClient
+mlflow_bin=$(realpath --relative-to=. "$(command -v mlflow)")
+cat <<MSG
 
-uri = os.environ["MLFLOW_TRACKING_URI"]
-client = MlflowClient(uri)
-exp = client.get_experiment_by_name("glam")
-runs = client.search_runs([exp.experiment_id], order_by=["attributes.start_time DESC"], max_results=2)
-print("\nDemo runs (newest first):")
-def scores(metrics, group):
-    return "/".join(f"{metrics.get(f'eval/{group}_avg/{k}shot', float('nan')):.1f}" for k in (0, 1, 3))
-
-
-for r in runs:
-    m = r.data.metrics
-    print(f"  {r.info.run_name:24s} {r.info.status:8s} val_loss={m.get('val_loss', float('nan')):.3f}"
-          f"  NLG 0/1/3-shot={scores(m, 'nlg')}  NLU 0/1/3-shot={scores(m, 'nlu')}"
-          f"  tokens/s={m.get('tokens_per_second', 0):,.0f}")
-print(f"\nMLflow database: {uri}")
-print(f"Run outputs:     {os.path.abspath('outputs')}")
-mlflow_bin = os.path.relpath(shutil.which("mlflow") or "mlflow")
-print(f"Open the UI:     {mlflow_bin} ui --backend-store-uri {uri}   (then http://127.0.0.1:5000)")
-PY
+Figures (PDF, PNG and the plotted data as CSV): outputs/analysis/compute_vs_accuracy/ and
+outputs/analysis/expert_count/ (also attached to each study's parent run in MLflow).
+MLflow database: ${MLFLOW_TRACKING_URI}
+Open the UI:     ${mlflow_bin} ui --backend-store-uri ${MLFLOW_TRACKING_URI}   (then http://127.0.0.1:5000)
+MSG

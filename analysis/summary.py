@@ -1,0 +1,34 @@
+"""The few numbers a study comes down to: dense vs MoE per size, and the metric per expert
+count, each as mean +- standard deviation over seeds."""
+
+from __future__ import annotations
+
+import pandas as pd
+
+METRICS = ("val_loss", "eval/nlg_avg/0shot", "eval/nlu_avg/0shot")
+
+
+def _mean_std(group: pd.Series) -> str:
+    return f"{group.mean():.3f} +- {group.std(ddof=1) if len(group) > 1 else 0.0:.3f} (n={len(group)})"
+
+
+def dense_vs_moe(table: pd.DataFrame) -> pd.DataFrame:
+    """Rows: activated size (model); columns: metric x family."""
+    metrics = [m for m in METRICS if m in table]
+    return table.groupby(["model", "family"])[metrics].agg(_mean_std).unstack("family")
+
+
+def by_experts(table: pd.DataFrame) -> pd.DataFrame:
+    metrics = [m for m in METRICS if m in table]
+    return table.groupby(["model", "n_experts"])[metrics].agg(_mean_std)
+
+
+def print_summary(table: pd.DataFrame) -> None:
+    with pd.option_context("display.width", 200, "display.max_columns", 20,
+                           "display.max_colwidth", 40):
+        if table["family"].nunique() > 1 and table["n_experts"].nunique() <= 2:
+            print("Dense vs MoE (mean +- seed std):")
+            print(dense_vs_moe(table).to_string())
+        else:
+            print("By expert count (0 = dense; mean +- seed std):")
+            print(by_experts(table).to_string())
