@@ -95,7 +95,7 @@ def compute_vs_accuracy(table: pd.DataFrame, out: Path, shots: int = 0) -> list[
             ax.set_xlabel(f"Activated {unit} per token (forward)")
             ax.set_ylabel(label)
         axes[0].legend(frameon=False)
-        fig.suptitle("Compute vs accuracy: dense and MoE at matched activated compute "
+        fig.suptitle("Compute vs accuracy: dense and MoE against activated compute "
                      "(error bars: seed std)")
     return _save(fig, pd.concat(plotted, ignore_index=True), out, "compute_vs_accuracy", fits)
 
