@@ -1,5 +1,7 @@
 """The analysis package: fits recover known laws, figures are written, MLflow runs load back."""
 
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -97,6 +99,7 @@ def test_cli_offline_from_a_table(run_table, tmp_path, capsys):
     path = export(run_table, tmp_path / "runs.csv")
     analyze_main(["--table", str(path), "--out", str(tmp_path / "figs")])
     assert (tmp_path / "figs" / "compute_vs_accuracy.png").exists()
+    assert "a" in json.loads((tmp_path / "figs" / "routed_law_fit.json").read_text())
     assert "device-hours" in capsys.readouterr().out
 
 
