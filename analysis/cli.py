@@ -38,6 +38,7 @@ def find_study_parent(client: MlflowClient, study: str) -> str:
 
 
 def expert_loads(client: MlflowClient, table: pd.DataFrame) -> dict:
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     loads = {}
     with tempfile.TemporaryDirectory() as tmp:
         for _, row in table[table["family"] == "moe"].iterrows():
