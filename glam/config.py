@@ -226,6 +226,17 @@ class LoggerConfig:
 
 
 @dataclass
+class MeshConfig:
+    """Device mesh axis sizes (`glam.mesh`); -1 fills the remaining devices. `fsdp` also shards
+    parameters and optimizer state over `data` (their embed dimension)."""
+
+    data: int = -1
+    expert: int = 1
+    model: int = 1
+    fsdp: bool = False
+
+
+@dataclass
 class PlanConfig:
     """How an MoE model is placed against its dense counterpart (`glam.plan`): `glam` keeps the
     dense FFN width for the experts; `matched` solves the expert width for equal activated
@@ -255,6 +266,7 @@ class Config:
     stability: StabilityConfig = field(default_factory=StabilityConfig)
     faults: FaultConfig = field(default_factory=FaultConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
     plan: PlanConfig = field(default_factory=PlanConfig)
     study: StudyConfig = field(default_factory=StudyConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
@@ -338,6 +350,9 @@ def validate(cfg: Config) -> None:
     _check(data_vocab <= cfg.model.vocab_size, "model.vocab_size",
            f"{cfg.model.vocab_size} is smaller than the corpus vocabulary ({data_vocab} words); "
            "raise it or leave it unset (null) to take the corpus's.")
+    for axis in ("data", "expert", "model"):
+        size = getattr(cfg.mesh, axis)
+        _check(size == -1 or size > 0, f"mesh.{axis}", f"must be positive or -1, got {size}.")
     _one_of(cfg.plan.placement, ("glam", "matched"), "plan.placement")
     _check(0 < cfg.plan.tolerance < 1, "plan.tolerance", "must be in (0, 1).")
     from glam.plan import apply_placement  # lazy: glam.plan imports this module

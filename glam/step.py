@@ -36,8 +36,8 @@ def moe_metrics(moe: MoEOutputs) -> dict[str, jax.Array]:
     return out
 
 
-def make_train_step(graphdef: nnx.GraphDef, cfg: ModelConfig,
-                    schedule: optax.Schedule) -> Callable:
+def make_train_step(graphdef: nnx.GraphDef, cfg: ModelConfig, schedule: optax.Schedule,
+                    state_sharding=None, data_sharding=None) -> Callable:
     """(state, tokens [B, T+1], key, fault scale) -> (state, metrics), where `state` is
     nnx.state((model, opt)). A step whose loss or gradients are not finite leaves the state
     unchanged (`skipped` = 1), decided on device: no host synchronisation."""
@@ -57,7 +57,9 @@ def make_train_step(graphdef: nnx.GraphDef, cfg: ModelConfig,
         updated = nnx.state((model, opt))
         return jax.tree.map(lambda new, old: jnp.where(finite, new, old), updated, state), metrics
 
-    return jax.jit(train_step, donate_argnums=0)
+    return jax.jit(train_step, donate_argnums=0,
+                   in_shardings=(state_sharding, data_sharding, None, None),
+                   out_shardings=(state_sharding, None))
 
 
 def make_eval_step(graphdef: nnx.GraphDef) -> Callable:

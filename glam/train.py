@@ -33,6 +33,8 @@ from glam.checkpoint import Checkpointer
 from glam.config import CONF_DIR, Config, ConfigError, register_configs, to_config
 from glam.data import WorldCorpus
 from glam.eval import Evaluator, Task, read_jsonl, world_tasks
+from glam.mesh import (FSDP_RULES, RULES, activate, check_divisibility, data_sharding,
+                       make_mesh, state_shardings)
 from glam.model import GLaM
 from glam.optim import lr_schedule, make_optimizer
 from glam.stability import HealthMonitor, TrainingDiverged, fault_scale
@@ -107,6 +109,9 @@ class Trainer:
     def __init__(self, cfg: Config, output_dir: Path, extra_tags: dict | None = None):
         self.cfg, self.output_dir, self.extra_tags = cfg, output_dir, extra_tags or {}
         m, t = cfg.model, cfg.train
+        self.mesh = make_mesh(cfg.mesh)  # refused here, before any compilation, if impossible
+        check_divisibility(self.mesh.devices.shape, m, t.batch_size)
+        self.rules = FSDP_RULES if cfg.mesh.fsdp else RULES
         self.counts = accounting.count(m)
         self.tokens_per_step = t.batch_size * m.seq_len
         self.ckpt = (Checkpointer(output_dir / "checkpoints", cfg.checkpoint)
@@ -125,8 +130,11 @@ class Trainer:
         self.schedule = lr_schedule(cfg.schedule, t.steps)
         optimizer = nnx.Optimizer(model, make_optimizer(cfg.optimizer, self.schedule), wrt=nnx.Param)
         model_graphdef, _ = nnx.split(model)
-        self.graphdef, self.state = nnx.split((model, optimizer))
-        self.train_step = make_train_step(self.graphdef, m, self.schedule)
+        self.graphdef, state = nnx.split((model, optimizer))
+        self.state_sharding = state_shardings(state, self.mesh, self.rules)
+        self.state = jax.device_put(state, self.state_sharding)
+        self.train_step = make_train_step(self.graphdef, m, self.schedule, self.state_sharding,
+                                          data_sharding(self.mesh, self.rules))
         self.eval_step = make_eval_step(model_graphdef)
         e = cfg.eval
         self.evaluator = Evaluator(model_graphdef, self.corpus.tokenizer, tasks, seq_len=m.seq_len,
@@ -256,7 +264,8 @@ class Trainer:
             batch = self.corpus.train_batch(step, t.batch_size, window, t.seed, self.data_order)
             key = jax.random.fold_in(jax.random.fold_in(self.base_key, self.data_order), step)
             scale = fault_scale(cfg.faults, step, self.data_order)
-            self.state, metrics = self.train_step(self.state, batch, key, np.float32(scale))
+            with activate(self.mesh, self.rules):  # activation layouts, read while tracing
+                self.state, metrics = self.train_step(self.state, batch, key, np.float32(scale))
             self.unchecked.append((step, metrics))
             self.step += 1
             bar.update(1)

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from glam.config import ModelConfig
+from glam.mesh import constrain
 from glam.model.layers import param
 from glam.model.routing import Routing, expert_capacity, second_expert_noise, top_k_gating
 
@@ -43,8 +44,8 @@ def moe_einsum(x: jax.Array, routing: Routing, w_in: jax.Array, w_out: jax.Array
     """GShard one-hot dispatch: x [G, S, M] -> [G, S, M]."""
     dispatch, combine = dispatch_combine_tensors(routing, w_in.shape[0])
     buffer = jnp.einsum("gsec,gsm->gecm", dispatch.astype(x.dtype), x)
-    y = experts_ffn(buffer, w_in, w_out)
-    return jnp.einsum("gsec,gecm->gsm", combine.astype(x.dtype), y)
+    y = _expert_parallel_ffn(buffer, w_in, w_out)
+    return constrain(jnp.einsum("gsec,gecm->gsm", combine.astype(x.dtype), y), "group", None, None)
 
 
 def moe_gather(x: jax.Array, routing: Routing, w_in: jax.Array, w_out: jax.Array) -> jax.Array:
@@ -59,10 +60,18 @@ def moe_gather(x: jax.Array, routing: Routing, w_in: jax.Array, w_out: jax.Array
     token_of_slot = jnp.full((g, e * c + 1), s, jnp.int32).at[groups, slot].set(token)[:, : e * c]
     x_pad = jnp.concatenate([x, jnp.zeros((g, 1, m), x.dtype)], axis=1)
     buffer = jnp.take_along_axis(x_pad, token_of_slot[..., None], axis=1).reshape(g, e, c, m)
-    y = experts_ffn(buffer, w_in, w_out).reshape(g, e * c, m)
+    y = _expert_parallel_ffn(buffer, w_in, w_out).reshape(g, e * c, m)
     y_pad = jnp.concatenate([y, jnp.zeros((g, 1, m), y.dtype)], axis=1)
     picked = jnp.take_along_axis(y_pad, slot.reshape(g, -1, 1), axis=1).reshape(g, s, -1, m)
-    return jnp.einsum("gskm,gsk->gsm", picked, routing.weight.astype(x.dtype))
+    out = jnp.einsum("gskm,gsk->gsm", picked, routing.weight.astype(x.dtype))
+    return constrain(out, "group", None, None)
+
+
+def _expert_parallel_ffn(buffer: jax.Array, w_in: jax.Array, w_out: jax.Array) -> jax.Array:
+    """The experts on a buffer laid out by expert: under a mesh with an `expert` axis, the
+    constraints make XLA move tokens with an all_to_all there and back."""
+    buffer = constrain(buffer, "expert_group", "expert", None, None)
+    return constrain(experts_ffn(buffer, w_in, w_out), "expert_group", "expert", None, None)
 
 
 DISPATCH = {"einsum": moe_einsum, "gather": moe_gather}

@@ -1,0 +1,48 @@
+"""Meshes: refusal of impossible ones, and equality with one device on 8 fake CPU devices."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from glam.config import ConfigError, MeshConfig, model_config
+from glam.mesh import check_divisibility, mesh_shape
+
+
+def test_mesh_shape_fills_and_refuses():
+    assert mesh_shape(MeshConfig(data=-1, expert=4, model=1), 8) == (2, 4, 1)
+    assert mesh_shape(MeshConfig(data=1, expert=1, model=1), 1) == (1, 1, 1)
+    with pytest.raises(ConfigError, match=r"2 x 2 x 1 = 4, but there are 8 devices"):
+        mesh_shape(MeshConfig(data=2, expert=2, model=1), 8)
+    with pytest.raises(ConfigError, match="not divisible by the fixed axes"):
+        mesh_shape(MeshConfig(data=-1, expert=3, model=1), 8)
+
+
+@pytest.mark.parametrize("shape,batch,message", [
+    ((1, 4, 1), 8, r"model.n_experts=6 is not divisible by mesh.expert=4"),
+    ((2, 2, 1), 6, r"train.batch_size=6 is not divisible by mesh.data x mesh.expert = 4"),
+    ((1, 1, 4), 8, r"model.n_heads=2 is not divisible by mesh.model=4"),
+])
+def test_impossible_meshes_are_refused(shape, batch, message):
+    cfg = model_config(vocab_size=64, d_model=32, n_layers=2, n_heads=2, d_ff=64, n_experts=6)
+    with pytest.raises(ConfigError, match=message):
+        check_divisibility(shape, cfg, batch)
+
+
+def test_meshes_match_one_device():
+    """Forward logits, one-step gradients and a 20-step loss trajectory on meshes (8,1,1),
+    (2,4,1), (1,8,1), (2,2,2) of 8 fake devices equal the single-device run."""
+    script = Path(__file__).with_name("mesh_check.py")
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    proc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert set(report) == {"(8, 1, 1)", "(2, 4, 1)", "(1, 8, 1)", "(2, 2, 2)"}
+    for shape, diff in report.items():
+        assert diff["logits"] < 1e-4 and diff["grads_rel"] < 1e-4, shape
+        assert diff["losses"] < 1e-4, shape
+        assert diff["w_in_spec"] == "P('expert', None, 'model')"  # experts sharded over `expert`
