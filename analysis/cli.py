@@ -63,12 +63,13 @@ def analyze(table: pd.DataFrame, out: Path, which: list[str], shots: int,
     if client is not None and "routing_health" in which and (table["family"] == "moe").any():
         written += figures.routing_health(expert_loads(client, table), table, out)
     experts = table["n_experts"].where(table["n_experts"] > 0, 1)
-    if table["model"].nunique() >= 2 and experts.nunique() >= 2 and "val_loss" in table:
+    if table[figures.size_key(table)].nunique() >= 2 and experts.nunique() >= 2 and "val_loss" in table:
         try:
             law = fit_routed_law(table["activated_params"], experts, table["val_loss"])
         except ValueError:  # sizes and expert counts not crossed: nothing to fit
             law = None
         if law is not None:
+            out.mkdir(parents=True, exist_ok=True)
             path = out / "routed_law_fit.json"
             path.write_text(json.dumps(law.summary(), indent=1))
             written.append(path)

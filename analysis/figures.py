@@ -62,6 +62,11 @@ def _seed_stats(table: pd.DataFrame, keys: list[str], metric: str) -> pd.DataFra
     return stats
 
 
+def size_key(table: pd.DataFrame) -> str:
+    """Column naming an activated size: `size` (the dense shape) when loaded from MLflow."""
+    return "size" if "size" in table else "model"
+
+
 def _flops_unit(flops: pd.Series) -> tuple[float, str]:
     return (1e9, "GFLOPs") if flops.max() >= 1e8 else (1e6, "MFLOPs")
 
@@ -77,7 +82,7 @@ def compute_vs_accuracy(table: pd.DataFrame, out: Path, shots: int = 0) -> list[
                 ax.set_visible(False)
                 continue
             for family, group in table.groupby("family"):
-                stats = _seed_stats(group, ["model", "gflops"], metric).sort_values("gflops")
+                stats = _seed_stats(group, [size_key(table), "gflops"], metric).sort_values("gflops")
                 ax.errorbar(stats["gflops"], stats["mean"], yerr=stats["std"], fmt="o",
                             color=COLORS.get(family), label=LABELS.get(family, family), capsize=2)
                 plotted.append(stats.assign(family=family, metric=metric))
@@ -110,13 +115,13 @@ def expert_count(table: pd.DataFrame, out: Path, shots: int = 0) -> list[Path]:
             if metric not in table:
                 ax.set_visible(False)
                 continue
-            for size, group in table.groupby("model"):
+            for size, group in table.groupby(size_key(table)):
                 stats = _seed_stats(group, ["experts"], metric).sort_values("experts")
                 scale, unit = _flops_unit(group["forward_flops_per_token"])
                 flops = group["forward_flops_per_token"].median() / scale
                 ax.errorbar(stats["experts"], stats["mean"], yerr=stats["std"], marker="o",
                             capsize=2, label=f"{size} ({flops:.3g} {unit}/token)")
-                plotted.append(stats.assign(model=size, metric=metric))
+                plotted.append(stats.assign(size=size, metric=metric))
             ax.set_xscale("log", base=2)
             ticks = sorted(table["experts"].unique())
             ax.set_xticks(ticks, [("1\n(dense)" if t == 1 else str(int(t))) for t in ticks])

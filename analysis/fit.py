@@ -73,10 +73,10 @@ def fit_power_law(x, y, n_boot: int = 500, seed: int = 0) -> PowerLaw:
 
 
 def saturating_experts(e, e_start: float = 1.0, e_max: float = 1e4):
-    """Clark et al.'s Ê: 1/Ê = 1/(E - 1 + 1/(1/e_start - 1/e_max)) + 1/e_max; Ê = E for small E
-    and saturates at e_max."""
+    """Clark et al.'s Ê: 1/Ê = 1/(E - e_start + 1/(1/e_start - 1/e_max)) + 1/e_max; Ê(e_start) =
+    e_start, Ê ~ E in between, saturating at e_max. Defaults: no saturation within reach."""
     e = np.asarray(e, float)
-    return 1.0 / (1.0 / (e - 1.0 + 1.0 / (1.0 / e_start - 1.0 / e_max)) + 1.0 / e_max)
+    return 1.0 / (1.0 / (e - e_start + 1.0 / (1.0 / e_start - 1.0 / e_max)) + 1.0 / e_max)
 
 
 @dataclass

@@ -50,6 +50,9 @@ def load_runs(tracking_uri: str, experiment: str | None = None,
                "family": tags["family"], "model": tags.get("model")}
         row.update({k: float(tags[k]) for k in NUMERIC_TAGS if k in tags})
         row.update({f"param.{k}": v for k, v in r.data.params.items()})
+        # The dense shape: what dense and MoE points of one size share (preset names differ).
+        row["size"] = (f"d{row.get('param.model.d_model', '?')}-L{row.get('param.model.n_layers', '?')}"
+                       f"-F{row.get('param.model.d_ff', '?')}")
         row.update(r.data.metrics)
         if "val_loss" in r.data.metrics:
             row["best_val_loss"] = min(m.value for m in client.get_metric_history(

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import pandas as pd
 
+from analysis.figures import size_key
+
 METRICS = ("val_loss", "eval/nlg_avg/0shot", "eval/nlu_avg/0shot")
 
 
@@ -15,12 +17,12 @@ def _mean_std(group: pd.Series) -> str:
 def dense_vs_moe(table: pd.DataFrame) -> pd.DataFrame:
     """Rows: activated size (model); columns: metric x family."""
     metrics = [m for m in METRICS if m in table]
-    return table.groupby(["model", "family"])[metrics].agg(_mean_std).unstack("family")
+    return table.groupby([size_key(table), "family"])[metrics].agg(_mean_std).unstack("family")
 
 
 def by_experts(table: pd.DataFrame) -> pd.DataFrame:
     metrics = [m for m in METRICS if m in table]
-    return table.groupby(["model", "n_experts"])[metrics].agg(_mean_std)
+    return table.groupby([size_key(table), "n_experts"])[metrics].agg(_mean_std)
 
 
 def print_summary(table: pd.DataFrame) -> None:

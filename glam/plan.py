@@ -60,6 +60,7 @@ class PlanRow:
     total_params: int
     activated_params: int
     forward_flops_per_token: int
+    dense_flops_per_token: int  # of the same config with n_experts = 0
     train_tokens: int
     train_flops: float
     est_seconds: float
@@ -72,8 +73,8 @@ class PlanRow:
         train_flops = float(tokens * c.train_flops_per_token)
         return cls(m.name, m.family, m.n_experts, m.d_model, m.n_layers, m.d_ff,
                    m.expert_hidden if m.family == "moe" else None, c.total_params,
-                   c.activated_params, c.forward_flops_per_token, tokens, train_flops,
-                   train_flops * seconds_per_flop, overrides)
+                   c.activated_params, c.forward_flops_per_token, flops(dense_counterpart(m)),
+                   tokens, train_flops, train_flops * seconds_per_flop, overrides)
 
 
 def expand(params: dict[str, str]) -> list[list[str]]:
@@ -83,20 +84,14 @@ def expand(params: dict[str, str]) -> list[list[str]]:
 
 
 def check_matched(rows: list[PlanRow], tolerance: float) -> None:
-    """Refuse a matched series whose activated FLOPs are not all within `tolerance` of the
-    dense reference (or of the first point when the series has no dense model)."""
-    dense = [r for r in rows if r.family == "dense"]
-    groups: dict[tuple, list[PlanRow]] = {}
-    for r in rows:  # one series per dense shape
-        groups.setdefault((r.name, r.d_model, r.n_layers, r.d_ff), []).append(r)
+    """Refuse a series whose points' activated FLOPs are not all within `tolerance` of their
+    dense counterparts' (the same config with n_experts = 0)."""
     bad = []
-    for series in groups.values():
-        ref = next((r for r in series if r.family == "dense"), series[0]) if dense else series[0]
-        for r in series:
-            gap = abs(r.forward_flops_per_token / ref.forward_flops_per_token - 1)
-            if gap > tolerance:
-                bad.append(f"{r.overrides}: {r.forward_flops_per_token:,} FLOPs/token, "
-                           f"{gap:.1%} from {ref.forward_flops_per_token:,}")
+    for r in rows:
+        gap = abs(r.forward_flops_per_token / r.dense_flops_per_token - 1)
+        if gap > tolerance:
+            bad.append(f"{r.overrides}: {r.forward_flops_per_token:,} FLOPs/token, "
+                       f"{gap:.1%} from the dense {r.dense_flops_per_token:,}")
     if bad:
         raise ConfigError(f"plan.tolerance: {len(bad)} sweep point(s) break the {tolerance:.0%} "
                           "activated-FLOPs match:\n  " + "\n  ".join(bad))
@@ -118,7 +113,10 @@ def sweep_points(overrides: list[str]) -> list[list[str]]:
     else:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
             composed = compose("config", overrides=fixed, return_hydra_config=True)
-    params = {**dict(composed.hydra.sweeper.params or {}), **swept}
+    fixed_keys = {o.split("=", 1)[0].lstrip("+~") for o in fixed}
+    params = {k: v for k, v in dict(composed.hydra.sweeper.params or {}).items()
+              if k not in fixed_keys}
+    params.update(swept)
     return [fixed + point for point in expand(params)] if params else [fixed]
 
 
@@ -152,7 +150,7 @@ def main(argv: list[str] | None = None) -> None:
     args, overrides = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
     try:
         rows = plan(overrides, args.hardware)
-    except ConfigError as err:
+    except (ConfigError, KeyError) as err:
         raise SystemExit(f"glam-plan: {err}")
     if args.json:
         print(json.dumps([dataclasses.asdict(r) for r in rows], indent=1))

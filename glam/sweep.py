@@ -29,10 +29,23 @@ log = logging.getLogger("glam.sweep")
 PARENT_FILE = "mlflow_parent.json"
 
 
+# Fields that do not change what a run computes: left out of the hash.
+_NOT_RESULTS = {"logger": None, "checkpoint": None, "study": None,
+                "train": ("progress", "resume", "log_every"), "eval": ("batch_size",),
+                "plan": ("tolerance",)}
+
+
 def config_hash(resolved: dict) -> str:
-    """Identity of a training point: the resolved config without where/how it is logged."""
-    core = {k: v for k, v in resolved.items() if k != "logger"}
-    core["train"] = {k: v for k, v in core["train"].items() if k not in ("progress", "resume")}
+    """Identity of a training point: the resolved config without the fields that only say where
+    and how it is logged or checkpointed. Code changes are not in it: after a fix that changes
+    results, rerun a study into a new experiment (logger.experiment) or delete its runs."""
+    core = {}
+    for section, value in resolved.items():
+        dropped = _NOT_RESULTS.get(section, ())
+        if dropped is None:
+            continue
+        core[section] = ({k: v for k, v in value.items() if k not in dropped}
+                         if isinstance(value, dict) else value)
     return hashlib.sha256(json.dumps(core, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -56,8 +69,11 @@ class SweepCallback(Callback):
         sweep_dir = Path(config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
         parent_file = sweep_dir / PARENT_FILE
-        parent = json.loads(parent_file.read_text())["run_id"] if parent_file.exists() else None
-        if parent is not None:
+        identity = {"study": study, "tracking_uri": config.logger.tracking_uri,
+                    "experiment_id": exp_id}
+        saved = json.loads(parent_file.read_text()) if parent_file.exists() else {}
+        parent = saved.get("run_id") if {k: saved.get(k) for k in identity} == identity else None
+        if parent is not None and _run_exists(client, parent):
             client.update_run(parent, status="RUNNING")
             log.info("reopened MLflow parent run %s of study %s", parent, study)
         else:
@@ -66,14 +82,31 @@ class SweepCallback(Callback):
                                           "sweep_dir": str(sweep_dir.resolve())})
             parent = run.info.run_id
             client.log_param(parent, "overrides", " ".join(config.hydra.overrides.task))
-            parent_file.write_text(json.dumps({"run_id": parent, "study": study}))
+            parent_file.write_text(json.dumps({"run_id": parent, **identity}))
             log.info("MLflow parent run %s for study %s", parent, study)
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        # Only reached when every job returned: a failed job leaves the parent RUNNING, and
+        # running the study again completes it.
         parent_file = Path(config.hydra.sweep.dir) / PARENT_FILE
         if parent_file.exists():
             client = MlflowClient(config.logger.tracking_uri)
             client.set_terminated(json.loads(parent_file.read_text())["run_id"], "FINISHED")
+
+
+def _run_exists(client: MlflowClient, run_id: str) -> bool:
+    try:
+        client.get_run(run_id)
+        return True
+    except Exception:  # MlflowException(RESOURCE_DOES_NOT_EXIST) or a different store
+        return False
+
+
+def adopt(tracking_uri: str, run_id: str, tags: dict) -> None:
+    """Re-tag a finished run skipped by this invocation as a child of its parent."""
+    client = MlflowClient(tracking_uri)
+    for key, value in tags.items():
+        client.set_tag(run_id, key, value)
 
 
 def sweep_context(cfg_study_name: str | None) -> dict | None:

@@ -62,6 +62,7 @@ class Tracker:
             for key in self.client.get_run(run_id).data.metrics:
                 history = self.client.get_metric_history(run_id, key)
                 self._logged_until[key] = max(m.step for m in history)
+            self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
             return
         exp_id = experiment_id(self.client, experiment)
         self.run_id = self.client.create_run(exp_id, run_name=run_name).info.run_id

@@ -39,7 +39,7 @@ from glam.model import GLaM
 from glam.optim import lr_schedule, make_optimizer
 from glam.stability import HealthMonitor, TrainingDiverged, fault_scale
 from glam.step import make_eval_step, make_train_step
-from glam.sweep import config_hash, finished_run, sweep_context
+from glam.sweep import adopt, config_hash, finished_run, sweep_context
 from glam.tracking import Tracker
 
 log = logging.getLogger("glam.train")
@@ -359,20 +359,36 @@ def run(cfg: Config, output_dir: str | Path, extra_tags: dict | None = None) -> 
     return Trainer(cfg, output_dir, extra_tags).run()
 
 
+def set_aside_stale_checkpoints(output_dir: Path, hash_: str) -> None:
+    """A sweep point's directory is named by its overrides, so an edited sweep config reuses it:
+    checkpoints of the old config are moved aside (not deleted) and the point starts afresh."""
+    marker = output_dir / "config_hash.txt"
+    old = marker.read_text().strip() if marker.exists() else hash_
+    if old != hash_ and (output_dir / "checkpoints").exists():
+        stale = output_dir / f"checkpoints.stale-{old}"
+        (output_dir / "checkpoints").rename(stale)
+        log.warning("the config of this point changed: old checkpoints moved to %s", stale)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    marker.write_text(hash_ + "\n")
+
+
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def main(dcfg: DictConfig) -> float:
     cfg = to_config(dcfg)
     logging.getLogger("jax._src.xla_bridge").setLevel(logging.ERROR)
     logging.getLogger("absl").setLevel(logging.WARNING)  # orbax's per-save chatter
+    output_dir = Path(HydraConfig.get().runtime.output_dir)
     sweep = sweep_context(cfg.study.name)
     if sweep is not None:
-        done = finished_run(cfg.logger.tracking_uri, cfg.logger.experiment,
-                            config_hash(OmegaConf.to_container(OmegaConf.structured(cfg))))
+        hash_ = config_hash(OmegaConf.to_container(OmegaConf.structured(cfg)))
+        done = finished_run(cfg.logger.tracking_uri, cfg.logger.experiment, hash_)
         if done:
+            adopt(cfg.logger.tracking_uri, done, sweep["tags"])
             log.info("sweep point %s already finished (MLflow run %s): skipped",
                      sweep["tags"]["sweep_point"], done)
             return math.nan
-    final = run(cfg, HydraConfig.get().runtime.output_dir, sweep["tags"] if sweep else None)
+        set_aside_stale_checkpoints(output_dir, hash_)
+    final = run(cfg, output_dir, sweep["tags"] if sweep else None)
     return final["val_loss"]
 
 

@@ -9,8 +9,8 @@ out="docs/results/${study}"
 glam-plan "+sweep=${study}" | tail -1
 start=$(date -u +%FT%TZ)
 glam-train -m "+sweep=${study}" hydra/launcher=joblib hydra.launcher.n_jobs=2 "$@"
-glam-analyze --study "${study}" --out "${out}" | tee "${out}.summary.txt"
-mv "${out}.summary.txt" "${out}/summary.txt"
+mkdir -p "${out}"
+glam-analyze --study "${study}" --out "${out}" | tee "${out}/summary.txt"
 cat > "${out}/RUN.md" <<MSG
 # ${study}
 

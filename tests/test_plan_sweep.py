@@ -40,6 +40,16 @@ def test_expert_count_series_is_flat_and_an_unmatched_one_is_refused():
     assert "model.n_experts=32 train.seed=1" in str(err.value)
 
 
+def test_a_series_without_its_dense_point_is_still_checked():
+    with pytest.raises(ConfigError, match=r"plan.tolerance: 6 sweep point"):
+        plan(["+sweep=expert_count", "plan.placement=glam", "model.n_experts=8,16,32"])
+
+
+def test_a_fixed_override_replaces_the_swept_values():
+    points = sweep_points(["+sweep=expert_count", "model.n_experts=64"])
+    assert len(points) == 2 and all("model.n_experts=64" in p for p in points)
+
+
 @pytest.mark.parametrize("sweep", SWEEPS)
 def test_every_sweep_composes(sweep):
     points = sweep_points([f"+sweep={sweep}"])
