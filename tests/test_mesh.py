@@ -46,3 +46,17 @@ def test_meshes_match_one_device():
         assert diff["logits"] < 1e-4 and diff["grads_rel"] < 1e-4, shape
         assert diff["losses"] < 1e-4, shape
         assert diff["w_in_spec"] == "P('expert', None, 'model')"  # experts sharded over `expert`
+
+
+@pytest.mark.parametrize("preset,devices,model", [
+    ("cpu", 1, "cpu_moe"), ("cpu8", 8, "cpu_moe"), ("gpu8", 8, "paper/glam_1_7b_64e"),
+    ("tpu_v4_32", 32, "paper/glam_8b_64e"), ("tpu_v5p_64", 64, "paper/glam_64b_64e"),
+])
+def test_mesh_presets_compose_and_fit_their_models(preset, devices, model):
+    from glam.count import load
+
+    cfg = load([f"mesh={preset}", f"model={model}", "train.batch_size=256",
+                "data.val_tokens=300000"])
+    shape = mesh_shape(cfg.mesh, devices)
+    check_divisibility(shape, cfg.model, cfg.train.batch_size)  # refuses with the numbers
+    assert shape[0] * shape[1] * shape[2] == devices
