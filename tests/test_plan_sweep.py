@@ -115,3 +115,29 @@ def test_a_mismatched_sweep_is_refused_before_any_job(tmp_path):
     assert "plan.tolerance" in proc.stderr and "model.n_experts=32" in proc.stderr
     assert not (tmp_path / "outputs" / "sweeps" / "expert_count").exists() or not list(
         (tmp_path / "outputs" / "sweeps" / "expert_count").glob("model.n_experts=*"))
+
+
+def test_config_hash_ignores_logging_and_checkpointing_only():
+    from omegaconf import OmegaConf
+
+    from glam.sweep import config_hash
+
+    def hash_of(*overrides):
+        return config_hash(OmegaConf.to_container(OmegaConf.structured(load(list(overrides)))))
+
+    base = hash_of()
+    assert hash_of("logger.experiment=x", "checkpoint.every=7", "train.progress=false") == base
+    assert hash_of("train.seed=3") != base and hash_of("model.n_experts=4") != base
+
+
+def test_stale_checkpoints_of_an_edited_point_are_set_aside(tmp_path):
+    from glam.train import set_aside_stale_checkpoints
+
+    set_aside_stale_checkpoints(tmp_path, "aaa")
+    (tmp_path / "checkpoints" / "10").mkdir(parents=True)
+    set_aside_stale_checkpoints(tmp_path, "aaa")  # same config: kept for resuming
+    assert (tmp_path / "checkpoints" / "10").is_dir()
+    set_aside_stale_checkpoints(tmp_path, "bbb")  # edited config: moved, not deleted
+    assert not (tmp_path / "checkpoints").exists()
+    assert (tmp_path / "checkpoints.stale-aaa" / "10").is_dir()
+    assert (tmp_path / "config_hash.txt").read_text().strip() == "bbb"
