@@ -22,7 +22,7 @@ FFN_KINDS = ("geglu", "gelu")
 DTYPES = ("float32", "bfloat16")
 SECOND_EXPERT_POLICIES = ("all", "random", "sampling")
 GATE_NORMS = ("before", "after")
-DISPATCHES = ("gather", "einsum")
+DISPATCHES = ("auto", "gather", "einsum", "dropless")
 
 
 class ConfigError(ValueError):
@@ -41,7 +41,7 @@ class RouterConfig:
     jitter: float = 0.0
     aux_loss_weight: float = 0.01
     z_loss_weight: float = 0.0
-    dispatch: str = "gather"
+    dispatch: str = "auto"
 
 
 @dataclass

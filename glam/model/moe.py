@@ -67,6 +67,56 @@ def moe_gather(x: jax.Array, routing: Routing, w_in: jax.Array, w_out: jax.Array
     return constrain(out, "group", None, None)
 
 
+def moe_dropless(x: jax.Array, routing: Routing, w_in: jax.Array, w_out: jax.Array,
+                 block: int = 64) -> jax.Array:
+    """Dropless dispatch (MegaBlocks-style): assignments sorted by expert, grouped matmuls.
+
+    On GPU/TPU the grouped matmul is `jax.lax.ragged_dot`. On CPU, where ragged_dot is slow,
+    each expert's rows are padded to whole blocks of `block` rows and every block is one dense
+    matmul with its expert's weights: at most E * (block - 1) padding rows, a static bound.
+    Route with capacity >= S (nothing dropped); then this equals the capacity-based paths.
+    """
+    g, s, m = x.shape
+    e = w_in.shape[0]
+    k = routing.expert_index.shape[-1]
+    n = g * s * k
+    expert = jnp.where(routing.placed, routing.expert_index, e).reshape(n)  # unplaced: sort last
+    token = jnp.broadcast_to(jnp.arange(g * s)[:, None], (g * s, k)).reshape(n)
+    order = jnp.argsort(expert, stable=True)
+    rows = x.reshape(g * s, m)[token[order]]
+    sizes = jnp.bincount(expert, length=e + 1)[:e]
+    if jax.default_backend() in ("gpu", "tpu"):
+        h = jax.nn.gelu(jax.lax.ragged_dot(rows, w_in, sizes))
+        y_sorted = jax.lax.ragged_dot(h, w_out, sizes)
+    else:
+        y_sorted = _blocked_grouped_ffn(rows, expert[order], sizes, w_in, w_out, block)
+    y = jnp.zeros_like(y_sorted).at[order].set(y_sorted).reshape(g, s, k, m)
+    out = jnp.einsum("gskm,gsk->gsm", y, routing.weight.astype(x.dtype))
+    return constrain(out, "group", None, None)
+
+
+def _blocked_grouped_ffn(rows, expert, sizes, w_in, w_out, block):
+    """Grouped GELU FFN over expert-sorted `rows` [N, M]: pad each group to whole blocks."""
+    n, m = rows.shape
+    e = w_in.shape[0]
+    n_blocks = -(-n // block) + e
+    padded = -(-sizes // block) * block
+    padded_start = jnp.cumsum(padded) - padded
+    start = jnp.cumsum(sizes) - sizes
+    grp = jnp.minimum(expert, e - 1)
+    dest = jnp.where(expert < e, padded_start[grp] + jnp.arange(n) - start[grp], n_blocks * block)
+    src = jnp.full((n_blocks * block + 1,), n, jnp.int32).at[dest].set(jnp.arange(n))[:-1]
+    buffer = jnp.concatenate([rows, jnp.zeros((1, m), rows.dtype)])[src]
+    block_start = jnp.arange(n_blocks) * block
+    block_expert = jnp.minimum(
+        jnp.searchsorted(jnp.cumsum(padded), block_start, side="right"), e - 1)
+    buffer = buffer.reshape(n_blocks, block, m)
+    h = jax.nn.gelu(jnp.einsum("bxm,bmh->bxh", buffer, w_in[block_expert]))
+    y = jnp.einsum("bxh,bhm->bxm", h, w_out[block_expert]).reshape(n_blocks * block, m)
+    y = jnp.concatenate([y, jnp.zeros((1, m), y.dtype)])
+    return y[dest]
+
+
 def _expert_parallel_ffn(buffer: jax.Array, w_in: jax.Array, w_out: jax.Array) -> jax.Array:
     """The experts on a buffer laid out by expert: under a mesh with an `expert` axis, the
     constraints make XLA move tokens with an all_to_all there and back."""
@@ -74,7 +124,15 @@ def _expert_parallel_ffn(buffer: jax.Array, w_in: jax.Array, w_out: jax.Array) -
     return constrain(experts_ffn(buffer, w_in, w_out), "expert_group", "expert", None, None)
 
 
-DISPATCH = {"einsum": moe_einsum, "gather": moe_gather}
+DISPATCH = {"einsum": moe_einsum, "gather": moe_gather, "dropless": moe_dropless}
+
+
+def resolve_dispatch(name: str) -> str:
+    """`auto`: dropless grouped matmuls on GPU/TPU, capacity-based gather on CPU (where the
+    gather path measured ~1.2x a FLOP-matched dense FFN and ragged_dot 5-60x)."""
+    if name != "auto":
+        return name
+    return "dropless" if jax.default_backend() in ("gpu", "tpu") else "gather"
 
 
 class MoEFeedForward(nnx.Module):
@@ -106,12 +164,14 @@ class MoEFeedForward(nnx.Module):
                 router_in = router_in * jax.random.uniform(
                     jitter_key, router_in.shape, jnp.float32, 1.0 - r.jitter, 1.0 + r.jitter)
         logits = router_in @ self.router[...]
-        capacity = expert_capacity(s, cfg.n_experts, cfg.top_k, r.capacity_factor,
-                                   r.capacity_multiple)
+        dispatch = resolve_dispatch(r.dispatch)
+        capacity = (s if dispatch == "dropless" else  # dropless: every assignment is placed
+                    expert_capacity(s, cfg.n_experts, cfg.top_k, r.capacity_factor,
+                                    r.capacity_multiple))
         noise = second_expert_noise(key, r.second_expert_policy, logits.shape, cfg.top_k)
         routing = top_k_gating(logits, top_k=cfg.top_k, capacity=capacity,
                                policy=r.second_expert_policy, gate_norm=r.gate_norm, noise=noise,
                                valid=None if mask is None else mask.reshape(-1, s))
         w_in, w_out = (w[...].astype(x.dtype) for w in (self.w_in, self.w_out))
-        y = DISPATCH[r.dispatch](grouped, routing, w_in, w_out)
+        y = DISPATCH[dispatch](grouped, routing, w_in, w_out)
         return y.reshape(b, t, m), routing
