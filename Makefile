@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo study clean
+.PHONY: install test demo study bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -19,6 +19,9 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" bash sweeps/demo.sh
+
+bench: $(STAMP)
+	$(BIN)/glam-bench
 
 study: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" bash sweeps/study.sh

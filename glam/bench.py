@@ -1,0 +1,208 @@
+"""`glam-bench` (`make bench`): speed measured in one process, written to BENCHMARKS.md.
+
+1. matmul peak (float32, bfloat16) on the current device: the denominator of MFU;
+2. MoE FFN forward+backward against a dense two-matrix GELU FFN of equal activated FLOPs
+   (width K x H), for E in 8..128 and each dispatch path, at capacity factor 1.25;
+3. a whole training step, MoE (GLaM placement) vs the dense model it extends and vs a
+   FLOP-matched MoE: step time ratio, tokens/s, model FLOPs utilisation, peak memory;
+4. the expert-parallel step on 8 fake CPU devices vs 1 device (overhead, not speed; run in a
+   child process, since the device count is fixed when JAX starts).
+
+Times are medians of repeated runs after a warm-up call; ratios come from the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from glam import accounting
+from glam.config import CONF_DIR
+from glam.model.moe import DISPATCH
+from glam.model.routing import expert_capacity, top_k_gating
+
+
+def median_seconds(fn, *args, repeats: int = 5) -> float:
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def matmul_peak(dtype, n: int = 2048) -> float:
+    a = jnp.ones((n, n), dtype)
+    seconds = median_seconds(jax.jit(jnp.dot), a, a)
+    return 2 * n**3 / seconds
+
+
+def moe_vs_dense(tokens: int, m: int, h: int, group: int, experts: list[int], k: int = 2,
+                 dispatches=("gather", "einsum", "dropless")) -> list[dict]:
+    key = jax.random.split(jax.random.key(0), 6)
+    x = jax.random.normal(key[0], (tokens // group, group, m))
+    w1 = jax.random.normal(key[1], (m, k * h)) / np.sqrt(m)
+    w2 = jax.random.normal(key[2], (k * h, m)) / np.sqrt(k * h)
+
+    def dense(x, w1, w2):
+        return jnp.sum(jax.nn.gelu(x @ w1) @ w2)
+
+    dense_s = median_seconds(jax.jit(jax.grad(dense, argnums=(0, 1, 2))), x, w1, w2)
+    rows = []
+    for e in experts:
+        router = jax.random.normal(key[3], (m, e)) / np.sqrt(m)
+        w_in = jax.random.normal(key[4], (e, m, h)) / np.sqrt(m)
+        w_out = jax.random.normal(key[5], (e, h, m)) / np.sqrt(h)
+        for dispatch in dispatches:
+            capacity = group if dispatch == "dropless" else expert_capacity(group, e, k, 1.25)
+
+            def moe(x, router, w_in, w_out, dispatch=dispatch, capacity=capacity):
+                routing = top_k_gating(x @ router, top_k=k, capacity=capacity)
+                return jnp.sum(DISPATCH[dispatch](x, routing, w_in, w_out))
+
+            seconds = median_seconds(jax.jit(jax.grad(moe, argnums=(0, 1, 2, 3))),
+                                     x, router, w_in, w_out)
+            rows.append({"experts": e, "dispatch": dispatch, "moe_ms": seconds * 1e3,
+                         "dense_ms": dense_s * 1e3, "ratio": seconds / dense_s})
+    return rows
+
+
+def train_step_bench(overrides: list[str], steps: int = 10, n_devices: int | None = None) -> dict:
+    """Seconds per training step of the model `overrides` select, with its FLOPs and memory,
+    on the first `n_devices` devices (default: all)."""
+    from glam.count import load
+    from glam.mesh import RULES, activate, data_sharding, make_mesh, state_shardings
+    from glam.model import GLaM
+    from glam.step import make_train_step
+
+    cfg = load(overrides)
+    m, t = cfg.model, cfg.train
+    mesh = make_mesh(cfg.mesh, jax.devices()[:n_devices] if n_devices else None)
+    model = GLaM(m, rngs=nnx.Rngs(0))
+    schedule = optax.constant_schedule(1e-3)
+    opt = nnx.Optimizer(model, optax.adamw(schedule), wrt=nnx.Param)
+    graphdef, state = nnx.split((model, opt))
+    sharding = state_shardings(state, mesh, RULES)
+    state = jax.device_put(state, sharding)
+    step = make_train_step(graphdef, m, schedule, sharding, data_sharding(mesh, RULES))
+    batch = np.random.default_rng(0).integers(0, m.vocab_size, (t.batch_size, m.seq_len + 1))
+    batch = batch.astype(np.int32)
+    with activate(mesh, RULES):
+        state, metrics = step(state, batch, jax.random.key(0), np.float32(1.0))
+        jax.block_until_ready(metrics)
+        times = []
+        for i in range(steps):
+            start = time.perf_counter()
+            state, metrics = step(state, batch, jax.random.key(i), np.float32(1.0))
+            jax.block_until_ready(metrics)
+            times.append(time.perf_counter() - start)
+    seconds = float(np.median(times))
+    tokens = t.batch_size * m.seq_len
+    flops = tokens * accounting.count(m).train_flops_per_token
+    return {"model": " ".join(overrides), "seconds": seconds, "tokens_per_s": tokens / seconds,
+            "train_flops_per_step": flops, "flops_per_s": flops / seconds,
+            "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+
+
+STEP_MODELS = {
+    "dense": ["model=cpu_dense", "train.batch_size=16"],
+    "moe_glam": ["model=cpu_moe", "train.batch_size=16"],
+    "moe_matched": ["model=cpu_moe", "plan.placement=matched", "train.batch_size=16"],
+}
+
+
+def expert_parallel() -> dict:
+    """Run in a child process with 8 fake devices: MoE step on mesh (1,8,1) vs (1,1,1)."""
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    code = ("import json; from glam.bench import train_step_bench as b; "
+            "o=['model=tiny_moe','model.n_experts=8','train.batch_size=16'];"
+            "one=b(o+['mesh.data=1','mesh.expert=1','mesh.model=1'],n_devices=1);"
+            "eight=b(o+['mesh.data=1','mesh.expert=8','mesh.model=1'],n_devices=8);"
+            "print(json.dumps({'one_device_s': one['seconds'], 'eight_devices_s': eight['seconds']}))")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=600)
+    if out.returncode:
+        return {"error": out.stderr[-500:]}
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    result["overhead"] = result["eight_devices_s"] / result["one_device_s"]
+    return result
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return (f"{jax.default_backend()} ({jax.devices()[0].device_kind}), {os.cpu_count()} cores "
+            f"{cpu}; jax {jax.__version__}")
+
+
+def render(results: dict, command: str) -> str:
+    f32, bf16 = results["peak_f32"], results["peak_bf16"]
+    lines = [f"## {results['date']} — {results['machine']}", "", f"Command: `{command}`", "",
+             f"Matmul peak (2048^3): float32 {f32 / 1e9:.1f} GFLOP/s, bfloat16 "
+             f"{bf16 / 1e9:.1f} GFLOP/s.", "",
+             "MoE FFN forward+backward vs a dense FFN of equal activated FLOPs "
+             f"({results['ffn_shape']}), capacity factor 1.25:", "",
+             "| E | dispatch | MoE ms | dense ms | MoE / dense |", "|---|---|---|---|---|"]
+    for r in results["ffn"]:
+        lines.append(f"| {r['experts']} | {r['dispatch']} | {r['moe_ms']:.1f} | "
+                     f"{r['dense_ms']:.1f} | {r['ratio']:.2f} |")
+    dense = results["steps"]["dense"]
+    lines += ["", "Whole training step (batch 16 x 64 tokens, float32):", "",
+              "| model | s/step | tokens/s | MFU (float32 peak) | vs dense | peak RSS GiB |",
+              "|---|---|---|---|---|---|"]
+    for name, r in results["steps"].items():
+        lines.append(f"| {name} ({r['model']}) | {r['seconds']:.3f} | {r['tokens_per_s']:,.0f} | "
+                     f"{r['flops_per_s'] / f32:.0%} | {r['seconds'] / dense['seconds']:.2f} | "
+                     f"{r['peak_rss_gib']:.2f} |")
+    ep = results["expert_parallel"]
+    if "error" in ep:
+        lines += ["", f"Expert-parallel step: failed ({ep['error']})"]
+    else:
+        lines += ["", f"Expert-parallel MoE step (tiny_moe, E=8) on 8 fake CPU devices, mesh "
+                      f"(1,8,1): {ep['eight_devices_s']:.3f} s vs {ep['one_device_s']:.3f} s on "
+                      f"one device ({ep['overhead']:.2f}x: all_to_all and partitioning overhead "
+                      "on 2 real cores, not a speed-up)."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="glam-bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default=str(CONF_DIR.parent / "BENCHMARKS.md"))
+    p.add_argument("--json", default="outputs/bench.json")
+    p.add_argument("--experts", default="8,16,32,64,128")
+    args = p.parse_args(argv)
+    experts = [int(e) for e in args.experts.split(",")]
+    results = {"date": datetime.date.today().isoformat(), "machine": machine(),
+               "peak_f32": matmul_peak(jnp.float32), "peak_bf16": matmul_peak(jnp.bfloat16),
+               "ffn_shape": "4096 tokens in groups of 1024, M 128, expert H 512, top-2"}
+    results["ffn"] = moe_vs_dense(4096, 128, 512, 1024, experts)
+    results["steps"] = {name: train_step_bench(o) for name, o in STEP_MODELS.items()}
+    results["expert_parallel"] = expert_parallel()
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(results, indent=1))
+    text = render(results, "make bench")
+    out = Path(args.out)
+    header = "# Benchmarks\n\nWritten by `glam-bench` (`make bench`); newest first.\n\n"
+    previous = out.read_text().split("\n", 4)[-1] if out.exists() else ""
+    out.write_text(header + text + ("\n" + previous if previous.startswith("## ") else ""))
+    print(text)
