@@ -79,13 +79,13 @@ def mesh_shape(cfg: MeshConfig, n_devices: int) -> tuple[int, int, int]:
 
 
 def check_divisibility(shape: tuple[int, int, int], model: ModelConfig, batch_size: int) -> None:
-    """Refuse, before compilation, a model or batch that does not split over the mesh."""
+    """Refuse, before compilation, a model or batch that does not split over the mesh. (A dense
+    model on a mesh with an `expert` axis uses it as more data parallelism: the batch is split
+    over data x expert.)"""
     data, expert, tensor = shape
     problems = []
     if model.n_experts and model.n_experts % expert:
         problems.append(f"model.n_experts={model.n_experts} is not divisible by mesh.expert={expert}")
-    if not model.n_experts and expert > 1:
-        problems.append(f"mesh.expert={expert} but the model is dense (model.n_experts=0)")
     if batch_size % (data * expert):
         problems.append(f"train.batch_size={batch_size} is not divisible by mesh.data x mesh.expert"
                         f" = {data * expert}")
