@@ -8,7 +8,6 @@ dataclasses. All of this happens before any JAX work.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
