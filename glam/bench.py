@@ -28,7 +28,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import nnx
 
 from glam import accounting
 from glam.config import CONF_DIR
@@ -86,19 +85,14 @@ def train_step_bench(overrides: list[str], steps: int = 10, n_devices: int | Non
     """Seconds per training step of the model `overrides` select, with its FLOPs and memory,
     on the first `n_devices` devices (default: all)."""
     from glam.count import load
-    from glam.mesh import RULES, activate, data_sharding, make_mesh, state_shardings
-    from glam.model import GLaM
-    from glam.step import make_train_step
+    from glam.mesh import RULES, activate, data_sharding, make_mesh
+    from glam.step import init_state, make_train_step
 
     cfg = load(overrides)
     m, t = cfg.model, cfg.train
     mesh = make_mesh(cfg.mesh, jax.devices()[:n_devices] if n_devices else None)
-    model = GLaM(m, rngs=nnx.Rngs(0))
     schedule = optax.constant_schedule(1e-3)
-    opt = nnx.Optimizer(model, optax.adamw(schedule), wrt=nnx.Param)
-    graphdef, state = nnx.split((model, opt))
-    sharding = state_shardings(state, mesh, RULES)
-    state = jax.device_put(state, sharding)
+    graphdef, _, state, sharding = init_state(m, optax.adamw(schedule), 0, mesh, RULES)
     step = make_train_step(graphdef, m, schedule, sharding, data_sharding(mesh, RULES))
     batch = np.random.default_rng(0).integers(0, m.vocab_size, (t.batch_size, m.seq_len + 1))
     batch = batch.astype(np.int32)

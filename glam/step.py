@@ -10,7 +10,19 @@ import optax
 from flax import nnx
 
 from glam.config import ModelConfig
+from glam.mesh import state_shardings
 from glam.model import GLaM, MoEOutputs
+
+
+def init_state(cfg: ModelConfig, tx: optax.GradientTransformation, seed: int, mesh, rules):
+    """A fresh model and optimizer as (graphdef, model graphdef, state, state sharding), the
+    state placed on `mesh` by the logical-axis table."""
+    model = GLaM(cfg, rngs=nnx.Rngs(seed))
+    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+    model_graphdef, _ = nnx.split(model)
+    graphdef, state = nnx.split((model, optimizer))
+    sharding = state_shardings(state, mesh, rules)
+    return graphdef, model_graphdef, jax.device_put(state, sharding), sharding
 
 
 def loss_fn(model: GLaM, tokens: jax.Array, key, cfg: ModelConfig, scale=1.0):

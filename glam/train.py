@@ -33,12 +33,10 @@ from glam.checkpoint import Checkpointer
 from glam.config import CONF_DIR, Config, ConfigError, register_configs, to_config
 from glam.data import WorldCorpus
 from glam.eval import Evaluator, Task, read_jsonl, world_tasks
-from glam.mesh import (FSDP_RULES, RULES, activate, check_divisibility, data_sharding,
-                       make_mesh, state_shardings)
-from glam.model import GLaM
+from glam.mesh import FSDP_RULES, RULES, activate, check_divisibility, data_sharding, make_mesh
 from glam.optim import lr_schedule, make_optimizer
 from glam.stability import HealthMonitor, TrainingDiverged, fault_scale
-from glam.step import make_eval_step, make_train_step
+from glam.step import init_state, make_eval_step, make_train_step
 from glam.sweep import adopt, config_hash, finished_run, sweep_context
 from glam.tracking import Tracker
 
@@ -126,13 +124,9 @@ class Trainer:
         self.record = (self.ckpt.read_record(latest, run_identity(cfg, self.corpus.fingerprint))
                        if latest is not None else None)
         tasks = build_tasks(cfg, self.corpus)
-        model = GLaM(m, rngs=nnx.Rngs(t.seed))
         self.schedule = lr_schedule(cfg.schedule, t.steps)
-        optimizer = nnx.Optimizer(model, make_optimizer(cfg.optimizer, self.schedule), wrt=nnx.Param)
-        model_graphdef, _ = nnx.split(model)
-        self.graphdef, state = nnx.split((model, optimizer))
-        self.state_sharding = state_shardings(state, self.mesh, self.rules)
-        self.state = jax.device_put(state, self.state_sharding)
+        self.graphdef, model_graphdef, self.state, self.state_sharding = init_state(
+            m, make_optimizer(cfg.optimizer, self.schedule), t.seed, self.mesh, self.rules)
         self.train_step = make_train_step(self.graphdef, m, self.schedule, self.state_sharding,
                                           data_sharding(self.mesh, self.rules))
         self.eval_step = make_eval_step(model_graphdef)

@@ -14,9 +14,8 @@ import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from glam.config import MeshConfig, model_config  # noqa: E402
-from glam.mesh import RULES, activate, data_sharding, make_mesh, state_shardings  # noqa: E402
-from glam.model import GLaM  # noqa: E402
-from glam.step import loss_fn, make_train_step  # noqa: E402
+from glam.mesh import RULES, activate, data_sharding, make_mesh  # noqa: E402
+from glam.step import init_state, loss_fn, make_train_step  # noqa: E402
 
 CFG = model_config(vocab_size=64, seq_len=16, d_model=32, n_layers=2, n_heads=2, d_ff=64,
                    n_experts=8, top_k=2, router={"capacity_factor": 1.25})
@@ -26,13 +25,8 @@ BATCHES = np.random.default_rng(0).integers(0, 64, (20, 8, CFG.seq_len + 1)).ast
 def run(shape: tuple[int, int, int]):
     devices = jax.devices()[: int(np.prod(shape))]
     mesh = make_mesh(MeshConfig(*shape), devices)
-    model = GLaM(CFG, rngs=nnx.Rngs(0))
     schedule = optax.constant_schedule(3e-3)
-    opt = nnx.Optimizer(model, optax.adamw(schedule), wrt=nnx.Param)
-    graphdef, state = nnx.split((model, opt))
-    sharding = state_shardings(state, mesh, RULES)
-    state = jax.device_put(state, sharding)
-    model_graphdef, _ = nnx.split(model)
+    graphdef, _, state, sharding = init_state(CFG, optax.adamw(schedule), 0, mesh, RULES)
 
     def logits_and_grads(state, tokens):
         model, _ = nnx.merge(graphdef, state, copy=True)
