@@ -236,6 +236,21 @@ class MeshConfig:
 
 
 @dataclass
+class DistributedConfig:
+    """Multi-host JAX (`glam.distributed`). `init`: `auto` starts jax.distributed when
+    `num_processes` > 1 or a multi-process SLURM / Open MPI / TPU-pod launch is detected;
+    `always` starts it and lets JAX detect the rest; `never` runs one process. The fields
+    default to $GLAM_COORDINATOR_ADDRESS, $GLAM_NUM_PROCESSES and $GLAM_PROCESS_ID
+    (conf/config.yaml); unset ones are detected from the cluster."""
+
+    init: str = "auto"
+    coordinator_address: Optional[str] = None
+    num_processes: Optional[int] = None
+    process_id: Optional[int] = None
+    local_device_ids: Optional[list[int]] = None
+
+
+@dataclass
 class PlanConfig:
     """How an MoE model is placed against its dense counterpart (`glam.plan`): `glam` keeps the
     dense FFN width for the experts; `matched` solves the expert width for equal activated
@@ -266,6 +281,7 @@ class Config:
     faults: FaultConfig = field(default_factory=FaultConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
     plan: PlanConfig = field(default_factory=PlanConfig)
     study: StudyConfig = field(default_factory=StudyConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
@@ -325,6 +341,20 @@ def validate_model(m: ModelConfig, prefix: str = "model") -> None:
         _check(getattr(r, name) >= 0, f"{rp}.{name}", f"must be >= 0, got {getattr(r, name)}.")
 
 
+def validate_distributed(d: DistributedConfig) -> None:
+    _one_of(d.init, ("auto", "always", "never"), "distributed.init")
+    _positive(d, "distributed", ("num_processes",))
+    if d.process_id is not None:
+        n = d.num_processes
+        _check(d.process_id >= 0 and (n is None or d.process_id < n), "distributed.process_id",
+               f"must be in [0, num_processes) = [0, {n}), got {d.process_id}.")
+    address = d.coordinator_address
+    if address is not None:
+        host, _, port = address.rpartition(":")
+        _check(bool(host) and port.isdigit(), "distributed.coordinator_address",
+               f"{address!r} is not host:port (e.g. 10.0.0.1:1234, the address of process 0).")
+
+
 def validate(cfg: Config) -> None:
     """Semantic checks across the whole config; raises ConfigError naming the field.
     Fills `model.vocab_size` from the data's tokenizer when it is None."""
@@ -352,6 +382,7 @@ def validate(cfg: Config) -> None:
     for axis in ("data", "expert", "model"):
         size = getattr(cfg.mesh, axis)
         _check(size == -1 or size > 0, f"mesh.{axis}", f"must be positive or -1, got {size}.")
+    validate_distributed(cfg.distributed)
     _one_of(cfg.plan.placement, ("glam", "matched"), "plan.placement")
     _check(0 < cfg.plan.tolerance < 1, "plan.tolerance", "must be in (0, 1).")
     from glam.plan import apply_placement  # lazy: glam.plan imports this module

@@ -29,8 +29,10 @@ log = logging.getLogger("glam.sweep")
 PARENT_FILE = "mlflow_parent.json"
 
 
-# Fields that do not change what a run computes: left out of the hash.
-_NOT_RESULTS = {"logger": None, "checkpoint": None, "study": None,
+# Fields that do not change what a run computes: left out of the hash. (The device layout is
+# among them: a point trained on one mesh or several hosts is the same point.)
+_NOT_RESULTS = {"logger": None, "checkpoint": None, "study": None, "mesh": None,
+                "distributed": None,
                 "train": ("progress", "resume", "log_every"), "eval": ("batch_size",),
                 "plan": ("tolerance",)}
 

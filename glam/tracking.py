@@ -99,6 +99,32 @@ class Tracker:
         self.client.set_terminated(self.run_id, status)
 
 
+class SilentTracker:
+    """Stands in for the Tracker on processes other than 0 of a multi-host run, which compute
+    everything process 0 does but write nothing to MLflow."""
+
+    def __init__(self, run_id: str | None):
+        self.run_id = run_id
+
+    def log_metrics(self, step: int, metrics: Mapping[str, float]) -> None:
+        pass
+
+    def set_tag(self, key: str, value: str) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
+
+    def log_artifact(self, path: str | Path) -> None:
+        pass
+
+    def __enter__(self) -> "SilentTracker":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+
 def ui_command(tracking_uri: str) -> str:
     """The shell command that opens the MLflow UI on this tracking store."""
     return f"mlflow ui --backend-store-uri {tracking_uri}"

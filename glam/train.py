@@ -28,7 +28,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from glam import accounting
+from glam import accounting, distributed
 from glam.checkpoint import Checkpointer
 from glam.config import CONF_DIR, Config, ConfigError, register_configs, to_config
 from glam.data import WorldCorpus
@@ -38,7 +38,7 @@ from glam.optim import lr_schedule, make_optimizer
 from glam.stability import HealthMonitor, TrainingDiverged, fault_scale
 from glam.step import init_state, make_eval_step, make_train_step
 from glam.sweep import adopt, config_hash, finished_run, sweep_context
-from glam.tracking import Tracker
+from glam.tracking import SilentTracker, Tracker
 
 log = logging.getLogger("glam.train")
 
@@ -92,7 +92,7 @@ def evaluate(eval_step, model_state, corpus: WorldCorpus, cfg: Config):
     nll, n, loads, batches = 0.0, 0.0, {}, 0
     for batch in corpus.val_batches(cfg.train.eval_batches, cfg.train.batch_size,
                                     cfg.model.seq_len + 1):
-        batch_nll, batch_n, batch_loads = jax.device_get(eval_step(model_state, batch))
+        batch_nll, batch_n, batch_loads = distributed.fetch(eval_step(model_state, batch))
         nll, n, batches = nll + float(batch_nll), n + float(batch_n), batches + 1
         for layer, load in batch_loads.items():
             loads[layer] = loads.get(layer, 0.0) + np.asarray(load)
@@ -102,11 +102,13 @@ def evaluate(eval_step, model_state, corpus: WorldCorpus, cfg: Config):
 
 
 class Trainer:
-    """One run: state, data, checkpoints, health checks and MLflow logging."""
+    """One run: state, data, checkpoints, health checks and MLflow logging. In a multi-host run
+    every process holds a Trainer; only process 0 (`primary`) logs and writes files."""
 
     def __init__(self, cfg: Config, output_dir: Path, extra_tags: dict | None = None):
         self.cfg, self.output_dir, self.extra_tags = cfg, output_dir, extra_tags or {}
         m, t = cfg.model, cfg.train
+        self.primary = distributed.is_primary()
         self.mesh = make_mesh(cfg.mesh)  # refused here, before any compilation, if impossible
         check_divisibility(self.mesh.devices.shape, m, t.batch_size)
         self.rules = FSDP_RULES if cfg.mesh.fsdp else RULES
@@ -127,8 +129,9 @@ class Trainer:
         self.schedule = lr_schedule(cfg.schedule, t.steps)
         self.graphdef, model_graphdef, self.state, self.state_sharding = init_state(
             m, make_optimizer(cfg.optimizer, self.schedule), t.seed, self.mesh, self.rules)
+        self.batch_sharding = data_sharding(self.mesh, self.rules)
         self.train_step = make_train_step(self.graphdef, m, self.schedule, self.state_sharding,
-                                          data_sharding(self.mesh, self.rules))
+                                          self.batch_sharding)
         self.eval_step = make_eval_step(model_graphdef)
         e = cfg.eval
         self.evaluator = Evaluator(model_graphdef, self.corpus.tokenizer, tasks, seq_len=m.seq_len,
@@ -170,7 +173,7 @@ class Trainer:
     # -- health --------------------------------------------------------------------------------
     def _check(self) -> str | None:
         """Fetch pending step metrics; move healthy ones to `verified`; return a rollback reason."""
-        for step, metrics in jax.device_get(self.unchecked):
+        for step, metrics in distributed.fetch(self.unchecked):
             reason = self.monitor.observe(step, float(metrics["lm_loss"]), bool(metrics["skipped"]))
             if reason:
                 self.unchecked.clear()
@@ -209,7 +212,8 @@ class Trainer:
         cfg, m, lg = self.cfg, self.cfg.model, self.cfg.logger
         resolved = OmegaConf.to_container(OmegaConf.structured(cfg))  # derived fields filled in
         config_path = self.output_dir / "config.yaml"
-        config_path.write_text(OmegaConf.to_yaml(resolved))
+        if self.primary:
+            config_path.write_text(OmegaConf.to_yaml(resolved))
         run_id = self.record["mlflow_run_id"] if self.record else None
         world = self.corpus.world
         params = {**resolved, "counts": self.counts.as_dict(),
@@ -224,20 +228,25 @@ class Trainer:
                 "config_hash": config_hash(resolved), "output_dir": str(self.output_dir),
                 **self.extra_tags}
         name = lg.run_name or run_name(cfg, c.activated_params)
-        with Tracker(lg.tracking_uri, lg.experiment, name, params, tags,
-                     run_id=run_id) as tracker:
-            if run_id:
-                log.info("resuming MLflow run %s from step %d", run_id, self.step)
-            else:
-                log.info("MLflow run %s (%s): %s params, %s activated, %.3g forward FLOPs/token",
-                         tracker.run_id, m.family, f"{self.counts.total_params:,}",
-                         f"{self.counts.activated_params:,}", self.counts.forward_flops_per_token)
-                if self.ckpt:
-                    self._save(tracker.run_id)  # step 0: a rollback target always exists
-            timing = self._loop(tracker)
-            final = self._finish(tracker, config_path, timing)
-        if self.ckpt:
-            self.ckpt.close()
+        tracker = (Tracker(lg.tracking_uri, lg.experiment, name, params, tags, run_id=run_id)
+                   if self.primary else SilentTracker(run_id))
+        try:
+            with tracker:
+                if run_id:
+                    log.info("resuming MLflow run %s from step %d", run_id, self.step)
+                else:
+                    log.info("MLflow run %s (%s): %s params, %s activated, %.3g forward "
+                             "FLOPs/token", tracker.run_id, m.family, f"{c.total_params:,}",
+                             f"{c.activated_params:,}", c.forward_flops_per_token)
+                    if self.ckpt:
+                        self._save(tracker.run_id)  # step 0: a rollback target always exists
+                timing = self._loop(tracker)
+                final = self._finish(tracker, config_path, timing)
+        finally:
+            if self.ckpt:
+                # Also on an error: a save in flight completes (on every process, which a
+                # multi-host save needs) rather than dying with the interpreter.
+                self.ckpt.close()
         groups = {k: v for k, v in final.items() if k.startswith("eval/") and "_avg/" in k}
         log.info("done: val_loss %.4f, %.0f tokens/s, %s", final["val_loss"],
                  final["tokens_per_second"], ", ".join(f"{k[5:]} {v:.1f}" for k, v in groups.items()))
@@ -245,9 +254,10 @@ class Trainer:
 
     def _loop(self, tracker: Tracker) -> dict:
         cfg, t = self.cfg, self.cfg.train
-        every, window = cfg.checkpoint.every, cfg.model.seq_len + 1
-        bar = tqdm(total=t.steps, initial=self.step, disable=not t.progress, unit="step",
-                   dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 30)
+        every = cfg.checkpoint.every
+        bar = tqdm(total=t.steps, initial=self.step, disable=not (t.progress and self.primary),
+                   unit="step", dynamic_ncols=True,
+                   mininterval=0.5 if sys.stderr.isatty() else 30)
         compile_s, steps_timed, train_s = 0.0, 0, 0.0
         mark = time.perf_counter()
         first = True
@@ -255,7 +265,7 @@ class Trainer:
             step = self.step
             if step == cfg.faults.crash_at_step and self.data_order == 0:
                 raise SimulatedCrash(f"faults.crash_at_step={step}")
-            batch = self.corpus.train_batch(step, t.batch_size, window, t.seed, self.data_order)
+            batch = self._batch(step)
             key = jax.random.fold_in(jax.random.fold_in(self.base_key, self.data_order), step)
             scale = fault_scale(cfg.faults, step, self.data_order)
             with activate(self.mesh, self.rules):  # activation layouts, read while tracing
@@ -307,6 +317,14 @@ class Trainer:
         return {"compile_seconds": compile_s, "train_seconds": train_s,
                 "tokens_per_second": steps_timed * self.tokens_per_step / max(train_s, 1e-9)}
 
+    def _batch(self, step: int) -> jax.Array:
+        """The global batch of `step`, each process building only the rows of its devices."""
+        t, window = self.cfg.train, self.cfg.model.seq_len + 1
+        return jax.make_array_from_callback(
+            (t.batch_size, window), self.batch_sharding,
+            lambda index: self.corpus.train_batch(step, t.batch_size, window, t.seed,
+                                                  self.data_order, rows=index[0]))
+
     @staticmethod
     def _flush(tracker: Tracker, entries: list[tuple[int, dict]]) -> None:
         for step, metrics in entries:
@@ -332,6 +350,14 @@ class Trainer:
             "rollbacks": len(self.rollbacks),
         }
         tracker.log_metrics(t.steps, final)
+        if self.primary:
+            self._write_artifacts(tracker, config_path, final)
+        if self.ckpt:
+            self.ckpt.wait()
+        return {**final, "run_id": tracker.run_id}
+
+
+    def _write_artifacts(self, tracker: Tracker, config_path: Path, final: dict) -> None:
         artifacts = {"expert_load.json": self.expert_load, "rollbacks.json": self.rollbacks,
                      "final_metrics.json": final}
         for name, content in artifacts.items():
@@ -340,9 +366,6 @@ class Trainer:
         predictions.write_text("".join(json.dumps(p) + "\n" for p in self.predictions))
         for path in [config_path, predictions, *(self.output_dir / name for name in artifacts)]:
             tracker.log_artifact(path)
-        if self.ckpt:
-            self.ckpt.wait()
-        return {**final, "run_id": tracker.run_id}
 
 
 def run(cfg: Config, output_dir: str | Path, extra_tags: dict | None = None) -> dict:
@@ -369,19 +392,27 @@ def set_aside_stale_checkpoints(output_dir: Path, hash_: str) -> None:
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def main(dcfg: DictConfig) -> float:
     cfg = to_config(dcfg)
+    distributed.initialize(cfg.distributed)  # before anything touches a JAX backend
     logging.getLogger("jax._src.xla_bridge").setLevel(logging.ERROR)
     logging.getLogger("absl").setLevel(logging.WARNING)  # orbax's per-save chatter
+    if not distributed.is_primary():
+        logging.getLogger("glam").setLevel(logging.WARNING)  # process 0 reports progress
     output_dir = Path(HydraConfig.get().runtime.output_dir)
+    distributed.agree(str(output_dir.resolve()),
+                      "hydra.run.dir (set it to one shared path on every process)")
     sweep = sweep_context(cfg.study.name)
     if sweep is not None:
         hash_ = config_hash(OmegaConf.to_container(OmegaConf.structured(cfg)))
         done = finished_run(cfg.logger.tracking_uri, cfg.logger.experiment, hash_)
         if done:
-            adopt(cfg.logger.tracking_uri, done, sweep["tags"])
+            if distributed.is_primary():
+                adopt(cfg.logger.tracking_uri, done, sweep["tags"])
             log.info("sweep point %s already finished (MLflow run %s): skipped",
                      sweep["tags"]["sweep_point"], done)
             return math.nan
-        set_aside_stale_checkpoints(output_dir, hash_)
+        if distributed.is_primary():
+            set_aside_stale_checkpoints(output_dir, hash_)
+        distributed.barrier("glam:run-dir-ready")
     final = run(cfg, output_dir, sweep["tags"] if sweep else None)
     return final["val_loss"]
 

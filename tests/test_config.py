@@ -34,6 +34,9 @@ from glam.data import World
     ("optimizer.name=sgd", "optimizer.name"),
     ("schedule.name=linear", "schedule.name"),
     ("schedule.decay_fraction=0", "schedule.decay_fraction"),
+    ("distributed.init=maybe", "distributed.init"),
+    ("distributed.process_id=-1", "distributed.process_id"),
+    ("distributed.coordinator_address=localhost", "distributed.coordinator_address"),
 ])
 def test_semantic_errors_name_the_field(override, field):
     base = ["model=tiny_moe", "train.batch_size=16"]

@@ -196,11 +196,12 @@ class WorldCorpus:
         return h.hexdigest()[:16]
 
     def train_batch(self, step: int, batch_size: int, window: int, seed: int,
-                    data_order: int = 0) -> np.ndarray:
+                    data_order: int = 0, rows: slice = slice(None)) -> np.ndarray:
         """Windows [batch_size, window] at random offsets; a pure function of
-        (seed, data_order, step), so a resumed run draws exactly the batches it would have."""
+        (seed, data_order, step), so a resumed run draws exactly the batches it would have.
+        `rows` picks a slice of that batch: a process builds only the rows its devices hold."""
         rng = np.random.default_rng([seed, data_order, step])
-        starts = rng.integers(0, len(self.train) - window + 1, batch_size)
+        starts = rng.integers(0, len(self.train) - window + 1, batch_size)[rows]
         return self.train[starts[:, None] + np.arange(window)]
 
     def val_batches(self, n_batches: int, batch_size: int, window: int):

@@ -15,6 +15,7 @@ import numpy as np
 from flax import nnx
 
 from glam.data.tokenizer import EOS, PAD, WordTokenizer
+from glam.distributed import fetch
 from glam.eval.scoring import exact_match, token_f1
 from glam.eval.tasks import Task
 
@@ -99,7 +100,7 @@ class Evaluator:
             tokens = np.concatenate([np.full((len(tokens), self.max_answer_tokens), PAD, np.int32),
                                      tokens], axis=1)
             mask = np.concatenate([np.zeros((len(mask), self.max_answer_tokens), bool), mask], 1)
-            out = np.asarray(self.generate(state, tokens, mask))[: hi - lo]
+            out = fetch(self.generate(state, tokens, mask))[: hi - lo]
             outputs += out.tolist()
         em, f1, preds = [], [], []
         for ex, out in zip(task.examples, outputs):
@@ -127,7 +128,7 @@ class Evaluator:
             for j, n in enumerate(targets[lo:hi]):
                 target[j, self.seq_len - n:] = True
             tokens, mask, target = self._pad_batch([tokens, mask, target])
-            total, count = jax.device_get(self.score(state, tokens, mask, target))
+            total, count = fetch(self.score(state, tokens, mask, target))
             totals += total[: hi - lo].tolist()
             counts += count[: hi - lo].tolist()
         scores = np.asarray(totals) / (np.asarray(counts) if self.length_normalize else 1.0)

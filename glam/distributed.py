@@ -1,0 +1,128 @@
+"""Multi-host JAX: one process per host, all running the same program on one global mesh.
+
+`initialize` must run before anything touches a JAX backend (`glam-train` calls it right after
+the config is validated). Then `jax.devices()` lists every process's devices, `make_mesh`
+spans them all, and every jitted step is one SPMD program. What differs by process:
+
+- each process builds only its own rows of a global batch (`jax.make_array_from_callback`);
+- only process 0 writes MLflow, the run directory's files and the progress bar;
+- every process takes part in checkpoint save and restore (orbax coordinates them);
+- host copies of results go through `fetch`, which gathers arrays spread over processes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
+from glam.config import ConfigError, DistributedConfig
+
+log = logging.getLogger("glam.distributed")
+
+
+def _int(environ: Mapping[str, str], *keys: str) -> int:
+    """The first of `keys` set to a number, else 1."""
+    return next((int(environ[k]) for k in keys if environ.get(k, "").isdigit()), 1)
+
+
+def detect_cluster(environ: Mapping[str, str]) -> str | None:
+    """The multi-process launcher this process runs under, if any: `slurm` (srun with more than
+    one task), `openmpi` (mpirun -n > 1) or `tpu` (a TPU slice of more than one host)."""
+    if "SLURM_JOB_ID" in environ and "SLURM_PROCID" in environ and _int(environ, "SLURM_NTASKS") > 1:
+        return "slurm"
+    if _int(environ, "OMPI_COMM_WORLD_SIZE") > 1:
+        return "openmpi"
+    hosts = environ.get("TPU_PROCESS_ADDRESSES") or environ.get("TPU_WORKER_HOSTNAMES") or ""
+    if "," in hosts:
+        return "tpu"
+    return None
+
+
+def _slurm_devices(environ: Mapping[str, str]) -> list[int] | None:
+    """With one SLURM task per host, that task owns all the host's GPUs. (Left alone, JAX gives
+    each SLURM task the single GPU numbered by its local rank.)"""
+    nodes = _int(environ, "SLURM_STEP_NUM_NODES", "SLURM_NNODES")
+    gpus = environ.get("SLURM_GPUS_ON_NODE", "")
+    if _int(environ, "SLURM_NTASKS") == nodes and gpus.isdigit():
+        return list(range(int(gpus)))
+    return None
+
+
+def initialize_args(cfg: DistributedConfig, environ: Mapping[str, str]) -> dict | None:
+    """Keyword arguments for `jax.distributed.initialize`, or None for a single process. Fields
+    left unset are detected by JAX from the cluster environment."""
+    if cfg.init == "never":
+        return None
+    cluster = detect_cluster(environ)
+    if cfg.init == "auto" and cluster is None and (cfg.num_processes or 1) == 1:
+        return None
+    args = {"coordinator_address": cfg.coordinator_address, "num_processes": cfg.num_processes,
+            "process_id": cfg.process_id, "local_device_ids": cfg.local_device_ids}
+    if cluster == "slurm" and args["local_device_ids"] is None:
+        args["local_device_ids"] = _slurm_devices(environ)
+    if cluster is None and cfg.init == "auto":
+        missing = [k for k in ("coordinator_address", "process_id") if args[k] is None]
+        if missing:
+            raise ConfigError(
+                f"distributed: num_processes={cfg.num_processes} but "
+                + " and ".join(f"distributed.{k}" for k in missing)
+                + " unset and no SLURM / Open MPI / TPU launch detected; give every process the "
+                  "same coordinator_address (host:port of process 0) and its own process_id "
+                  "(or $GLAM_COORDINATOR_ADDRESS / $GLAM_PROCESS_ID).")
+    return {k: v for k, v in args.items() if v is not None}
+
+
+def initialize(cfg: DistributedConfig) -> None:
+    """Join the other processes of a multi-host run (no-op for a single process)."""
+    args = initialize_args(cfg, os.environ)
+    if args is None or jax.distributed.is_initialized():
+        return
+    # CPU processes exchange collectives over gloo; accelerators ignore this setting.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(**args)
+    log.info("process %d of %d: %d local of %d devices", jax.process_index(),
+             jax.process_count(), jax.local_device_count(), jax.device_count())
+
+
+def is_primary() -> bool:
+    """Process 0: the one that writes MLflow, the run directory's files and the progress bar."""
+    return jax.process_index() == 0
+
+
+def barrier(name: str) -> None:
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
+
+
+def agree(text: str, what: str) -> None:
+    """Refuse to go on unless every process holds the same `text` (process 0's is compared)."""
+    if jax.process_count() == 1:
+        return
+    data = text.encode()
+    length = multihost_utils.broadcast_one_to_all(np.int32(len(data)))
+    buffer = np.zeros(max(int(length), len(data)), np.uint8)
+    buffer[: len(data)] = np.frombuffer(data, np.uint8)
+    theirs = bytes(multihost_utils.broadcast_one_to_all(buffer[:length])).decode(errors="replace")
+    if theirs != text:
+        raise ConfigError(f"{what}: process 0 has {theirs!r}, process {jax.process_index()} has "
+                          f"{text!r}; every process of a run must use the same value.")
+
+
+def fetch(tree: Any) -> Any:
+    """`jax.device_get` for arrays that may span processes: every process gets the global
+    value of each array (other leaves pass through)."""
+
+    def one(x):
+        if not isinstance(x, jax.Array) or x.is_fully_addressable:
+            return jax.device_get(x)
+        if x.is_fully_replicated:
+            return np.asarray(x.addressable_data(0))
+        return multihost_utils.process_allgather(x, tiled=True)
+
+    return jax.tree.map(one, tree)

@@ -1,0 +1,132 @@
+"""Multi-host: initialisation from config and cluster environments, and a real 2-process run."""
+
+import os
+import re
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from mlflow.tracking import MlflowClient
+
+from glam.config import ConfigError, DistributedConfig
+from glam.distributed import agree, detect_cluster, fetch, initialize_args
+
+SLURM = {"SLURM_JOB_ID": "7", "SLURM_STEP_NODELIST": "node[1-2]", "SLURM_PROCID": "1",
+         "SLURM_LOCALID": "0", "SLURM_STEP_NUM_NODES": "2"}
+
+
+@pytest.mark.parametrize("cfg,environ,expected", [
+    (DistributedConfig(), {}, None),  # a plain single process
+    (DistributedConfig(num_processes=1), {}, None),
+    (DistributedConfig(init="never"), {**SLURM, "SLURM_NTASKS": "2"}, None),
+    (DistributedConfig(coordinator_address="10.0.0.1:1234", num_processes=2, process_id=1), {},
+     {"coordinator_address": "10.0.0.1:1234", "num_processes": 2, "process_id": 1}),
+    # srun, one task per host: that task gets all 8 GPUs of its host
+    (DistributedConfig(), {**SLURM, "SLURM_NTASKS": "2", "SLURM_GPUS_ON_NODE": "8"},
+     {"local_device_ids": list(range(8))}),
+    # srun, one task per GPU: JAX's own SLURM detection does it all
+    (DistributedConfig(), {**SLURM, "SLURM_NTASKS": "16", "SLURM_GPUS_ON_NODE": "8"}, {}),
+    (DistributedConfig(), {**SLURM, "SLURM_NTASKS": "1"}, None),  # an sbatch with one task
+    (DistributedConfig(), {"TPU_WORKER_HOSTNAMES": "t1,t2,t3,t4"}, {}),  # a TPU pod slice
+    (DistributedConfig(), {"TPU_WORKER_HOSTNAMES": "t1"}, None),  # a single TPU host
+    (DistributedConfig(init="always"), {}, {}),
+])
+def test_initialize_args(cfg, environ, expected):
+    assert initialize_args(cfg, environ) == expected
+
+
+def test_detect_cluster():
+    assert detect_cluster({"OMPI_COMM_WORLD_SIZE": "4"}) == "openmpi"
+    assert detect_cluster({**SLURM, "SLURM_NTASKS": "2"}) == "slurm"
+    assert detect_cluster({"SLURM_NTASKS": "2"}) is None  # not inside a job step
+
+
+def test_missing_coordinator_is_refused_with_the_fix():
+    with pytest.raises(ConfigError, match=r"distributed.coordinator_address and "
+                                          r"distributed.process_id unset"):
+        initialize_args(DistributedConfig(num_processes=4), {})
+
+
+def test_single_process_helpers():
+    import jax.numpy as jnp
+
+    agree("same everywhere", "anything")  # one process: nothing to compare
+    out = fetch({"x": jnp.arange(3), "step": 7})
+    assert isinstance(out["x"], np.ndarray) and out["step"] == 7
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _train(run_dir, uri, *overrides, env=None, log=None):
+    args = ["model=tiny_moe", "train.steps=8", "train.batch_size=8", "train.log_every=1",
+            "train.progress=false", "train.eval_batches=1", "checkpoint.every=2",
+            "data.train_tokens=20000", "data.val_tokens=2048", "eval.max_examples=8",
+            "eval.shots=[0]", "eval.batch_size=8", f"logger.tracking_uri={uri}",
+            f"hydra.run.dir={run_dir}", *overrides]
+    base = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    return subprocess.Popen([sys.executable, "-m", "glam.train", *args],
+                            env={**base, "JAX_PLATFORMS": "cpu", **(env or {})},
+                            stdout=log, stderr=subprocess.STDOUT, text=True)
+
+
+def _wait(procs, logs, timeout=240):
+    try:
+        codes = [p.wait(timeout=timeout) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    return codes, [path.read_text() for path in logs]
+
+
+def _losses(client, run_id):
+    points = sorted((m.step, m.value) for m in client.get_metric_history(run_id, "lm_loss"))
+    return [s for s, _ in points], np.array([v for _, v in points])
+
+
+def test_two_processes_match_one_and_their_checkpoint_restores_in_one(tmp_path):
+    """Two processes on localhost (2 fake CPU devices each) train a tiny MoE 2-way data x 2-way
+    expert parallel and are killed after step 6; one process (one device) resumes their
+    checkpoint and finishes. Every loss equals an uninterrupted one-process run's."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    port = _free_port()
+    logs = [tmp_path / f"process{i}.log" for i in range(2)]
+    procs = [_train(tmp_path / "shared", uri, "mesh.data=-1", "mesh.expert=2",
+                    "faults.crash_at_step=6", f"distributed.coordinator_address=127.0.0.1:{port}",
+                    "distributed.num_processes=2", f"distributed.process_id={i}",
+                    env={"XLA_FLAGS": "--xla_force_host_platform_device_count=2"},
+                    log=logs[i].open("w"))
+             for i in range(2)]
+    codes, texts = _wait(procs, logs)
+    for text in texts:
+        assert "process 0 of 2: 2 local of 4 devices" in texts[0]
+        assert "SimulatedCrash: faults.crash_at_step=6" in text, text[-3000:]
+    assert codes == [1, 1]
+
+    resume_log = tmp_path / "resume.log"
+    codes, [resumed] = _wait([_train(tmp_path / "shared", uri, log=resume_log.open("w"))],
+                             [resume_log])
+    assert codes == [0], resumed[-3000:]
+    start = int(re.search(r"resuming MLflow run \w+ from step (\d+)", resumed).group(1))
+    assert start == 6  # the checkpoint the two processes wrote together before the crash
+
+    ref_log = tmp_path / "reference.log"
+    codes, [ref] = _wait([_train(tmp_path / "single", uri, log=ref_log.open("w"))], [ref_log])
+    assert codes == [0], ref[-3000:]
+
+    client = MlflowClient(uri)
+    runs = {r.data.tags["output_dir"]: r for r in
+            client.search_runs([client.get_experiment_by_name("glam").experiment_id])}
+    assert len(runs) == 2  # process 1 created no run; the resumed run continued process 0's
+    shared, single = runs[str(tmp_path / "shared")], runs[str(tmp_path / "single")]
+    steps, losses = _losses(client, shared.info.run_id)
+    ref_steps, ref_losses = _losses(client, single.info.run_id)
+    assert steps == ref_steps == list(range(8))
+    np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
+    np.testing.assert_allclose(shared.data.metrics["val_loss"], single.data.metrics["val_loss"],
+                               rtol=1e-5)
