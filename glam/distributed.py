@@ -33,7 +33,9 @@ def _int(environ: Mapping[str, str], *keys: str) -> int:
 
 def detect_cluster(environ: Mapping[str, str]) -> str | None:
     """The multi-process launcher this process runs under, if any: `slurm` (srun with more than
-    one task), `openmpi` (mpirun -n > 1) or `tpu` (a TPU slice of more than one host)."""
+    one task), `openmpi` (mpirun -n > 1), `tpu` (a TPU slice of more than one host), or
+    `submitit_local` (Hydra's submitit_local launcher with tasks_per_node > 1: the SLURM
+    launch path, on one machine)."""
     if "SLURM_JOB_ID" in environ and "SLURM_PROCID" in environ and _int(environ, "SLURM_NTASKS") > 1:
         return "slurm"
     if _int(environ, "OMPI_COMM_WORLD_SIZE") > 1:
@@ -41,6 +43,8 @@ def detect_cluster(environ: Mapping[str, str]) -> str | None:
     hosts = environ.get("TPU_PROCESS_ADDRESSES") or environ.get("TPU_WORKER_HOSTNAMES") or ""
     if "," in hosts:
         return "tpu"
+    if _int(environ, "SUBMITIT_LOCAL_NTASKS") > 1:
+        return "submitit_local"
     return None
 
 
@@ -66,6 +70,12 @@ def initialize_args(cfg: DistributedConfig, environ: Mapping[str, str]) -> dict 
             "process_id": cfg.process_id, "local_device_ids": cfg.local_device_ids}
     if cluster == "slurm" and args["local_device_ids"] is None:
         args["local_device_ids"] = _slurm_devices(environ)
+    if cluster == "submitit_local":  # JAX does not know this one: fill in what it would detect
+        port = 61440 + _int(environ, "SUBMITIT_LOCAL_JOB_ID") % 4096
+        detected = {"coordinator_address": f"127.0.0.1:{port}",
+                    "num_processes": _int(environ, "SUBMITIT_LOCAL_NTASKS"),
+                    "process_id": int(environ.get("SUBMITIT_LOCAL_GLOBALID", "0"))}
+        args = {k: detected[k] if v is None and k in detected else v for k, v in args.items()}
     if cluster is None and cfg.init == "auto":
         missing = [k for k in ("coordinator_address", "process_id") if args[k] is None]
         if missing:
@@ -100,15 +110,20 @@ def barrier(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
-def agree(text: str, what: str) -> None:
-    """Refuse to go on unless every process holds the same `text` (process 0's is compared)."""
+def broadcast(text: str) -> str:
+    """Process 0's `text`, on every process."""
     if jax.process_count() == 1:
-        return
-    data = text.encode()
-    length = multihost_utils.broadcast_one_to_all(np.int32(len(data)))
-    buffer = np.zeros(max(int(length), len(data)), np.uint8)
-    buffer[: len(data)] = np.frombuffer(data, np.uint8)
-    theirs = bytes(multihost_utils.broadcast_one_to_all(buffer[:length])).decode(errors="replace")
+        return text
+    data = np.frombuffer(text.encode(), np.uint8)
+    length = int(multihost_utils.broadcast_one_to_all(np.int32(len(data))))
+    buffer = np.zeros(length, np.uint8)
+    buffer[: min(length, len(data))] = data[:length]
+    return bytes(multihost_utils.broadcast_one_to_all(buffer)).decode(errors="replace")
+
+
+def agree(text: str, what: str) -> None:
+    """Refuse to go on unless every process holds process 0's `text`."""
+    theirs = broadcast(text)
     if theirs != text:
         raise ConfigError(f"{what}: process 0 has {theirs!r}, process {jax.process_index()} has "
                           f"{text!r}; every process of a run must use the same value.")

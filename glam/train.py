@@ -403,14 +403,18 @@ def main(dcfg: DictConfig) -> float:
     sweep = sweep_context(cfg.study.name)
     if sweep is not None:
         hash_ = config_hash(OmegaConf.to_container(OmegaConf.structured(cfg)))
-        done = finished_run(cfg.logger.tracking_uri, cfg.logger.experiment, hash_)
+        # Process 0 alone talks to MLflow (parallel first connections race to create the schema).
+        primary = distributed.is_primary()
+        done = distributed.broadcast(
+            (finished_run(cfg.logger.tracking_uri, cfg.logger.experiment, hash_) or "")
+            if primary else "")
         if done:
-            if distributed.is_primary():
+            if primary:
                 adopt(cfg.logger.tracking_uri, done, sweep["tags"])
             log.info("sweep point %s already finished (MLflow run %s): skipped",
                      sweep["tags"]["sweep_point"], done)
             return math.nan
-        if distributed.is_primary():
+        if primary:
             set_aside_stale_checkpoints(output_dir, hash_)
         distributed.barrier("glam:run-dir-ready")
     final = run(cfg, output_dir, sweep["tags"] if sweep else None)

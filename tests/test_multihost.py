@@ -63,14 +63,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _train(run_dir, uri, *overrides, env=None, log=None):
+def _train(run_dir, uri, *overrides, env=None, log=None, multirun=False):
     args = ["model=tiny_moe", "train.steps=8", "train.batch_size=8", "train.log_every=1",
             "train.progress=false", "train.eval_batches=1", "checkpoint.every=2",
             "data.train_tokens=20000", "data.val_tokens=2048", "eval.max_examples=8",
             "eval.shots=[0]", "eval.batch_size=8", f"logger.tracking_uri={uri}",
             f"hydra.run.dir={run_dir}", *overrides]
     base = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    return subprocess.Popen([sys.executable, "-m", "glam.train", *args],
+    flags = ["--multirun"] if multirun else []
+    return subprocess.Popen([sys.executable, "-m", "glam.train", *flags, *args],
                             env={**base, "JAX_PLATFORMS": "cpu", **(env or {})},
                             stdout=log, stderr=subprocess.STDOUT, text=True)
 
@@ -130,3 +131,25 @@ def test_two_processes_match_one_and_their_checkpoint_restores_in_one(tmp_path):
     np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
     np.testing.assert_allclose(shared.data.metrics["val_loss"], single.data.metrics["val_loss"],
                                rtol=1e-5)
+
+
+def test_hydra_submitit_tasks_form_one_run(tmp_path):
+    """The SLURM launch path on one machine: Hydra's submitit launcher starts 2 tasks of one
+    sweep point (as `slurm_gpu_hosts` starts one per host); they join one JAX program over 4
+    devices and produce one MLflow run."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    log = tmp_path / "launcher.log"
+    proc = _train(tmp_path / "unused", uri, "hydra/launcher=submitit_local",
+                  "hydra.launcher.tasks_per_node=2", "hydra.launcher.timeout_min=4",
+                  f"hydra.sweep.dir={tmp_path / 'sweep'}", "train.steps=4", "mesh.data=-1",
+                  "mesh.expert=2", env={"XLA_FLAGS": "--xla_force_host_platform_device_count=2"},
+                  log=log.open("w"), multirun=True)
+    codes, [text] = _wait([proc], [log])
+    task_logs = "".join(p.read_text() for p in (tmp_path / "sweep").rglob("*_log.out"))
+    assert codes == [0], text[-2000:] + task_logs[-3000:]
+    assert "process 0 of 2: 2 local of 4 devices" in task_logs
+    assert "process 1 of 2: 2 local of 4 devices" in task_logs
+    client = MlflowClient(uri)
+    [run] = client.search_runs([client.get_experiment_by_name("glam").experiment_id])
+    assert run.info.status == "FINISHED"
+    assert _losses(client, run.info.run_id)[0] == [0, 1, 2, 3]
