@@ -18,7 +18,6 @@ import math
 from typing import Iterator, Optional
 
 import jax
-import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from glam.config import ConfigError, MeshConfig, ModelConfig
@@ -98,9 +97,12 @@ def check_divisibility(shape: tuple[int, int, int], model: ModelConfig, batch_si
 
 
 def make_mesh(cfg: MeshConfig, devices=None) -> Mesh:
+    """The mesh over `devices` (default: every device of every process). `jax.make_mesh` orders
+    them by the physical topology (TPU ICI rings); on GPU and CPU the last axis, `model`, varies
+    fastest, so it stays within a host, then `expert`."""
     devices = jax.devices() if devices is None else devices
     shape = mesh_shape(cfg, len(devices))
-    return Mesh(np.asarray(devices).reshape(shape), AXES, axis_types=(AxisType.Auto,) * 3)
+    return jax.make_mesh(shape, AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
 
 
 def logical_spec(axes: tuple, rules: dict) -> PartitionSpec:

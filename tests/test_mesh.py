@@ -60,3 +60,18 @@ def test_mesh_presets_compose_and_fit_their_models(preset, devices, model):
     shape = mesh_shape(cfg.mesh, devices)
     check_divisibility(shape, cfg.model, cfg.train.batch_size)  # refuses with the numbers
     assert shape[0] * shape[1] * shape[2] == devices
+
+
+@pytest.mark.parametrize("study", ["smoke", "compute_vs_accuracy", "expert_count",
+                                   "study_expert_count"])
+def test_cpu_sweeps_fit_mesh_cpu8(study):
+    """Every point of the CPU studies runs unchanged with mesh=cpu8 (refused before launch
+    otherwise)."""
+    from glam.count import load
+    from glam.plan import sweep_points
+
+    points = sweep_points([f"+sweep={study}", "mesh=cpu8"])
+    assert len(points) > 1
+    for point in points:
+        cfg = load(point)
+        check_divisibility(mesh_shape(cfg.mesh, 8), cfg.model, cfg.train.batch_size)
