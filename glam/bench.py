@@ -1,6 +1,7 @@
 """`glam-bench` (`make bench`): speed measured in one process, written to BENCHMARKS.md.
 
-1. matmul peak (float32, bfloat16) on the current device: the denominator of MFU;
+1. matmul peak (float32, bfloat16) on the current device: the denominator of MFU (the peak
+   of the benchmarked dtype: bfloat16 on GPU/TPU, float32 on CPU, or `--dtype`);
 2. MoE FFN forward+backward against a dense two-matrix GELU FFN of equal activated FLOPs
    (width K x H), for E in 8..128 and each dispatch path, at capacity factor 1.25;
 3. a whole training step, MoE (GLaM placement) vs the dense model it extends and vs a
@@ -52,11 +53,11 @@ def matmul_peak(dtype, n: int = 2048) -> float:
 
 
 def moe_vs_dense(tokens: int, m: int, h: int, group: int, experts: list[int], k: int = 2,
-                 dispatches=("gather", "einsum", "dropless")) -> list[dict]:
+                 dispatches=("gather", "einsum", "dropless"), dtype=jnp.float32) -> list[dict]:
     key = jax.random.split(jax.random.key(0), 6)
-    x = jax.random.normal(key[0], (tokens // group, group, m))
-    w1 = jax.random.normal(key[1], (m, k * h)) / np.sqrt(m)
-    w2 = jax.random.normal(key[2], (k * h, m)) / np.sqrt(k * h)
+    x = jax.random.normal(key[0], (tokens // group, group, m), dtype)
+    w1 = (jax.random.normal(key[1], (m, k * h)) / np.sqrt(m)).astype(dtype)
+    w2 = (jax.random.normal(key[2], (k * h, m)) / np.sqrt(k * h)).astype(dtype)
 
     def dense(x, w1, w2):
         return jnp.sum(jax.nn.gelu(x @ w1) @ w2)
@@ -65,8 +66,8 @@ def moe_vs_dense(tokens: int, m: int, h: int, group: int, experts: list[int], k:
     rows = []
     for e in experts:
         router = jax.random.normal(key[3], (m, e)) / np.sqrt(m)
-        w_in = jax.random.normal(key[4], (e, m, h)) / np.sqrt(m)
-        w_out = jax.random.normal(key[5], (e, h, m)) / np.sqrt(h)
+        w_in = (jax.random.normal(key[4], (e, m, h)) / np.sqrt(m)).astype(dtype)
+        w_out = (jax.random.normal(key[5], (e, h, m)) / np.sqrt(h)).astype(dtype)
         for dispatch in dispatches:
             capacity = group if dispatch == "dropless" else expert_capacity(group, e, k, 1.25)
 
@@ -127,7 +128,8 @@ FFN_SHAPES = [(128, 512), (256, 1024)]  # (M, expert H)
 
 def expert_parallel() -> dict:
     """Run in a child process with 8 fake devices: MoE step on mesh (1,8,1) vs (1,1,1)."""
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+           "JAX_PLATFORMS": "cpu"}  # fake CPU devices, also on a GPU host
     code = ("import json; from glam.bench import train_step_bench as b; "
             "o=['model=tiny_moe','model.n_experts=8','train.batch_size=16'];"
             "one=b(o+['mesh.data=1','mesh.expert=1','mesh.model=1'],n_devices=1);"
@@ -155,24 +157,26 @@ def machine() -> str:
 
 def render(results: dict, command: str) -> str:
     f32, bf16 = results["peak_f32"], results["peak_bf16"]
+    dtype = results["dtype"]
+    peak = f32 if dtype == "float32" else bf16
     lines = [f"## {results['date']} — {results['machine']}", "", f"Command: `{command}`", "",
              f"Matmul peak (2048^3): float32 {f32 / 1e9:.1f} GFLOP/s, bfloat16 "
              f"{bf16 / 1e9:.1f} GFLOP/s.", "",
              "MoE FFN forward+backward vs a dense FFN of equal activated FLOPs "
-             f"({results['ffn_shape']}), capacity factor 1.25:", "",
+             f"({results['ffn_shape']}, {dtype}), capacity factor 1.25:", "",
              "| M x H | E | dispatch | MoE ms | dense ms | MoE / dense |",
              "|---|---|---|---|---|---|"]
     for r in results["ffn"]:
         lines.append(f"| {r['m']} x {r['h']} | {r['experts']} | {r['dispatch']} | "
                      f"{r['moe_ms']:.1f} | {r['dense_ms']:.1f} | {r['ratio']:.2f} |")
     dense = results["steps"]["dense"]
-    lines += ["", f"Whole training step ({results['step_shape']}, float32):", "",
-              "| model | s/step | tokens/s | MFU (float32 peak) | vs dense | peak RSS GiB |",
+    lines += ["", f"Whole training step ({results['step_shape']}, {dtype}):", "",
+              f"| model | s/step | tokens/s | MFU ({dtype} peak) | vs dense | peak RSS GiB |",
               "|---|---|---|---|---|---|"]
     for name, r in results["steps"].items():
-        model = r["model"].replace(" " + results["step_shape"], "")
+        model = r["model"].replace(f" {results['step_shape']} model.dtype={dtype}", "")
         lines.append(f"| {name} ({model}) | {r['seconds']:.3f} | {r['tokens_per_s']:,.0f} | "
-                     f"{r['flops_per_s'] / f32:.0%} | {r['seconds'] / dense['seconds']:.2f} | "
+                     f"{r['flops_per_s'] / peak:.0%} | {r['seconds'] / dense['seconds']:.2f} | "
                      f"{r['peak_rss_gib']:.2f} |")
     ep = results["expert_parallel"]
     if "error" in ep:
@@ -191,14 +195,20 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", default=str(CONF_DIR.parent / "BENCHMARKS.md"))
     p.add_argument("--json", default="outputs/bench.json")
     p.add_argument("--experts", default="8,16,32,64,128")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"],
+                   help="activations of the FFN and step benches (default: bfloat16 on GPU/TPU, "
+                        "float32 on CPU)")
     args = p.parse_args(argv)
     experts = [int(e) for e in args.experts.split(",")]
+    dtype = args.dtype or ("bfloat16" if jax.default_backend() in ("gpu", "tpu") else "float32")
     results = {"date": datetime.date.today().isoformat(), "machine": machine(),
                "peak_f32": matmul_peak(jnp.float32), "peak_bf16": matmul_peak(jnp.bfloat16),
                "ffn_shape": "4096 tokens in groups of 1024, top-2",
-               "step_shape": " ".join(STEP_SHAPE)}
-    results["ffn"] = [row for m, h in FFN_SHAPES for row in moe_vs_dense(4096, m, h, 1024, experts)]
-    results["steps"] = {name: train_step_bench(o) for name, o in STEP_MODELS.items()}
+               "step_shape": " ".join(STEP_SHAPE), "dtype": dtype}
+    results["ffn"] = [row for m, h in FFN_SHAPES
+                      for row in moe_vs_dense(4096, m, h, 1024, experts, dtype=jnp.dtype(dtype))]
+    results["steps"] = {name: train_step_bench(o + [f"model.dtype={dtype}"])
+                        for name, o in STEP_MODELS.items()}
     results["expert_parallel"] = expert_parallel()
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(results, indent=1))
