@@ -238,7 +238,8 @@ class MeshConfig:
 @dataclass
 class DistributedConfig:
     """Multi-host JAX (`glam.distributed`). `init`: `auto` starts jax.distributed when
-    `num_processes` > 1 or a multi-process SLURM / Open MPI / TPU-pod launch is detected;
+    `num_processes` > 1 or a multi-process launch is detected (srun, mpirun, a TPU slice that
+    sets TPU_WORKER_HOSTNAMES, Hydra's submitit_local with several tasks);
     `always` starts it and lets JAX detect the rest; `never` runs one process. The fields
     default to $GLAM_COORDINATOR_ADDRESS, $GLAM_NUM_PROCESSES and $GLAM_PROCESS_ID
     (conf/config.yaml); unset ones are detected from the cluster."""

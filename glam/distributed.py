@@ -4,18 +4,21 @@
 the config is validated). Then `jax.devices()` lists every process's devices, `make_mesh`
 spans them all, and every jitted step is one SPMD program. What differs by process:
 
-- each process builds only its own rows of a global batch (`jax.make_array_from_callback`);
-- only process 0 writes MLflow, the run directory's files and the progress bar;
+- each process builds only its own rows of a training batch (`jax.make_array_from_callback`);
+  evaluation batches are small and built whole on every process;
+- only process 0 writes MLflow, glam's files in the run directory and the progress bar (work
+  the others wait on goes through `on_primary`, so an error there stops every process);
 - every process takes part in checkpoint save and restore (orbax coordinates them);
 - host copies of results go through `fetch`, which gathers arrays spread over processes.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import numpy as np
@@ -36,7 +39,8 @@ def detect_cluster(environ: Mapping[str, str]) -> str | None:
     one task), `openmpi` (mpirun -n > 1), `tpu` (a TPU slice of more than one host), or
     `submitit_local` (Hydra's submitit_local launcher with tasks_per_node > 1: the SLURM
     launch path, on one machine)."""
-    if "SLURM_JOB_ID" in environ and "SLURM_PROCID" in environ and _int(environ, "SLURM_NTASKS") > 1:
+    in_job_step = "SLURM_JOB_ID" in environ and "SLURM_PROCID" in environ
+    if in_job_step and _int(environ, "SLURM_NTASKS") > 1:
         return "slurm"
     if _int(environ, "OMPI_COMM_WORLD_SIZE") > 1:
         return "openmpi"
@@ -49,13 +53,16 @@ def detect_cluster(environ: Mapping[str, str]) -> str | None:
 
 
 def _slurm_devices(environ: Mapping[str, str]) -> list[int] | None:
-    """With one SLURM task per host, that task owns all the host's GPUs. (Left alone, JAX gives
-    each SLURM task the single GPU numbered by its local rank.)"""
-    nodes = _int(environ, "SLURM_STEP_NUM_NODES", "SLURM_NNODES")
-    gpus = environ.get("SLURM_GPUS_ON_NODE", "")
-    if _int(environ, "SLURM_NTASKS") == nodes and gpus.isdigit():
-        return list(range(int(gpus)))
-    return None
+    """The GPUs of this SLURM task: the host's GPUs split evenly over its tasks, so one task per
+    host drives them all. (Left alone, JAX gives each task the one GPU of its local rank.)"""
+    tasks_per_node = _int(environ, "SLURM_NTASKS") // _int(environ, "SLURM_STEP_NUM_NODES",
+                                                            "SLURM_NNODES")
+    gpus = _int(environ, "SLURM_GPUS_ON_NODE")
+    if "SLURM_GPUS_ON_NODE" not in environ or not tasks_per_node or gpus % tasks_per_node:
+        return None
+    per_task = gpus // tasks_per_node
+    first = _int(environ, "SLURM_LOCALID") * per_task
+    return list(range(first, first + per_task))
 
 
 def initialize_args(cfg: DistributedConfig, environ: Mapping[str, str]) -> dict | None:
@@ -105,28 +112,46 @@ def is_primary() -> bool:
     return jax.process_index() == 0
 
 
-def barrier(name: str) -> None:
-    if jax.process_count() > 1:
-        multihost_utils.sync_global_devices(name)
-
-
 def broadcast(text: str) -> str:
     """Process 0's `text`, on every process."""
     if jax.process_count() == 1:
         return text
     data = np.frombuffer(text.encode(), np.uint8)
     length = int(multihost_utils.broadcast_one_to_all(np.int32(len(data))))
-    buffer = np.zeros(length, np.uint8)
-    buffer[: min(length, len(data))] = data[:length]
+    buffer = data if is_primary() else np.zeros(length, np.uint8)
     return bytes(multihost_utils.broadcast_one_to_all(buffer)).decode(errors="replace")
 
 
 def agree(text: str, what: str) -> None:
-    """Refuse to go on unless every process holds process 0's `text`."""
-    theirs = broadcast(text)
-    if theirs != text:
-        raise ConfigError(f"{what}: process 0 has {theirs!r}, process {jax.process_index()} has "
-                          f"{text!r}; every process of a run must use the same value.")
+    """Refuse, on every process, to go on unless all processes hold the same `text`."""
+    if jax.process_count() == 1:
+        return
+    digest = np.frombuffer(hashlib.sha256(text.encode()).digest(), np.uint8)
+    digests = multihost_utils.process_allgather(digest)  # [processes, 32], the same everywhere
+    differ = [i for i, d in enumerate(digests) if not np.array_equal(d, digests[0])]
+    if differ:
+        theirs = broadcast(text)
+        raise ConfigError(f"{what}: processes {differ} differ from process 0 ({theirs!r}); "
+                          "every process of a run must use the same value.")
+
+
+def on_primary(fn: Callable[[], str]) -> str:
+    """Run `fn` on process 0 alone and return its result on every process; if it raises, every
+    process raises (the others would otherwise wait for process 0 at the next collective)."""
+    if jax.process_count() == 1:
+        return fn()
+    result, error = "", None
+    if is_primary():
+        try:
+            result = fn()
+        except Exception as err:  # re-raised below, once the other processes know
+            error = err
+    message = broadcast(f"{type(error).__name__}: {error}" if error else "")
+    if error is not None:
+        raise error
+    if message:
+        raise RuntimeError(f"process 0 failed, so this process stops too: {message}")
+    return broadcast(result)
 
 
 def fetch(tree: Any) -> Any:

@@ -98,8 +98,9 @@ def check_divisibility(shape: tuple[int, int, int], model: ModelConfig, batch_si
 
 def make_mesh(cfg: MeshConfig, devices=None) -> Mesh:
     """The mesh over `devices` (default: every device of every process). `jax.make_mesh` orders
-    them by the physical topology (TPU ICI rings); on GPU and CPU the last axis, `model`, varies
-    fastest, so it stays within a host, then `expert`."""
+    them by the physical topology (TPU ICI rings); on GPU and CPU in process order with the last
+    axis, `model`, varying fastest: `model` (then `expert`) stays within a host as long as its
+    size (times `model`'s) fits the host's devices."""
     devices = jax.devices() if devices is None else devices
     shape = mesh_shape(cfg, len(devices))
     return jax.make_mesh(shape, AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)

@@ -186,7 +186,7 @@ class Trainer:
         self.unchecked.clear()
         return None
 
-    def _rollback(self, reason: str, tracker: Tracker) -> None:
+    def _rollback(self, reason: str, tracker: Tracker | SilentTracker) -> None:
         max_rollbacks = self.cfg.stability.max_rollbacks
         at = self.step
         if self.ckpt is None or self.ckpt.latest_step() is None:
@@ -213,7 +213,7 @@ class Trainer:
         resolved = OmegaConf.to_container(OmegaConf.structured(cfg))  # derived fields filled in
         config_path = self.output_dir / "config.yaml"
         if self.primary:
-            config_path.write_text(OmegaConf.to_yaml(resolved))
+            config_path.write_text(OmegaConf.to_yaml(resolved))  # Hydra's .hydra/: every process
         run_id = self.record["mlflow_run_id"] if self.record else None
         world = self.corpus.world
         params = {**resolved, "counts": self.counts.as_dict(),
@@ -228,8 +228,16 @@ class Trainer:
                 "config_hash": config_hash(resolved), "output_dir": str(self.output_dir),
                 **self.extra_tags}
         name = lg.run_name or run_name(cfg, c.activated_params)
-        tracker = (Tracker(lg.tracking_uri, lg.experiment, name, params, tags, run_id=run_id)
-                   if self.primary else SilentTracker(run_id))
+        opened: list[Tracker] = []
+
+        def open_run() -> str:
+            opened.append(Tracker(lg.tracking_uri, lg.experiment, name, params, tags,
+                                  run_id=run_id))
+            return opened[0].run_id
+
+        # Process 0 opens the MLflow run; the others learn its id (for the checkpoint record).
+        shared_id = distributed.on_primary(open_run)
+        tracker = opened[0] if opened else SilentTracker(shared_id)
         try:
             with tracker:
                 if run_id:
@@ -252,7 +260,7 @@ class Trainer:
                  final["tokens_per_second"], ", ".join(f"{k[5:]} {v:.1f}" for k, v in groups.items()))
         return final
 
-    def _loop(self, tracker: Tracker) -> dict:
+    def _loop(self, tracker: Tracker | SilentTracker) -> dict:
         cfg, t = self.cfg, self.cfg.train
         every = cfg.checkpoint.every
         bar = tqdm(total=t.steps, initial=self.step, disable=not (t.progress and self.primary),
@@ -326,7 +334,7 @@ class Trainer:
                                                   self.data_order, rows=index[0]))
 
     @staticmethod
-    def _flush(tracker: Tracker, entries: list[tuple[int, dict]]) -> None:
+    def _flush(tracker: Tracker | SilentTracker, entries: list[tuple[int, dict]]) -> None:
         for step, metrics in entries:
             tracker.log_metrics(step, metrics)
         tracker.flush()
@@ -340,7 +348,7 @@ class Trainer:
         self.predictions = result.predictions
         return {**val_metrics, **result.metrics}
 
-    def _finish(self, tracker: Tracker, config_path: Path, timing: dict) -> dict:
+    def _finish(self, tracker: Tracker | SilentTracker, config_path: Path, timing: dict) -> dict:
         t = self.cfg.train
         final = {
             **self._evaluate(), **timing,
@@ -355,7 +363,6 @@ class Trainer:
         if self.ckpt:
             self.ckpt.wait()
         return {**final, "run_id": tracker.run_id}
-
 
     def _write_artifacts(self, tracker: Tracker, config_path: Path, final: dict) -> None:
         artifacts = {"expert_load.json": self.expert_load, "rollbacks.json": self.rollbacks,
@@ -403,20 +410,21 @@ def main(dcfg: DictConfig) -> float:
     sweep = sweep_context(cfg.study.name)
     if sweep is not None:
         hash_ = config_hash(OmegaConf.to_container(OmegaConf.structured(cfg)))
-        # Process 0 alone talks to MLflow (parallel first connections race to create the schema).
-        primary = distributed.is_primary()
-        done = distributed.broadcast(
-            (finished_run(cfg.logger.tracking_uri, cfg.logger.experiment, hash_) or "")
-            if primary else "")
-        if done:
-            if primary:
+
+        def skip_or_prepare() -> str:
+            done = finished_run(cfg.logger.tracking_uri, cfg.logger.experiment, hash_)
+            if done:
                 adopt(cfg.logger.tracking_uri, done, sweep["tags"])
+            else:
+                set_aside_stale_checkpoints(output_dir, hash_)
+            return done or ""
+
+        # Process 0 alone talks to MLflow (parallel first connections race to create the schema).
+        done = distributed.on_primary(skip_or_prepare)
+        if done:
             log.info("sweep point %s already finished (MLflow run %s): skipped",
                      sweep["tags"]["sweep_point"], done)
             return math.nan
-        if primary:
-            set_aside_stale_checkpoints(output_dir, hash_)
-        distributed.barrier("glam:run-dir-ready")
     final = run(cfg, output_dir, sweep["tags"] if sweep else None)
     return final["val_loss"]
 

@@ -50,7 +50,7 @@ def test_meshes_match_one_device():
 
 @pytest.mark.parametrize("preset,devices,model", [
     ("cpu", 1, "cpu_moe"), ("cpu8", 8, "cpu_moe"), ("gpu8", 8, "paper/glam_1_7b_64e"),
-    ("tpu_v4_32", 32, "paper/glam_8b_64e"), ("tpu_v5p_64", 64, "paper/glam_64b_64e"),
+    ("tpu_v4_32", 16, "paper/glam_8b_64e"), ("tpu_v5p_64", 32, "paper/glam_64b_64e"),
 ])
 def test_mesh_presets_compose_and_fit_their_models(preset, devices, model):
     from glam.count import load

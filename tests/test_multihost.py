@@ -26,8 +26,13 @@ SLURM = {"SLURM_JOB_ID": "7", "SLURM_STEP_NODELIST": "node[1-2]", "SLURM_PROCID"
     # srun, one task per host: that task gets all 8 GPUs of its host
     (DistributedConfig(), {**SLURM, "SLURM_NTASKS": "2", "SLURM_GPUS_ON_NODE": "8"},
      {"local_device_ids": list(range(8))}),
-    # srun, one task per GPU: JAX's own SLURM detection does it all
-    (DistributedConfig(), {**SLURM, "SLURM_NTASKS": "16", "SLURM_GPUS_ON_NODE": "8"}, {}),
+    # srun, one task per GPU: each its own, as JAX's SLURM detection would do
+    (DistributedConfig(), {**SLURM, "SLURM_NTASKS": "16", "SLURM_GPUS_ON_NODE": "8"},
+     {"local_device_ids": [0]}),
+    # two tasks per host: the second task of a host takes GPUs 4-7
+    (DistributedConfig(), {**SLURM, "SLURM_NTASKS": "4", "SLURM_LOCALID": "1",
+                           "SLURM_GPUS_ON_NODE": "8"}, {"local_device_ids": [4, 5, 6, 7]}),
+    (DistributedConfig(), {**SLURM, "SLURM_NTASKS": "2"}, {}),  # no GPUs: JAX decides
     (DistributedConfig(), {**SLURM, "SLURM_NTASKS": "1"}, None),  # an sbatch with one task
     (DistributedConfig(), {"TPU_WORKER_HOSTNAMES": "t1,t2,t3,t4"}, {}),  # a TPU pod slice
     (DistributedConfig(), {"TPU_WORKER_HOSTNAMES": "t1"}, None),  # a single TPU host
@@ -63,7 +68,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _train(run_dir, uri, *overrides, env=None, log=None, multirun=False):
+def _train(run_dir, uri, *overrides, log, env=None, multirun=False):
     args = ["model=tiny_moe", "train.steps=8", "train.batch_size=8", "train.log_every=1",
             "train.progress=false", "train.eval_batches=1", "checkpoint.every=2",
             "data.train_tokens=20000", "data.val_tokens=2048", "eval.max_examples=8",
@@ -71,9 +76,10 @@ def _train(run_dir, uri, *overrides, env=None, log=None, multirun=False):
             f"hydra.run.dir={run_dir}", *overrides]
     base = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     flags = ["--multirun"] if multirun else []
-    return subprocess.Popen([sys.executable, "-m", "glam.train", *flags, *args],
-                            env={**base, "JAX_PLATFORMS": "cpu", **(env or {})},
-                            stdout=log, stderr=subprocess.STDOUT, text=True)
+    with open(log, "w") as out:  # the child keeps its own handle
+        return subprocess.Popen([sys.executable, "-m", "glam.train", *flags, *args],
+                                env={**base, "JAX_PLATFORMS": "cpu", **(env or {})},
+                                stdout=out, stderr=subprocess.STDOUT, text=True)
 
 
 def _wait(procs, logs, timeout=240):
@@ -101,23 +107,23 @@ def test_two_processes_match_one_and_their_checkpoint_restores_in_one(tmp_path):
                     "faults.crash_at_step=6", f"distributed.coordinator_address=127.0.0.1:{port}",
                     "distributed.num_processes=2", f"distributed.process_id={i}",
                     env={"XLA_FLAGS": "--xla_force_host_platform_device_count=2"},
-                    log=logs[i].open("w"))
+                    log=logs[i])
              for i in range(2)]
     codes, texts = _wait(procs, logs)
+    assert "process 0 of 2: 2 local of 4 devices" in texts[0]  # process 1 logs warnings only
     for text in texts:
-        assert "process 0 of 2: 2 local of 4 devices" in texts[0]
         assert "SimulatedCrash: faults.crash_at_step=6" in text, text[-3000:]
     assert codes == [1, 1]
 
     resume_log = tmp_path / "resume.log"
-    codes, [resumed] = _wait([_train(tmp_path / "shared", uri, log=resume_log.open("w"))],
+    codes, [resumed] = _wait([_train(tmp_path / "shared", uri, log=resume_log)],
                              [resume_log])
     assert codes == [0], resumed[-3000:]
     start = int(re.search(r"resuming MLflow run \w+ from step (\d+)", resumed).group(1))
     assert start == 6  # the checkpoint the two processes wrote together before the crash
 
     ref_log = tmp_path / "reference.log"
-    codes, [ref] = _wait([_train(tmp_path / "single", uri, log=ref_log.open("w"))], [ref_log])
+    codes, [ref] = _wait([_train(tmp_path / "single", uri, log=ref_log)], [ref_log])
     assert codes == [0], ref[-3000:]
 
     client = MlflowClient(uri)
@@ -133,6 +139,21 @@ def test_two_processes_match_one_and_their_checkpoint_restores_in_one(tmp_path):
                                rtol=1e-5)
 
 
+def test_different_run_directories_are_refused_on_every_process(tmp_path):
+    port = _free_port()
+    logs = [tmp_path / f"process{i}.log" for i in range(2)]
+    procs = [_train(tmp_path / f"dir{i}", f"sqlite:///{tmp_path / 'mlflow.db'}",
+                    f"distributed.coordinator_address=127.0.0.1:{port}",
+                    "distributed.num_processes=2", f"distributed.process_id={i}", log=logs[i],
+                    env={"XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
+             for i in range(2)]
+    codes, texts = _wait(procs, logs, timeout=120)
+    assert codes == [1, 1]
+    for text in texts:
+        assert "ConfigError: hydra.run.dir (set it to one shared path on every process): " \
+               "processes [1] differ from process 0" in text, text[-2000:]
+
+
 def test_hydra_submitit_tasks_form_one_run(tmp_path):
     """The SLURM launch path on one machine: Hydra's submitit launcher starts 2 tasks of one
     sweep point (as `slurm_gpu_hosts` starts one per host); they join one JAX program over 4
@@ -143,7 +164,7 @@ def test_hydra_submitit_tasks_form_one_run(tmp_path):
                   "hydra.launcher.tasks_per_node=2", "hydra.launcher.timeout_min=4",
                   f"hydra.sweep.dir={tmp_path / 'sweep'}", "train.steps=4", "mesh.data=-1",
                   "mesh.expert=2", env={"XLA_FLAGS": "--xla_force_host_platform_device_count=2"},
-                  log=log.open("w"), multirun=True)
+                  log=log, multirun=True)
     codes, [text] = _wait([proc], [log])
     task_logs = "".join(p.read_text() for p in (tmp_path / "sweep").rglob("*_log.out"))
     assert codes == [0], text[-2000:] + task_logs[-3000:]
