@@ -32,6 +32,7 @@ import optax
 
 from glam import accounting
 from glam.config import CONF_DIR
+from glam.model.layers import project
 from glam.model.moe import DISPATCH
 from glam.model.routing import expert_capacity, top_k_gating
 
@@ -59,8 +60,8 @@ def moe_vs_dense(tokens: int, m: int, h: int, group: int, experts: list[int], k:
     w1 = (jax.random.normal(key[1], (m, k * h)) / np.sqrt(m)).astype(dtype)
     w2 = (jax.random.normal(key[2], (k * h, m)) / np.sqrt(k * h)).astype(dtype)
 
-    def dense(x, w1, w2):
-        return jnp.sum(jax.nn.gelu(x @ w1) @ w2)
+    def dense(x, w1, w2):  # as the model's dense FFN computes it
+        return jnp.sum(project(jax.nn.gelu(project(x, w1)), w2))
 
     dense_s = median_seconds(jax.jit(jax.grad(dense, argnums=(0, 1, 2))), x, w1, w2)
     rows = []

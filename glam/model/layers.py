@@ -21,6 +21,15 @@ def param(rngs: nnx.Rngs, shape: tuple[int, ...], fan_in: int) -> nnx.Param:
     return nnx.Param(jax.random.normal(rngs.params(), shape, jnp.float32) * fan_in**-0.5)
 
 
+def project(x: jax.Array, w: jax.Array, contract: int = 1) -> jax.Array:
+    """x [..., K1..Kc] times w [K1..Kc, ...]: the last `contract` dimensions of x against the
+    first of w, computed as one 2-D matmul [rows, K] x [K, N]. XLA's CPU backend runs that 2-2.4x
+    faster than the same product with x kept 3-d (measured for the FFN shapes of `glam-bench`)."""
+    k = math.prod(w.shape[:contract])
+    out = x.reshape(-1, k) @ w.reshape(k, -1)
+    return out.reshape(*x.shape[: x.ndim - contract], *w.shape[contract:])
+
+
 class RMSNorm(nnx.Module):
     def __init__(self, dim: int, eps: float = 1e-6):
         self.scale = nnx.Param(jnp.ones((dim,), jnp.float32))
@@ -64,7 +73,7 @@ class Attention(nnx.Module):
         """x [B, T, M]; `mask` [B, T] marks real tokens: padding is never attended to."""
         dt = x.dtype
         t, d = x.shape[1], self.wq.shape[-1]
-        q, k, v = (jnp.einsum("btm,mnd->btnd", x, w[...].astype(dt)) for w in (self.wq, self.wk, self.wv))
+        q, k, v = (project(x, w[...].astype(dt)) for w in (self.wq, self.wk, self.wv))
         scores = jnp.einsum("btnd,bund->bntu", q, k).astype(jnp.float32) * d**-0.5
         buckets = relative_position_buckets(t, self.num_buckets, self.max_distance)
         scores = scores + jnp.transpose(self.rel_bias[...][buckets], (2, 0, 1))[None]
@@ -74,7 +83,7 @@ class Attention(nnx.Module):
         scores = jnp.where(allowed, scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(dt)
         out = jnp.einsum("bntu,bund->btnd", probs, v)
-        return jnp.einsum("btnd,ndm->btm", out, self.wo[...].astype(dt))
+        return project(out, self.wo[...].astype(dt), contract=2)
 
 
 class FeedForward(nnx.Module):
@@ -90,6 +99,9 @@ class FeedForward(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         dt = x.dtype
-        h = x @ self.wi[...].astype(dt)
-        h = jax.nn.gelu(x @ self.wi_gate[...].astype(dt)) * h if self.gated else jax.nn.gelu(h)
-        return h @ self.wo[...].astype(dt)
+        h = project(x, self.wi[...].astype(dt))
+        if self.gated:
+            h = jax.nn.gelu(project(x, self.wi_gate[...].astype(dt))) * h
+        else:
+            h = jax.nn.gelu(h)
+        return project(h, self.wo[...].astype(dt))

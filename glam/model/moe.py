@@ -21,7 +21,7 @@ from flax import nnx
 
 from glam.config import ModelConfig
 from glam.mesh import constrain
-from glam.model.layers import param
+from glam.model.layers import param, project
 from glam.model.routing import Routing, expert_capacity, second_expert_noise, top_k_gating
 
 
@@ -168,7 +168,7 @@ class MoEFeedForward(nnx.Module):
             if r.jitter > 0:
                 router_in = router_in * jax.random.uniform(
                     jitter_key, router_in.shape, jnp.float32, 1.0 - r.jitter, 1.0 + r.jitter)
-        logits = router_in @ self.router[...]
+        logits = project(router_in, self.router[...])
         dispatch = resolve_dispatch(r.dispatch)
         capacity = (s if dispatch == "dropless" else  # dropless: every assignment is placed
                     expert_capacity(s, cfg.n_experts, cfg.top_k, r.capacity_factor,

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 from flax import nnx, struct
 
 from glam.config import ModelConfig
-from glam.model.layers import Attention, FeedForward, RMSNorm, param
+from glam.model.layers import Attention, FeedForward, RMSNorm, param, project
 from glam.model.moe import MoEFeedForward
 
 
@@ -67,9 +67,9 @@ class GLaM(nnx.Module):
         x = self.final_norm(x)
         if self.tie_embeddings:
             # Shared input/output embedding: rescale so initial logits have unit variance (T5).
-            logits = jnp.einsum("btm,vm->btv", x, self.embed[...].astype(x.dtype)) * self.d_model**-0.5
+            logits = project(x, self.embed[...].astype(x.dtype).T) * self.d_model**-0.5
         else:
-            logits = x @ self.unembed[...].astype(x.dtype)
+            logits = project(x, self.unembed[...].astype(x.dtype))
         return logits.astype(jnp.float32), MoEOutputs(aux_loss=aux, z_loss=z, layer_stats=stats)
 
 
