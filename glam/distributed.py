@@ -108,7 +108,7 @@ def initialize(cfg: DistributedConfig) -> None:
 
 
 def is_primary() -> bool:
-    """Process 0: the one that writes MLflow, the run directory's files and the progress bar."""
+    """Process 0: the one that writes MLflow, glam's run-directory files and the progress bar."""
     return jax.process_index() == 0
 
 

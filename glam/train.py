@@ -213,7 +213,7 @@ class Trainer:
         resolved = OmegaConf.to_container(OmegaConf.structured(cfg))  # derived fields filled in
         config_path = self.output_dir / "config.yaml"
         if self.primary:
-            config_path.write_text(OmegaConf.to_yaml(resolved))  # Hydra's .hydra/: every process
+            config_path.write_text(OmegaConf.to_yaml(resolved))  # (Hydra writes .hydra/ on each)
         run_id = self.record["mlflow_run_id"] if self.record else None
         world = self.corpus.world
         params = {**resolved, "counts": self.counts.as_dict(),
