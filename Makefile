@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo study bench clean
+.PHONY: install test test-fast demo study bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -17,14 +17,18 @@ install: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -n 2 -q
 
+# The tests not marked slow (no CLI training, multirun or multi-process run): under a minute.
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -n 2 -q -m "not slow"
+
 demo: $(STAMP)
-	PATH="$(CURDIR)/$(BIN):$$PATH" bash sweeps/demo.sh
+	PATH="$(CURDIR)/$(BIN):$$PATH" bash scripts/demo.sh
 
 bench: $(STAMP)
 	$(BIN)/glam-bench
 
 study: $(STAMP)
-	PATH="$(CURDIR)/$(BIN):$$PATH" bash sweeps/study.sh
+	PATH="$(CURDIR)/$(BIN):$$PATH" bash scripts/study.sh
 
 clean:
-	rm -rf $(VENV) outputs mlflow.db .pytest_cache
+	rm -rf $(VENV) outputs mlflow.db .pytest_cache build dist

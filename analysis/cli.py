@@ -1,7 +1,7 @@
 """`glam-analyze`: runs of a study -> run table, scaling-law fits, paper-style figures, energy.
 
-    glam-analyze --study expert_count                      # the study's latest sweep
-    glam-analyze --sweep <parent run id> --out figures/
+    glam-analyze --study expert_count                      # the study's newest parent run
+    glam-analyze --parent <parent run id> --out figures/
     glam-analyze --experiment glam --figures compute_vs_accuracy data_efficiency
     glam-analyze --table runs.csv --out figures/           # offline, from an exported table
     glam-analyze --paper-table --hardware tpu_v4           # GLaM Table 1 from the presets
@@ -29,11 +29,11 @@ FIGURES = ("compute_vs_accuracy", "expert_count", "data_efficiency", "routing_he
 def find_study_parent(client: MlflowClient, study: str) -> str:
     exp = client.get_experiment_by_name(study)
     runs = [] if exp is None else client.search_runs(
-        [exp.experiment_id], filter_string="tags.sweep_role = 'parent'",
+        [exp.experiment_id], filter_string="tags.study_role = 'parent'",
         order_by=["attributes.start_time DESC"], max_results=1)
     if not runs:
-        raise SystemExit(f"glam-analyze: no sweep of study {study!r} at {client.tracking_uri}; "
-                         f"run it first: glam-train -m +sweep={study}")
+        raise SystemExit(f"glam-analyze: no parent run of study {study!r} at {client.tracking_uri}; "
+                         f"run it first: glam-train -m +study={study}")
     return runs[0].info.run_id
 
 
@@ -80,8 +80,8 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="glam-analyze", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--study", help="a sweep config's study name (its newest parent run)")
-    src.add_argument("--sweep", help="MLflow parent run id of a sweep")
+    src.add_argument("--study", help="a study's name (its newest parent run)")
+    src.add_argument("--parent", help="MLflow parent run id of a study")
     src.add_argument("--experiment", help="every finished run of an MLflow experiment")
     src.add_argument("--table", help="an exported run table (.csv or .parquet), offline")
     p.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI",
@@ -97,14 +97,14 @@ def main(argv: list[str] | None = None) -> None:
 
     if args.paper_table:
         print(energy.paper_table(args.hardware).to_string(index=False, float_format="%.4g"))
-        if not (args.study or args.sweep or args.experiment or args.table):
+        if not (args.study or args.parent or args.experiment or args.table):
             return
     client, parent = None, None
     if args.table:
         table, name = read_table(args.table), Path(args.table).stem
     else:
         client = MlflowClient(args.tracking_uri)
-        parent = args.sweep or (find_study_parent(client, args.study) if args.study else None)
+        parent = args.parent or (find_study_parent(client, args.study) if args.study else None)
         table = load_runs(args.tracking_uri, args.experiment, parent)
         name = args.study or args.experiment or parent
     if table.empty:
@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> None:
         for path in written:
             client.log_artifact(parent, str(path), artifact_path="analysis")
     print_summary(table)
-    total = energy.sweep_energy(table, args.hardware)
+    total = energy.study_energy(table, args.hardware)
     print(f"\n{total['runs']} runs: {total['device_hours']:.3g} device-hours, "
           f"{total['energy_kwh']:.3g} kWh on {args.hardware}")
     print(f"figures and tables in {out.resolve()}" + (f" (also on MLflow run {parent})"

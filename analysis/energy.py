@@ -21,7 +21,7 @@ def run_energy(table: pd.DataFrame, hardware: str) -> pd.DataFrame:
     return out
 
 
-def sweep_energy(table: pd.DataFrame, hardware: str) -> dict:
+def study_energy(table: pd.DataFrame, hardware: str) -> dict:
     per_run = run_energy(table, hardware)
     return {"hardware": hardware, "runs": len(per_run),
             "device_hours": float(per_run["device_hours"].sum()),
@@ -30,12 +30,12 @@ def sweep_energy(table: pd.DataFrame, hardware: str) -> dict:
 
 def paper_table(hardware: str) -> pd.DataFrame:
     """GLaM Table 1's columns for GPT-3 and GLaM 64B/64E, from this project's own accounting."""
-    from glam.count import load
+    from glam.resolve import load
 
     hw = profile(hardware)
     rows = []
     for preset, tokens in PAPER_RUNS:
-        m = load([f"model={preset}"]).model
+        m = load([f"model={preset}"], backend="cpu").model  # dispatch changes no count
         c = accounting.count(m)
         train_flops = tokens * c.train_flops_per_token
         rows.append({"model": m.name, "total_params_B": c.total_params / 1e9,

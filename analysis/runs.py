@@ -1,4 +1,4 @@
-"""Runs of an experiment or a sweep as a tidy pandas table (one row per run), and histories.
+"""Runs of an experiment or a study as a tidy pandas table (one row per run), and histories.
 
 Every function downstream takes this table, so the analysis also works offline on an exported
 CSV or Parquet file.
@@ -27,8 +27,8 @@ def _experiment_ids(client: MlflowClient, experiment: str | None) -> list[str]:
 
 def load_runs(tracking_uri: str, experiment: str | None = None,
               parent_run_id: str | None = None, status: str | None = "FINISHED") -> pd.DataFrame:
-    """One row per training run (sweep parents excluded): params, tags, final metrics and
-    `best_val_loss`. `parent_run_id` restricts to one sweep's children."""
+    """One row per training run (study parents excluded): params, tags, final metrics and
+    `best_val_loss`. `parent_run_id` restricts to one study's children."""
     client = MlflowClient(tracking_uri)
     ids = ([client.get_run(parent_run_id).info.experiment_id] if parent_run_id
            else _experiment_ids(client, experiment))
@@ -41,12 +41,12 @@ def load_runs(tracking_uri: str, experiment: str | None = None,
     rows = []
     for r in runs:
         tags = r.data.tags
-        if tags.get("sweep_role") == "parent" or "family" not in tags:
+        if tags.get("study_role") == "parent" or "family" not in tags:
             continue
         row = {"run_id": r.info.run_id, "run_name": r.info.run_name, "status": r.info.status,
                "experiment_id": r.info.experiment_id,
                "parent_run_id": tags.get("mlflow.parentRunId"),
-               "sweep": tags.get("sweep"), "sweep_point": tags.get("sweep_point"),
+               "study": tags.get("study"), "study_point": tags.get("study_point"),
                "family": tags["family"], "model": tags.get("model")}
         row.update({k: float(tags[k]) for k in NUMERIC_TAGS if k in tags})
         row.update({f"param.{k}": v for k, v in r.data.params.items()})

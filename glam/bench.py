@@ -31,7 +31,7 @@ import numpy as np
 import optax
 
 from glam import accounting
-from glam.config import CONF_DIR
+from glam.resolve import CONF_DIR
 from glam.model.layers import project
 from glam.model.moe import DISPATCH
 from glam.model.routing import expert_capacity, top_k_gating
@@ -87,19 +87,20 @@ def moe_vs_dense(tokens: int, m: int, h: int, group: int, experts: list[int], k:
 def train_step_bench(overrides: list[str], steps: int = 10, n_devices: int | None = None) -> dict:
     """Seconds per training step of the model `overrides` select, with its FLOPs and memory,
     on the first `n_devices` devices (default: all)."""
-    from glam.count import load
-    from glam.mesh import RULES, activate, data_sharding, make_mesh
+    from glam.mesh import activate, data_sharding, make_mesh, rules_for
+    from glam.resolve import load
     from glam.step import init_state, make_train_step
 
     cfg = load(overrides)
+    rules = rules_for(cfg.mesh)
     m, t = cfg.model, cfg.train
     mesh = make_mesh(cfg.mesh, jax.devices()[:n_devices] if n_devices else None)
     schedule = optax.constant_schedule(1e-3)
-    graphdef, _, state, sharding = init_state(m, optax.adamw(schedule), 0, mesh, RULES)
-    step = make_train_step(graphdef, m, schedule, sharding, data_sharding(mesh, RULES))
+    graphdef, _, state, sharding = init_state(m, optax.adamw(schedule), 0, mesh, rules)
+    step = make_train_step(graphdef, m, schedule, sharding, data_sharding(mesh, rules))
     batch = np.random.default_rng(0).integers(0, m.vocab_size, (t.batch_size, m.seq_len + 1))
     batch = batch.astype(np.int32)
-    with activate(mesh, RULES):
+    with activate(mesh, rules):
         state, metrics = step(state, batch, jax.random.key(0), np.float32(1.0))
         jax.block_until_ready(metrics)
         times = []

@@ -1,72 +1,212 @@
-"""Typed configuration: the schema Hydra composes into, and the checks it cannot express.
+"""The configuration schema: typed sections Hydra composes into, and the checks of each section.
 
-Hydra merges the YAML tree in `conf/` into these dataclasses, so an unknown key or a wrong type
-fails at composition with the offending key named. `to_config` then runs the semantic checks
-(positive sizes, `top_k <= n_experts`, consistent attention width, ...) and returns plain
-dataclasses. All of this happens before any JAX work.
+This module is the schema alone and imports nothing else from `glam`. Hydra merges the YAML tree
+(`conf/`, studies in `sweeps/`) into `Config`, so an unknown key, a wrong type or a choice outside
+its Enum fails at composition with the key named. Each section's `check()` runs the checks that
+need only that section (positive sizes, `top_k <= n_experts`, ...). Values that depend on other
+sections or on the machine (vocabulary size, expert width, concrete dispatch, group size) are
+filled by `glam.resolve`, which returns a frozen `ResolvedConfig`; code that trains, counts or
+plans uses that.
+
+Every field carries a one-line doc (`dataclasses.fields(...)[i].metadata["doc"]`) with its unit.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
-from typing import Optional
-
-from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig, OmegaConf
-
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
-
-FFN_KINDS = ("geglu", "gelu")
-DTYPES = ("float32", "bfloat16")
-SECOND_EXPERT_POLICIES = ("all", "random", "sampling")
-GATE_NORMS = ("before", "after")
-DISPATCHES = ("auto", "gather", "einsum", "dropless")
+from typing import Any, Optional
 
 
 class ConfigError(ValueError):
     """A configuration value is invalid; the message names the field and the fix."""
 
 
+def doc(default: Any, text: str, factory: bool = False) -> Any:
+    """A dataclass field with its one-line documentation (`metadata["doc"]`)."""
+    if factory:
+        return field(default_factory=default, metadata={"doc": text})
+    return field(default=default, metadata={"doc": text})
+
+
+# -- choices -----------------------------------------------------------------------------------
+class FFNKind(StrEnum):
+    geglu = "geglu"
+    gelu = "gelu"
+
+
+class DType(StrEnum):
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+
+
+class SecondExpertPolicy(StrEnum):
+    all = "all"
+    random = "random"
+    sampling = "sampling"
+
+
+class GateNorm(StrEnum):
+    before = "before"
+    after = "after"
+
+
+class Dispatch(StrEnum):
+    """How tokens reach their experts (`glam.model.moe`). `auto` is resolved per backend."""
+
+    auto = "auto"
+    gather = "gather"
+    einsum = "einsum"
+    dropless = "dropless"
+
+
+class DataKind(StrEnum):
+    world = "world"
+
+
+class OptimizerName(StrEnum):
+    adamw = "adamw"
+    adafactor = "adafactor"
+
+
+class ScheduleName(StrEnum):
+    glam = "glam"
+    cosine = "cosine"
+    wsd = "wsd"
+
+
+class Resume(StrEnum):
+    auto = "auto"
+    never = "never"
+
+
+class DistributedInit(StrEnum):
+    auto = "auto"
+    always = "always"
+    never = "never"
+
+
+class Placement(StrEnum):
+    glam = "glam"
+    matched = "matched"
+
+
+class TaskKind(StrEnum):
+    nlg = "nlg"
+    nlu = "nlu"
+
+
+# -- checks ------------------------------------------------------------------------------------
+def check(ok: bool, field_name: str, message: str) -> None:
+    """Raise ConfigError(`field_name: message`) unless `ok`."""
+    if not ok:
+        raise ConfigError(f"{field_name}: {message}")
+
+
+def _positive(obj: Any, prefix: str, names: tuple[str, ...]) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if value is not None:
+            check(value > 0, f"{prefix}.{name}", f"must be positive, got {value}.")
+
+
+def _non_negative(obj: Any, prefix: str, names: tuple[str, ...]) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        check(value >= 0, f"{prefix}.{name}", f"must be >= 0, got {value}.")
+
+
+def _in_unit_interval(obj: Any, prefix: str, names: tuple[str, ...]) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        check(0 <= value <= 1, f"{prefix}.{name}", f"must be in [0, 1], got {value}.")
+
+
+class Section:
+    """Base of every section. A resolved config freezes its sections (`freeze`): assigning to a
+    field of one then raises `dataclasses.FrozenInstanceError`."""
+
+    _frozen = False
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if self._frozen:
+            raise dataclasses.FrozenInstanceError(
+                f"cannot assign {type(self).__name__}.{name}: a resolved config is frozen; "
+                "change the raw config and resolve it again.")
+        object.__setattr__(self, name, value)
+
+    def check(self, prefix: str) -> None:
+        """Checks that need only this section; raises ConfigError naming `prefix.field`."""
+
+
+def freeze(section: Section) -> None:
+    """Freeze `section` and its sub-sections in place; lists become tuples."""
+    for f in dataclasses.fields(section):
+        value = getattr(section, f.name)
+        if isinstance(value, Section):
+            freeze(value)
+        elif isinstance(value, list):
+            for item in value:
+                if isinstance(item, Section):
+                    freeze(item)
+            object.__setattr__(section, f.name, tuple(value))
+    object.__setattr__(section, "_frozen", True)
+
+
+# -- sections ----------------------------------------------------------------------------------
 @dataclass
-class RouterConfig:
+class RouterConfig(Section):
     """How tokens are routed to experts (GShard top-k gating); see `glam.model.routing`."""
 
-    capacity_factor: float = 1.25
-    capacity_multiple: int = 4
-    group_size: Optional[int] = None
-    second_expert_policy: str = "all"
-    gate_norm: str = "before"
-    jitter: float = 0.0
-    aux_loss_weight: float = 0.01
-    z_loss_weight: float = 0.0
-    dispatch: str = "auto"
+    capacity_factor: float = doc(1.25, "expert slots per routed assignment (GShard eq. 2), > 0")
+    capacity_multiple: int = doc(4, "capacity C rounded up to a multiple of this (slots)")
+    group_size: Optional[int] = doc(None, "tokens per routing group S; null: one sequence "
+                                          "(model.seq_len), filled by resolve")
+    second_expert_policy: SecondExpertPolicy = doc(SecondExpertPolicy.all,
+                                                   "which second choices are kept (GShard)")
+    gate_norm: GateNorm = doc(GateNorm.before, "normalise top-k gates before or after dropping")
+    jitter: float = doc(0.0, "multiplicative router-input noise in training, in [0, 1)")
+    aux_loss_weight: float = doc(0.01, "weight of the load-balancing loss (1 at balance)")
+    z_loss_weight: float = doc(0.0, "weight of the router z-loss (ST-MoE)")
+    dispatch: Dispatch = doc(Dispatch.auto, "gather | einsum | dropless; auto: dropless on "
+                                            "GPU/TPU, gather on CPU, fixed by resolve")
+
+    def check(self, prefix: str) -> None:
+        check(self.capacity_factor > 0, f"{prefix}.capacity_factor",
+              f"must be positive, got {self.capacity_factor}.")
+        _positive(self, prefix, ("capacity_multiple", "group_size"))
+        _non_negative(self, prefix, ("aux_loss_weight", "z_loss_weight"))
+        check(0 <= self.jitter < 1, f"{prefix}.jitter", f"must be in [0, 1), got {self.jitter}.")
 
 
 @dataclass
-class ModelConfig:
-    """Shape of a GLaM decoder. `n_experts = 0` is the dense model."""
+class ModelConfig(Section):
+    """Shape of a GLaM decoder (GLAM_REFERENCE section 2). `n_experts = 0` is the dense model."""
 
-    name: str = "model"
-    vocab_size: Optional[int] = None  # None: the data's tokenizer vocabulary
-    seq_len: int = 64
-    d_model: int = 64
-    n_layers: int = 2
-    n_heads: int = 4
-    d_head: Optional[int] = None
-    attn_width: Optional[int] = None
-    d_ff: int = 256
-    ffn_kind: str = "geglu"
-    n_experts: int = 0
-    expert_d_ff: Optional[int] = None
-    top_k: int = 2
-    moe_every: int = 2
-    moe_offset: int = 0
-    tie_embeddings: bool = True
-    rel_pos_buckets: int = 32
-    rel_pos_max_distance: int = 128
-    dtype: str = "float32"
-    router: RouterConfig = field(default_factory=RouterConfig)
+    name: str = doc("model", "preset name, used in run names")
+    vocab_size: Optional[int] = doc(None, "token ids V; null: the data's tokenizer, filled by "
+                                          "resolve")
+    seq_len: int = doc(64, "training context T (tokens)")
+    d_model: int = doc(64, "model width M")
+    n_layers: int = doc(2, "Transformer blocks")
+    n_heads: int = doc(4, "attention heads N")
+    d_head: Optional[int] = doc(None, "head width D; null: d_model / n_heads")
+    attn_width: Optional[int] = doc(None, "N x D, stated to check it; null: not checked")
+    d_ff: int = doc(256, "dense FFN hidden width F")
+    ffn_kind: FFNKind = doc(FFNKind.geglu, "dense FFN: geglu (3 matrices) or gelu (2)")
+    n_experts: int = doc(0, "experts E per MoE layer; 0: dense model")
+    expert_d_ff: Optional[int] = doc(None, "expert hidden width H; null: from plan.placement, "
+                                           "filled by resolve")
+    top_k: int = doc(2, "experts K each token is sent to")
+    moe_every: int = doc(2, "an MoE layer every this many layers")
+    moe_offset: int = doc(0, "layer i is MoE when i % moe_every == moe_offset")
+    tie_embeddings: bool = doc(True, "share input and output embeddings")
+    rel_pos_buckets: int = doc(32, "T5 relative-position buckets")
+    rel_pos_max_distance: int = doc(128, "distance (tokens) beyond which buckets saturate")
+    dtype: DType = doc(DType.float32, "activation dtype; parameters and router stay float32")
+    router: RouterConfig = doc(RouterConfig, "MoE routing", factory=True)
 
     @property
     def head_dim(self) -> int:
@@ -91,362 +231,315 @@ class ModelConfig:
     def family(self) -> str:
         return "moe" if self.moe_layers else "dense"
 
+    def check(self, prefix: str = "model") -> None:
+        _positive(self, prefix, ("vocab_size", "seq_len", "d_model", "n_layers", "n_heads",
+                                 "d_head", "attn_width", "d_ff", "expert_d_ff", "top_k",
+                                 "moe_every", "rel_pos_buckets", "rel_pos_max_distance"))
+        check(self.n_experts >= 0, f"{prefix}.n_experts",
+              f"must be >= 0 (0 = dense), got {self.n_experts}.")
+        if self.d_head is None:
+            check(self.d_model % self.n_heads == 0, f"{prefix}.d_head",
+                  f"not set and d_model={self.d_model} is not divisible by "
+                  f"n_heads={self.n_heads}; set model.d_head explicitly.")
+        if self.attn_width is not None:
+            check(self.attn_width == self.attention_width, f"{prefix}.attn_width",
+                  f"{self.attn_width} != n_heads * d_head = {self.n_heads} * {self.head_dim} = "
+                  f"{self.attention_width}; fix n_heads, d_head or attn_width.")
+        if self.n_experts > 0:
+            check(self.top_k <= self.n_experts, f"{prefix}.top_k",
+                  f"top_k={self.top_k} > n_experts={self.n_experts}; an MoE layer cannot pick "
+                  "more experts than it has (for E=1 set model.top_k=1).")
+            check(0 <= self.moe_offset < self.moe_every, f"{prefix}.moe_offset",
+                  f"must be in [0, moe_every={self.moe_every}), got {self.moe_offset}.")
+        check(self.rel_pos_max_distance > self.rel_pos_buckets // 2,
+              f"{prefix}.rel_pos_max_distance",
+              f"must exceed rel_pos_buckets // 2 = {self.rel_pos_buckets // 2}.")
+        self.router.check(f"{prefix}.router")
+
 
 @dataclass
-class DataConfig:
+class DataConfig(Section):
     """The seeded synthetic world (`glam.data.world`): people with facts, QA lines, filler."""
 
-    kind: str = "world"
-    n_entities: int = 400
-    n_attributes: int = 4
-    templates_per_attribute: int = 3
-    filler_share: float = 0.1
-    qa_share: float = 0.2
-    qa_entity_fraction: float = 0.5
-    train_tokens: int = 2_000_000
-    val_tokens: int = 65_536
-    seed: int = 1234
+    kind: DataKind = doc(DataKind.world, "corpus kind")
+    n_entities: int = doc(400, "people in the world")
+    n_attributes: int = doc(4, "facts per person (at most the attribute catalogue's 6)")
+    templates_per_attribute: int = doc(3, "sentence forms per fact, 1..4")
+    filler_share: float = doc(0.1, "share of documents that are grammar filler, in [0, 1]")
+    qa_share: float = doc(0.2, "share of documents that are QA lines, in [0, 1]")
+    qa_entity_fraction: float = doc(0.5, "share of people whose QA lines are in training")
+    train_tokens: int = doc(2_000_000, "training stream length (tokens)")
+    val_tokens: int = doc(65_536, "validation stream length (tokens)")
+    seed: int = doc(1234, "seed of the world and its streams")
+
+    def check(self, prefix: str = "data") -> None:
+        _positive(self, prefix, ("n_entities", "n_attributes", "templates_per_attribute",
+                                 "train_tokens", "val_tokens"))
+        check(self.templates_per_attribute <= 4, f"{prefix}.templates_per_attribute",
+              "at most 4.")
+        _in_unit_interval(self, prefix, ("filler_share", "qa_share", "qa_entity_fraction"))
+        check(self.filler_share + self.qa_share <= 1, f"{prefix}.qa_share",
+              "filler_share + qa_share must be <= 1.")
 
 
 @dataclass
-class OptimizerConfig:
+class OptimizerConfig(Section):
     """`adamw`, or `adafactor` with GLaM's settings (beta1 0, decay 1 - t^-0.8 capped at
     `beta2_cap`, update clipping, factored second moments). Peak rate: `schedule.learning_rate`."""
 
-    name: str = "adamw"
-    b1: float = 0.9
-    b2: float = 0.95
-    weight_decay: float = 0.01
-    grad_clip_norm: Optional[float] = 1.0
-    decay_rate: float = 0.8
-    beta2_cap: float = 0.99
-    update_clipping: Optional[float] = 1.0
-    factored: bool = True
-    min_dim_size_to_factor: int = 128
-    multiply_by_parameter_scale: bool = True
+    name: OptimizerName = doc(OptimizerName.adamw, "adamw | adafactor")
+    b1: float = doc(0.9, "AdamW first-moment decay")
+    b2: float = doc(0.95, "AdamW second-moment decay")
+    weight_decay: float = doc(0.01, "decoupled weight decay (per step, times the rate)")
+    grad_clip_norm: Optional[float] = doc(1.0, "global gradient-norm clip; null: none")
+    decay_rate: float = doc(0.8, "Adafactor second-moment decay exponent")
+    beta2_cap: float = doc(0.99, "Adafactor cap on the second-moment decay, in (0, 1]")
+    update_clipping: Optional[float] = doc(1.0, "Adafactor update RMS clip; null: none")
+    factored: bool = doc(True, "Adafactor factored second moments")
+    min_dim_size_to_factor: int = doc(128, "Adafactor factors dimensions at least this big")
+    multiply_by_parameter_scale: bool = doc(True, "Adafactor relative step size")
+
+    def check(self, prefix: str = "optimizer") -> None:
+        check(0 < self.beta2_cap <= 1, f"{prefix}.beta2_cap", "must be in (0, 1].")
+        _positive(self, prefix, ("grad_clip_norm", "update_clipping", "min_dim_size_to_factor"))
 
 
 @dataclass
-class ScheduleConfig:
+class ScheduleConfig(Section):
     """Learning rate over steps. `glam`: constant for `constant_steps`, then inverse square root;
     `cosine`: linear warmup then cosine decay to end_lr_fraction; `wsd`: warmup, stable, then
     linear decay over the last `decay_fraction` of training."""
 
-    name: str = "cosine"
-    learning_rate: float = 3e-3
-    warmup_steps: int = 30
-    constant_steps: int = 10_000
-    decay_fraction: float = 0.2
-    end_lr_fraction: float = 0.1
+    name: ScheduleName = doc(ScheduleName.cosine, "glam | cosine | wsd")
+    learning_rate: float = doc(3e-3, "peak learning rate")
+    warmup_steps: int = doc(30, "linear warmup (steps)")
+    constant_steps: int = doc(10_000, "glam: constant-rate steps before the 1/sqrt decay")
+    decay_fraction: float = doc(0.2, "wsd: share of training in the final decay, in (0, 1]")
+    end_lr_fraction: float = doc(0.1, "cosine/wsd: final rate / peak rate, in [0, 1]")
+
+    def check(self, prefix: str = "schedule") -> None:
+        check(self.learning_rate > 0, f"{prefix}.learning_rate", "must be positive.")
+        for name in ("warmup_steps", "constant_steps"):
+            check(getattr(self, name) >= 0, f"{prefix}.{name}", "must be >= 0.")
+        check(0 < self.decay_fraction <= 1, f"{prefix}.decay_fraction", "must be in (0, 1].")
+        check(0 <= self.end_lr_fraction <= 1, f"{prefix}.end_lr_fraction",
+              "must be in [0, 1].")
 
 
 @dataclass
-class TrainConfig:
-    """`resume`: `auto` continues from the newest checkpoint in the run directory (if any);
-    `never` refuses to start over a run directory that already holds checkpoints."""
+class TrainConfig(Section):
+    """The training loop."""
 
-    steps: int = 600
-    batch_size: int = 16
-    seed: int = 0
-    log_every: int = 10
-    eval_batches: int = 8
-    progress: bool = True
-    resume: str = "auto"
+    steps: int = doc(600, "optimizer updates")
+    batch_size: int = doc(16, "global batch (sequences of model.seq_len + 1 tokens)")
+    seed: int = doc(0, "seed of the initial weights, batches and routing noise")
+    log_every: int = doc(10, "health check and metric fetch every this many steps")
+    eval_batches: int = doc(8, "validation batches per evaluation")
+    progress: bool = doc(True, "show a progress bar")
+    resume: Resume = doc(Resume.auto, "auto: continue the newest checkpoint of the run "
+                                      "directory; never: refuse a directory with checkpoints")
 
-
-@dataclass
-class CheckpointConfig:
-    """Orbax checkpoints under `<run dir>/checkpoints`, every `every` steps (0: none)."""
-
-    every: int = 100
-    keep: int = 3
-    async_save: bool = True
+    def check(self, prefix: str = "train") -> None:
+        _positive(self, prefix, ("steps", "batch_size", "log_every", "eval_batches"))
 
 
 @dataclass
-class StabilityConfig:
+class CheckpointConfig(Section):
+    """Orbax checkpoints under `<run dir>/checkpoints`."""
+
+    every: int = doc(100, "save every this many steps (0: no checkpoints)")
+    keep: int = doc(3, "newest checkpoints kept")
+    async_save: bool = doc(True, "write in the background")
+
+    def check(self, prefix: str = "checkpoint") -> None:
+        check(self.every >= 0, f"{prefix}.every", "must be >= 0 (0 disables checkpoints).")
+        _positive(self, prefix, ("keep",))
+
+
+@dataclass
+class StabilityConfig(Section):
     """GLaM's practice: skip non-finite updates; after `max_consecutive_skips` skipped steps in a
     row, or a loss above `spike_factor` x its mean over the last `spike_window` steps, roll back to
     the last checkpoint and continue on a new data order; give up after `max_rollbacks`."""
 
-    max_consecutive_skips: int = 5
-    spike_factor: float = 3.0
-    spike_window: int = 50
-    max_rollbacks: int = 3
+    max_consecutive_skips: int = doc(5, "skipped steps in a row that trigger a rollback")
+    spike_factor: float = doc(3.0, "loss / moving mean that counts as a spike, > 1")
+    spike_window: int = doc(50, "healthy steps in the moving mean")
+    max_rollbacks: int = doc(3, "rollbacks before giving up")
+
+    def check(self, prefix: str = "stability") -> None:
+        _positive(self, prefix, ("max_consecutive_skips", "spike_window"))
+        check(self.spike_factor > 1, f"{prefix}.spike_factor", "must be > 1.")
+        check(self.max_rollbacks >= 0, f"{prefix}.max_rollbacks", "must be >= 0.")
 
 
 @dataclass
-class FaultConfig:
-    """Fault injection for testing the stability paths; all off by default. A non-finite step
-    multiplies the loss by NaN, a spike step by `spike_scale`; `crash_at_step` raises as a killed
-    job would. Faults fire on the first data order only unless `repeat_after_rollback`."""
+class FaultConfig(Section):
+    """Fault injection for testing the stability paths; all off by default. Faults fire on the
+    first data order only unless `repeat_after_rollback`."""
 
-    nonfinite_steps: list[int] = field(default_factory=list)
-    spike_steps: list[int] = field(default_factory=list)
-    spike_scale: float = 100.0
-    crash_at_step: Optional[int] = None
-    repeat_after_rollback: bool = False
-
-
-@dataclass
-class TaskFileConfig:
-    """A user task in JSONL (schema in glam/eval/tasks.py); demonstrations come from
-    `train_path`, or from the other examples of `path` when it is unset."""
-
-    name: str = "task"
-    kind: str = "nlg"
-    path: str = ""
-    train_path: Optional[str] = None
+    nonfinite_steps: list[int] = doc(list, "steps whose loss is multiplied by NaN", factory=True)
+    spike_steps: list[int] = doc(list, "steps whose loss is multiplied by spike_scale",
+                                 factory=True)
+    spike_scale: float = doc(100.0, "loss multiplier of a spike step")
+    crash_at_step: Optional[int] = doc(None, "raise before this step, as a killed job would")
+    repeat_after_rollback: bool = doc(False, "faults fire again on later data orders")
 
 
 @dataclass
-class EvalConfig:
-    """Few-shot evaluation, every `every` steps (0: only at the end) and at the end."""
+class TaskFileConfig(Section):
+    """A user task in JSONL (schema in glam/eval/tasks.py)."""
 
-    every: int = 0
-    shots: list[int] = field(default_factory=lambda: [0, 1, 3])
-    builtin: bool = True
-    tasks: list[TaskFileConfig] = field(default_factory=list)
-    max_examples: int = 200
-    max_answer_tokens: int = 4
-    length_normalize: bool = False
-    batch_size: int = 64
-    seed: int = 0
+    name: str = doc("task", "metric prefix eval/<name>/")
+    kind: TaskKind = doc(TaskKind.nlg, "nlg (generation) | nlu (rank classification)")
+    path: str = doc("", "JSONL file of the evaluated examples")
+    train_path: Optional[str] = doc(None, "JSONL of demonstrations; null: the other examples")
 
-
-@dataclass
-class LoggerConfig:
-    """MLflow tracking. `tracking_uri` defaults to MLFLOW_TRACKING_URI, else ./mlflow.db."""
-
-    tracking_uri: str = "sqlite:///mlflow.db"
-    experiment: str = "glam"
-    run_name: Optional[str] = None
-    flush_every: int = 50
-
-
-@dataclass
-class MeshConfig:
-    """Device mesh axis sizes (`glam.mesh`); -1 fills the remaining devices. `fsdp` also shards
-    parameters and optimizer state over `data` (their embed dimension)."""
-
-    data: int = -1
-    expert: int = 1
-    model: int = 1
-    fsdp: bool = False
-
-
-@dataclass
-class DistributedConfig:
-    """Multi-host JAX (`glam.distributed`). `init`: `auto` starts jax.distributed when
-    `num_processes` > 1 or a multi-process launch is detected (srun, mpirun, a TPU slice that
-    sets TPU_WORKER_HOSTNAMES, Hydra's submitit_local with several tasks);
-    `always` starts it and lets JAX detect the rest; `never` runs one process. The fields
-    default to $GLAM_COORDINATOR_ADDRESS, $GLAM_NUM_PROCESSES and $GLAM_PROCESS_ID
-    (conf/config.yaml); unset ones are detected from the cluster."""
-
-    init: str = "auto"
-    coordinator_address: Optional[str] = None
-    num_processes: Optional[int] = None
-    process_id: Optional[int] = None
-    local_device_ids: Optional[list[int]] = None
-
-
-@dataclass
-class PlanConfig:
-    """How an MoE model is placed against its dense counterpart (`glam.plan`): `glam` keeps the
-    dense FFN width for the experts; `matched` solves the expert width for equal activated
-    forward FLOPs per token, within `tolerance`."""
-
-    placement: str = "glam"
-    tolerance: float = 0.02
-
-
-@dataclass
-class StudyConfig:
-    """Set by the sweep configs (`+sweep=...`): the study's name (its MLflow parent run and
-    experiment) and whether its points must share activated FLOPs (checked before launch)."""
-
-    name: Optional[str] = None
-    match_flops: bool = False
-
-
-@dataclass
-class Config:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
-    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    stability: StabilityConfig = field(default_factory=StabilityConfig)
-    faults: FaultConfig = field(default_factory=FaultConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    mesh: MeshConfig = field(default_factory=MeshConfig)
-    distributed: DistributedConfig = field(default_factory=DistributedConfig)
-    plan: PlanConfig = field(default_factory=PlanConfig)
-    study: StudyConfig = field(default_factory=StudyConfig)
-    logger: LoggerConfig = field(default_factory=LoggerConfig)
-
-
-def register_configs() -> None:
-    """Register the schema so `conf/config.yaml` can extend it (`defaults: [base_config, ...]`)."""
-    ConfigStore.instance().store(name="base_config", node=Config)
-
-
-def _check(ok: bool, field_name: str, message: str) -> None:
-    if not ok:
-        raise ConfigError(f"{field_name}: {message}")
-
-
-def _one_of(value: str, choices: tuple[str, ...], field_name: str) -> None:
-    _check(value in choices, field_name, f"got {value!r}; choose one of {', '.join(choices)}.")
-
-
-def _positive(obj, prefix: str, names: tuple[str, ...]) -> None:
-    for name in names:
-        value = getattr(obj, name)
-        if value is not None:
-            _check(value > 0, f"{prefix}.{name}", f"must be positive, got {value}.")
-
-
-def validate_model(m: ModelConfig, prefix: str = "model") -> None:
-    _positive(m, prefix, ("vocab_size", "seq_len", "d_model", "n_layers", "n_heads", "d_head",
-                          "attn_width", "d_ff", "expert_d_ff", "top_k", "moe_every",
-                          "rel_pos_buckets", "rel_pos_max_distance"))
-    _check(m.n_experts >= 0, f"{prefix}.n_experts", f"must be >= 0 (0 = dense), got {m.n_experts}.")
-    _one_of(m.ffn_kind, FFN_KINDS, f"{prefix}.ffn_kind")
-    _one_of(m.dtype, DTYPES, f"{prefix}.dtype")
-    if m.d_head is None:
-        _check(m.d_model % m.n_heads == 0, f"{prefix}.d_head",
-               f"not set and d_model={m.d_model} is not divisible by n_heads={m.n_heads}; "
-               "set model.d_head explicitly.")
-    if m.attn_width is not None:
-        _check(m.attn_width == m.attention_width, f"{prefix}.attn_width",
-               f"{m.attn_width} != n_heads * d_head = {m.n_heads} * {m.head_dim} = "
-               f"{m.attention_width}; fix n_heads, d_head or attn_width.")
-    if m.n_experts > 0:
-        _check(m.top_k <= m.n_experts, f"{prefix}.top_k",
-               f"top_k={m.top_k} > n_experts={m.n_experts}; an MoE layer cannot pick more "
-               "experts than it has (for E=1 set model.top_k=1).")
-        _check(0 <= m.moe_offset < m.moe_every, f"{prefix}.moe_offset",
-               f"must be in [0, moe_every={m.moe_every}), got {m.moe_offset}.")
-    _check(m.rel_pos_max_distance > m.rel_pos_buckets // 2, f"{prefix}.rel_pos_max_distance",
-           f"must exceed rel_pos_buckets // 2 = {m.rel_pos_buckets // 2}.")
-    r, rp = m.router, f"{prefix}.router"
-    _check(r.capacity_factor > 0, f"{rp}.capacity_factor", f"must be positive, got {r.capacity_factor}.")
-    _positive(r, rp, ("capacity_multiple", "group_size"))
-    _one_of(r.second_expert_policy, SECOND_EXPERT_POLICIES, f"{rp}.second_expert_policy")
-    _one_of(r.gate_norm, GATE_NORMS, f"{rp}.gate_norm")
-    _one_of(r.dispatch, DISPATCHES, f"{rp}.dispatch")
-    for name in ("jitter", "aux_loss_weight", "z_loss_weight"):
-        _check(getattr(r, name) >= 0, f"{rp}.{name}", f"must be >= 0, got {getattr(r, name)}.")
-
-
-def validate_distributed(d: DistributedConfig) -> None:
-    _one_of(d.init, ("auto", "always", "never"), "distributed.init")
-    _positive(d, "distributed", ("num_processes",))
-    if d.process_id is not None:
-        n = d.num_processes
-        _check(d.process_id >= 0 and (n is None or d.process_id < n), "distributed.process_id",
-               f"must be in [0, num_processes) = [0, {n}), got {d.process_id}.")
-    address = d.coordinator_address
-    if address is not None:
-        host, _, port = address.rpartition(":")
-        _check(bool(host) and port.isdigit(), "distributed.coordinator_address",
-               f"{address!r} is not host:port (e.g. 10.0.0.1:1234, the address of process 0).")
-
-
-def validate(cfg: Config) -> None:
-    """Semantic checks across the whole config; raises ConfigError naming the field.
-    Fills `model.vocab_size` from the data's tokenizer when it is None."""
-    d, t, o = cfg.data, cfg.train, cfg.optimizer
-    _one_of(d.kind, ("world",), "data.kind")
-    _positive(d, "data", ("n_entities", "n_attributes", "templates_per_attribute",
-                          "train_tokens", "val_tokens"))
-    from glam.data.world import ATTRIBUTES  # the catalogue bounds two fields (lazy: no cycle)
-
-    _check(d.n_attributes <= len(ATTRIBUTES), "data.n_attributes",
-           f"at most {len(ATTRIBUTES)} (the attribute catalogue), got {d.n_attributes}.")
-    _check(d.templates_per_attribute <= 4, "data.templates_per_attribute", "at most 4.")
-    for name in ("filler_share", "qa_share", "qa_entity_fraction"):
-        _check(0 <= getattr(d, name) <= 1, f"data.{name}", "must be in [0, 1].")
-    _check(d.filler_share + d.qa_share <= 1, "data.qa_share",
-           "filler_share + qa_share must be <= 1.")
-    from glam.data.world import World  # lazy: glam.data imports this module
-
-    data_vocab = World(d).tokenizer.vocab_size
-    if cfg.model.vocab_size is None:
-        cfg.model.vocab_size = data_vocab
-    _check(data_vocab <= cfg.model.vocab_size, "model.vocab_size",
-           f"{cfg.model.vocab_size} is smaller than the corpus vocabulary ({data_vocab} words); "
-           "raise it or leave it unset (null) to take the corpus's.")
-    for axis in ("data", "expert", "model"):
-        size = getattr(cfg.mesh, axis)
-        _check(size == -1 or size > 0, f"mesh.{axis}", f"must be positive or -1, got {size}.")
-    validate_distributed(cfg.distributed)
-    _one_of(cfg.plan.placement, ("glam", "matched"), "plan.placement")
-    _check(0 < cfg.plan.tolerance < 1, "plan.tolerance", "must be in (0, 1).")
-    from glam.plan import apply_placement  # lazy: glam.plan imports this module
-
-    apply_placement(cfg)
-    validate_model(cfg.model)
-    _positive(t, "train", ("steps", "batch_size", "log_every", "eval_batches"))
-    _one_of(t.resume, ("auto", "never"), "train.resume")
-    c, st = cfg.checkpoint, cfg.stability
-    _check(c.every >= 0, "checkpoint.every", "must be >= 0 (0 disables checkpoints).")
-    _positive(c, "checkpoint", ("keep",))
-    _positive(st, "stability", ("max_consecutive_skips", "spike_window"))
-    _check(st.spike_factor > 1, "stability.spike_factor", "must be > 1.")
-    _check(st.max_rollbacks >= 0, "stability.max_rollbacks", "must be >= 0.")
-    window = cfg.model.seq_len + 1
-    _check(d.train_tokens >= t.batch_size * window, "data.train_tokens",
-           f"must hold at least one batch ({t.batch_size} x {window} tokens).")
-    _check(d.val_tokens >= t.batch_size * window, "data.val_tokens",
-           f"must hold at least one batch ({t.batch_size} x {window} tokens).")
-    group = cfg.model.router.group_size
-    if cfg.model.moe_layers and group is not None:
-        tokens = t.batch_size * cfg.model.seq_len
-        _check(tokens % group == 0, "model.router.group_size",
-               f"{group} does not divide the {tokens} tokens of a batch "
-               f"(train.batch_size x model.seq_len); pick a divisor of {tokens}.")
-    _one_of(o.name, ("adamw", "adafactor"), "optimizer.name")
-    _check(0 < o.beta2_cap <= 1, "optimizer.beta2_cap", "must be in (0, 1].")
-    _positive(o, "optimizer", ("grad_clip_norm", "update_clipping", "min_dim_size_to_factor"))
-    s = cfg.schedule
-    _one_of(s.name, ("glam", "cosine", "wsd"), "schedule.name")
-    _check(s.learning_rate > 0, "schedule.learning_rate", "must be positive.")
-    for name in ("warmup_steps", "constant_steps"):
-        _check(getattr(s, name) >= 0, f"schedule.{name}", "must be >= 0.")
-    _check(0 < s.decay_fraction <= 1, "schedule.decay_fraction", "must be in (0, 1].")
-    _check(0 <= s.end_lr_fraction <= 1, "schedule.end_lr_fraction", "must be in [0, 1].")
-    _positive(cfg.logger, "logger", ("flush_every",))
-    e = cfg.eval
-    _check(e.every >= 0, "eval.every", "must be >= 0 (0: evaluate at the end only).")
-    _positive(e, "eval", ("max_examples", "max_answer_tokens", "batch_size"))
-    _check(all(k >= 0 for k in e.shots), "eval.shots", f"shot counts must be >= 0, got {e.shots}.")
-    _check(e.max_answer_tokens < cfg.model.seq_len, "eval.max_answer_tokens",
-           f"must be below model.seq_len={cfg.model.seq_len}.")
-    for i, task in enumerate(e.tasks):
-        _one_of(task.kind, ("nlg", "nlu"), f"eval.tasks[{i}].kind")
+    def check(self, prefix: str) -> None:
         for name in ("path", "train_path"):
-            path = getattr(task, name)
+            path = getattr(self, name)
             if path is not None:
-                _check(Path(path).is_file(), f"eval.tasks[{i}].{name}",
-                       f"no file at {path!r}; give the path of a JSONL task file.")
+                check(Path(path).is_file(), f"{prefix}.{name}",
+                      f"no file at {path!r}; give the path of a JSONL task file.")
 
 
-def to_config(cfg: DictConfig | Config) -> Config:
-    """Resolve a composed DictConfig into a validated `Config`."""
-    if isinstance(cfg, DictConfig):
-        schema = OmegaConf.merge(OmegaConf.structured(Config), cfg)
-        cfg = OmegaConf.to_object(schema)
-    validate(cfg)
-    return cfg
+@dataclass
+class EvalConfig(Section):
+    """Few-shot evaluation during training and at the end (GLAM_REFERENCE section 5)."""
+
+    every: int = doc(0, "evaluate every this many steps (0: at the end only)")
+    shots: list[int] = doc(lambda: [0, 1, 3], "demonstrations per prompt, one score each",
+                           factory=True)
+    builtin: bool = doc(True, "the world's own tasks")
+    tasks: list[TaskFileConfig] = doc(list, "user tasks from JSONL", factory=True)
+    max_examples: int = doc(200, "examples per task")
+    max_answer_tokens: int = doc(4, "greedy tokens generated per answer")
+    length_normalize: bool = doc(False, "nlu: score options by mean, not summed, log p")
+    batch_size: int = doc(64, "prompts per compiled evaluation batch")
+    seed: int = doc(0, "seed of the demonstrations")
+
+    def check(self, prefix: str = "eval") -> None:
+        check(self.every >= 0, f"{prefix}.every", "must be >= 0 (0: evaluate at the end only).")
+        _positive(self, prefix, ("max_examples", "max_answer_tokens", "batch_size"))
+        check(all(k >= 0 for k in self.shots), f"{prefix}.shots",
+              f"shot counts must be >= 0, got {list(self.shots)}.")
+        for i, task in enumerate(self.tasks):
+            task.check(f"{prefix}.tasks[{i}]")
 
 
-def model_config(**overrides) -> ModelConfig:
-    """A validated ModelConfig from keyword overrides (router fields as a dict under `router`)."""
-    router = RouterConfig(**overrides.pop("router", {}))
-    m = ModelConfig(router=router, **overrides)
-    validate_model(m)
-    return m
+@dataclass
+class LoggerConfig(Section):
+    """MLflow tracking."""
+
+    tracking_uri: str = doc("sqlite:///mlflow.db", "MLflow store; conf: $MLFLOW_TRACKING_URI "
+                                                   "else ./mlflow.db")
+    experiment: str = doc("glam", "MLflow experiment (a study sets its own)")
+    run_name: Optional[str] = doc(None, "MLflow run name; null: preset-size-experts-seed")
+    flush_every: int = doc(50, "without checkpoints: publish metrics every this many points")
+
+    def check(self, prefix: str = "logger") -> None:
+        _positive(self, prefix, ("flush_every",))
+
+
+@dataclass
+class MeshConfig(Section):
+    """Device mesh axis sizes (`glam.mesh`); -1 fills the remaining devices."""
+
+    data: int = doc(-1, "data-parallel devices (-1: fill)")
+    expert: int = doc(1, "expert-parallel devices (also split the batch)")
+    model: int = doc(1, "tensor-parallel devices (heads, FFN width)")
+    fsdp: bool = doc(False, "also shard parameters and optimizer state over data")
+
+    def check(self, prefix: str = "mesh") -> None:
+        for axis in ("data", "expert", "model"):
+            size = getattr(self, axis)
+            check(size == -1 or size > 0, f"{prefix}.{axis}",
+                  f"must be positive or -1, got {size}.")
+
+
+@dataclass
+class DistributedConfig(Section):
+    """Multi-host JAX (`glam.distributed`). `init`: `auto` starts jax.distributed when
+    `num_processes` > 1 or a multi-process launch is detected (srun, mpirun, a TPU slice,
+    Hydra's submitit_local with several tasks); `always` starts it and lets JAX detect the rest;
+    `never` runs one process. conf/config.yaml defaults the fields to $GLAM_COORDINATOR_ADDRESS,
+    $GLAM_NUM_PROCESSES and $GLAM_PROCESS_ID."""
+
+    init: DistributedInit = doc(DistributedInit.auto, "auto | always | never")
+    coordinator_address: Optional[str] = doc(None, "host:port of process 0")
+    num_processes: Optional[int] = doc(None, "processes of the run")
+    process_id: Optional[int] = doc(None, "this process, in [0, num_processes)")
+    local_device_ids: Optional[list[int]] = doc(None, "devices this process drives")
+
+    def check(self, prefix: str = "distributed") -> None:
+        _positive(self, prefix, ("num_processes",))
+        if self.process_id is not None:
+            n = self.num_processes
+            check(self.process_id >= 0 and (n is None or self.process_id < n),
+                  f"{prefix}.process_id",
+                  f"must be in [0, num_processes) = [0, {n}), got {self.process_id}.")
+        address = self.coordinator_address
+        if address is not None:
+            host, _, port = address.rpartition(":")
+            check(bool(host) and port.isdigit(), f"{prefix}.coordinator_address",
+                  f"{address!r} is not host:port (e.g. 10.0.0.1:1234, the address of "
+                  "process 0).")
+
+
+@dataclass
+class PlanConfig(Section):
+    """How an MoE model is placed against its dense counterpart (`glam.placement`)."""
+
+    placement: Placement = doc(Placement.glam, "glam: experts as wide as the dense FFN; "
+                                               "matched: width solved for equal FLOPs")
+    tolerance: float = doc(0.02, "largest relative activated-FLOPs gap of a matched study")
+
+    def check(self, prefix: str = "plan") -> None:
+        check(0 < self.tolerance < 1, f"{prefix}.tolerance", "must be in (0, 1).")
+
+
+@dataclass
+class StudyConfig(Section):
+    """Set by a study (`+study=<name>`, `sweeps/study/`): its MLflow experiment and parent run."""
+
+    name: Optional[str] = doc(None, "study name: MLflow experiment, parent run, output folder")
+    match_flops: bool = doc(False, "refuse points whose activated FLOPs differ from their "
+                                   "dense counterpart's by more than plan.tolerance")
+
+
+@dataclass
+class Config(Section):
+    """The whole configuration, as composed (raw: derived values may be unset)."""
+
+    model: ModelConfig = doc(ModelConfig, "the decoder", factory=True)
+    data: DataConfig = doc(DataConfig, "the corpus", factory=True)
+    optimizer: OptimizerConfig = doc(OptimizerConfig, "the optimizer", factory=True)
+    schedule: ScheduleConfig = doc(ScheduleConfig, "the learning-rate schedule", factory=True)
+    train: TrainConfig = doc(TrainConfig, "the training loop", factory=True)
+    checkpoint: CheckpointConfig = doc(CheckpointConfig, "checkpoints", factory=True)
+    stability: StabilityConfig = doc(StabilityConfig, "skips and rollbacks", factory=True)
+    faults: FaultConfig = doc(FaultConfig, "fault injection (tests)", factory=True)
+    eval: EvalConfig = doc(EvalConfig, "few-shot evaluation", factory=True)
+    mesh: MeshConfig = doc(MeshConfig, "device mesh", factory=True)
+    distributed: DistributedConfig = doc(DistributedConfig, "multi-host", factory=True)
+    plan: PlanConfig = doc(PlanConfig, "MoE placement", factory=True)
+    study: StudyConfig = doc(StudyConfig, "the study this run belongs to", factory=True)
+    logger: LoggerConfig = doc(LoggerConfig, "MLflow", factory=True)
+
+    def check(self, prefix: str = "") -> None:
+        """Every section's own checks."""
+        for f in dataclasses.fields(Config):
+            getattr(self, f.name).check(f.name)
+
+
+def leaf_fields(cls: type = Config, prefix: str = "") -> list[str]:
+    """Dotted paths of every leaf field of a section class (`model.router.dispatch`, ...)."""
+    out = []
+    for f in dataclasses.fields(cls):
+        kind = f.type if isinstance(f.type, type) else globals().get(str(f.type))
+        name = f"{prefix}{f.name}"
+        if isinstance(kind, type) and issubclass(kind, Section):
+            out += leaf_fields(kind, f"{name}.")
+        else:
+            out.append(name)
+    return out

@@ -2,8 +2,9 @@
 
 Mesh axes: `data` (batch), `expert` (experts, and batch too: GShard's layout, where each
 expert-parallel device also holds its own slice of the batch), `model` (heads and FFN width).
-Parameters, optimizer state and activations name their dimensions with logical axes (batch,
-embed, heads, kv, mlp, expert, vocab, ...); `RULES` turns those into mesh axes, so changing the
+Every parameter declares the logical axes of its dimensions where it is created
+(`glam.model.layers.declare`: batch, embed, heads, kv, mlp, expert, vocab, ...); activations
+name theirs in `constrain`. `RULES` turns logical axes into mesh axes, so changing the
 parallelism never touches the model code.
 
 Expert parallelism: the MoE layer constrains its expert buffer [G, E, C, M] to
@@ -18,6 +19,7 @@ import math
 from typing import Iterator, Optional
 
 import jax
+from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from glam.config import ConfigError, MeshConfig, ModelConfig
@@ -38,23 +40,10 @@ RULES: dict[str, object] = {
 }
 FSDP_RULES = {**RULES, "embed": "data"}
 
-# Logical axes of each parameter, by (name, number of dimensions).
-PARAM_AXES: dict[tuple[str, int], tuple] = {
-    ("embed", 2): ("vocab", "embed"),
-    ("unembed", 2): ("embed", "vocab"),
-    ("wq", 3): ("embed", "heads", "kv"),
-    ("wk", 3): ("embed", "heads", "kv"),
-    ("wv", 3): ("embed", "heads", "kv"),
-    ("wo", 3): ("heads", "kv", "embed"),
-    ("rel_bias", 2): ("buckets", "heads"),
-    ("wi", 2): ("embed", "mlp"),
-    ("wi_gate", 2): ("embed", "mlp"),
-    ("wo", 2): ("mlp", "embed"),
-    ("router", 2): ("embed", None),
-    ("w_in", 3): ("expert", "embed", "mlp"),
-    ("w_out", 3): ("expert", "mlp", "embed"),
-    ("scale", 1): ("embed",),
-}
+
+def rules_for(cfg: MeshConfig) -> dict:
+    """The logical-axis table of `cfg`: `RULES`, with `embed` over `data` under `fsdp`."""
+    return FSDP_RULES if cfg.fsdp else RULES
 
 _active: Optional[tuple[Mesh, dict]] = None
 
@@ -110,18 +99,44 @@ def logical_spec(axes: tuple, rules: dict) -> PartitionSpec:
     return PartitionSpec(*(None if a is None else rules[a] for a in axes))
 
 
+def _declared_axes(variable: nnx.Variable) -> tuple | None:
+    return variable.get_metadata().get("out_sharding")
+
+
 def state_shardings(state, mesh: Mesh, rules: dict):
-    """NamedSharding of every array of an nnx state (model and optimizer): a parameter by its
-    name; an optimizer-state array like the parameter whose name and shape it shares (Adam's
-    moments); anything else (counters, Adafactor's factored moments) replicated."""
+    """NamedSharding of every array of an nnx state (model and optimizer), from the logical
+    axes each parameter declared at creation (`glam.model.layers.declare`). An optimizer-state
+    array takes the axes it inherited from its parameter when it has that parameter's shape
+    (Adam's moments); others (counters, Adafactor's factored moments) are replicated.
 
-    def sharding(path, leaf):
-        names = [p.key for p in path if isinstance(getattr(p, "key", None), str)]
-        axes = PARAM_AXES.get((names[-1], leaf.ndim)) if names else None
+    Raises:
+      ValueError: a parameter of rank >= 2 declares no logical axes (it would be replicated
+        silently), or an axis name is not in `rules`.
+    """
+    params = {(axes, v.shape) for v in jax.tree.leaves(state, is_leaf=_is_variable)
+              if isinstance(v, nnx.Param) and (axes := _declared_axes(v)) is not None}
+
+    def sharding(path, variable):
+        axes, shape = _declared_axes(variable), variable.shape
+        if isinstance(variable, nnx.Param):
+            if axes is None and len(shape) >= 2:
+                raise ValueError(f"parameter {jax.tree_util.keystr(path)} of shape {shape} "
+                                 "declares no logical axes; create it with "
+                                 "glam.model.layers.declare/param.")
+        elif (axes, shape) not in params:
+            axes = None
+        unknown = [a for a in axes or () if a is not None and a not in rules]
+        if unknown:
+            raise ValueError(f"parameter {jax.tree_util.keystr(path)}: logical axes {unknown} "
+                             "are not in glam.mesh.RULES.")
         spec = logical_spec(axes, rules) if axes else PartitionSpec()
-        return NamedSharding(mesh, spec)
+        return variable.replace(NamedSharding(mesh, spec))
 
-    return jax.tree.map_with_path(sharding, state)
+    return jax.tree_util.tree_map_with_path(sharding, state, is_leaf=_is_variable)
+
+
+def _is_variable(x) -> bool:
+    return isinstance(x, nnx.Variable)
 
 
 def data_sharding(mesh: Mesh, rules: dict) -> NamedSharding:

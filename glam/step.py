@@ -16,7 +16,8 @@ from glam.model import GLaM, MoEOutputs
 
 def init_state(cfg: ModelConfig, tx: optax.GradientTransformation, seed: int, mesh, rules):
     """A fresh model and optimizer as (graphdef, model graphdef, state, state sharding), the
-    state placed on `mesh` by the logical-axis table."""
+    state placed on `mesh` by the logical axes its parameters declared and the table `rules`.
+    `cfg` is a resolved model config (`glam.resolve`)."""
     model = GLaM(cfg, rngs=nnx.Rngs(seed))
     optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
     model_graphdef, _ = nnx.split(model)

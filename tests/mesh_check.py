@@ -13,7 +13,8 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from glam.config import MeshConfig, model_config  # noqa: E402
+from glam.config import MeshConfig
+from glam.resolve import model_config  # noqa: E402
 from glam.mesh import RULES, activate, data_sharding, make_mesh  # noqa: E402
 from glam.step import init_state, loss_fn, make_train_step  # noqa: E402
 

@@ -10,8 +10,9 @@ import pytest
 from flax import nnx
 
 from glam import accounting
-from glam.config import CONF_DIR, model_config
-from glam.count import load, main as count_main
+from glam.resolve import CONF_DIR, model_config
+from glam.count import main as count_main
+from glam.resolve import load
 from glam.model import GLaM, param_count
 
 PRESETS = sorted(str(p.relative_to(CONF_DIR / "model").with_suffix(""))

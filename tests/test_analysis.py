@@ -107,7 +107,7 @@ def test_load_runs_from_mlflow(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(uri)
     exp = client.create_experiment("study")
-    parent = client.create_run(exp, tags={"sweep_role": "parent"}).info.run_id
+    parent = client.create_run(exp, tags={"study_role": "parent"}).info.run_id
     for i, family in enumerate(("dense", "moe")):
         run = client.create_run(exp, run_name=family, tags={
             "mlflow.parentRunId": parent, "family": family, "n_experts": str(8 * i),

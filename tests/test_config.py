@@ -1,5 +1,6 @@
 """Bad configs fail at load time, with the offending field named, before any JAX work."""
 
+import dataclasses
 import re
 
 import pytest
@@ -7,7 +8,7 @@ from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ValidationError
 
 from glam.config import ConfigError
-from glam.count import load
+from glam.resolve import ResolvedConfig, load, load_raw, resolve
 from glam.data import World
 
 
@@ -17,24 +18,18 @@ from glam.data import World
     ("model.n_layers=-2", "model.n_layers"),
     ("model.attn_width=100", "model.attn_width"),
     ("model.d_model=33", "model.d_head"),  # 33 is not divisible by 2 heads, no d_head given
-    ("model.ffn_kind=swiglu", "model.ffn_kind"),
-    ("model.dtype=float16", "model.dtype"),
-    ("model.router.second_expert_policy=best", "model.router.second_expert_policy"),
-    ("model.router.dispatch=magic", "model.router.dispatch"),
     ("model.router.capacity_factor=0", "model.router.capacity_factor"),
     ("model.router.group_size=48", "model.router.group_size"),  # 16 x 32 = 512 tokens
+    ("model.router.jitter=1.5", "model.router.jitter"),
+    ("+eval.tasks=[{name: x, kind: nlu, path: /nonexistent.jsonl}]", r"eval.tasks[0].path"),
     ("model.moe_offset=2", "model.moe_offset"),
     ("model.vocab_size=100", "model.vocab_size"),  # fewer ids than the corpus's words
     ("data.n_attributes=9", "data.n_attributes"),
     ("data.qa_share=0.95", "data.qa_share"),
     ("eval.max_answer_tokens=32", "eval.max_answer_tokens"),
     ("+eval.tasks=[{name: x, kind: nlg, path: /nonexistent.jsonl}]", r"eval.tasks[0].path"),
-    ("train.resume=sometimes", "train.resume"),
     ("train.batch_size=0", "train.batch_size"),
-    ("optimizer.name=sgd", "optimizer.name"),
-    ("schedule.name=linear", "schedule.name"),
     ("schedule.decay_fraction=0", "schedule.decay_fraction"),
-    ("distributed.init=maybe", "distributed.init"),
     ("distributed.process_id=-1", "distributed.process_id"),
     ("distributed.coordinator_address=localhost", "distributed.coordinator_address"),
 ])
@@ -42,6 +37,26 @@ def test_semantic_errors_name_the_field(override, field):
     base = ["model=tiny_moe", "train.batch_size=16"]
     with pytest.raises(ConfigError, match=re.escape(field)):
         load(base + [override])
+
+
+@pytest.mark.parametrize("override,key", [
+    ("model.ffn_kind=swiglu", "ffn_kind"),
+    ("model.dtype=float16", "dtype"),
+    ("model.router.second_expert_policy=best", "second_expert_policy"),
+    ("model.router.dispatch=magic", "dispatch"),
+    ("train.resume=sometimes", "resume"),
+    ("optimizer.name=sgd", "name"),
+    ("schedule.name=linear", "name"),
+    ("distributed.init=maybe", "init"),
+    ("plan.placement=wide", "placement"),
+    ("data.kind=books", "kind"),
+    ("+eval.tasks=[{name: x, kind: mcq, path: x.jsonl}]", "kind"),
+])
+def test_a_choice_outside_its_enum_fails_at_composition_naming_the_key(override, key):
+    with pytest.raises(ConfigCompositionException) as err:
+        load(["model=tiny_moe", override])
+    cause = str(err.value.__cause__ or err.value)
+    assert key in cause and "expected one of" in cause
 
 
 def test_unknown_key_is_refused():
@@ -66,3 +81,58 @@ def test_good_config_loads_and_derives():
     assert cfg.model.family == "moe" and cfg.model.moe_layers == (0, 2)
     assert cfg.model.vocab_size == World(cfg.data).tokenizer.vocab_size  # derived, not typed
     assert cfg.model.head_dim == cfg.model.d_model // cfg.model.n_heads
+
+
+def test_resolution_fills_and_labels_every_derived_value_and_freezes():
+    raw_cfg = load_raw(["model=cpu_moe", "plan.placement=matched"])
+    assert raw_cfg.model.vocab_size is None and raw_cfg.model.router.dispatch == "auto"
+    cfg = resolve(raw_cfg, backend="cpu")
+    assert isinstance(cfg, ResolvedConfig) and not isinstance(raw_cfg, ResolvedConfig)
+    assert set(cfg.derived.filled) == {"model.vocab_size", "model.expert_d_ff",
+                                       "model.router.dispatch", "model.router.group_size"}
+    m = cfg.model
+    assert m.router.dispatch == "gather" and m.router.group_size == m.seq_len
+    assert m.expert_d_ff not in (None, m.d_ff)  # solved for equal FLOPs
+    assert raw_cfg.model.vocab_size is None  # the raw config is left as it was
+    assert resolve(raw_cfg, backend="tpu").model.router.dispatch == "dropless"
+    for assign in (lambda: setattr(cfg.model, "d_model", 8),
+                   lambda: setattr(cfg.model.router, "dispatch", "einsum"),
+                   lambda: setattr(cfg.train, "steps", 1)):
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            assign()
+
+
+@pytest.mark.parametrize("fields", [
+    {}, {"n_entities": 1000, "n_attributes": 6}, {"n_entities": 7, "n_attributes": 1},
+    {"n_entities": 20000, "templates_per_attribute": 2},
+])
+def test_vocabulary_size_is_derived_without_building_the_world(fields):
+    from glam.config import DataConfig
+    from glam.data.world import world_vocab_size
+
+    cfg = DataConfig(**fields)
+    assert world_vocab_size(cfg) == World(cfg).tokenizer.vocab_size
+
+
+def test_loading_a_config_builds_no_corpus(monkeypatch):
+    import glam.data.world as world
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a corpus was built")
+
+    monkeypatch.setattr(world.World, "__init__", refuse)
+    assert load(["model=paper/glam_64b_64e"], backend="cpu").model.vocab_size > 0
+
+
+def test_every_field_has_a_one_line_doc():
+    from glam.config import Config, Section
+
+    def walk(cls, prefix=""):
+        for f in dataclasses.fields(cls):
+            assert f.metadata.get("doc") and "\n" not in f.metadata["doc"], prefix + f.name
+            kind = getattr(cls, "__annotations__", {}).get(f.name)
+            sub = next((c for c in Section.__subclasses__() if c.__name__ == kind), None)
+            if sub is not None:
+                walk(sub, f"{prefix}{f.name}.")
+
+    walk(Config)

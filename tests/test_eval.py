@@ -1,5 +1,6 @@
 """Evaluation: scoring, task files, few-shot prompts, the harness, the synthetic world."""
 
+import dataclasses
 import json
 
 import jax
@@ -8,7 +9,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from glam.config import DataConfig, model_config
+from glam.config import DataConfig
+from glam.resolve import model_config
 from glam.data import World, WorldCorpus
 from glam.data.tokenizer import PAD
 from glam.eval import Evaluator, Example, Task, read_jsonl, world_tasks
@@ -68,7 +70,7 @@ def test_world_is_deterministic_and_fingerprinted():
     assert a.fingerprint == b.fingerprint
     np.testing.assert_array_equal(a.train_batch(3, 2, 8, 0), b.train_batch(3, 2, 8, 0))
     assert not np.array_equal(a.train_batch(3, 2, 8, 0), a.train_batch(3, 2, 8, 0, data_order=1))
-    other = WorldCorpus(DataConfig(**{**SMALL_WORLD.__dict__, "seed": 7}))
+    other = WorldCorpus(dataclasses.replace(SMALL_WORLD, seed=7))
     assert other.fingerprint != a.fingerprint
     world = a.world
     assert world.knowledge_bits == pytest.approx(40 * (6 + np.log2(100) + 6 + 5))

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from glam.config import ConfigError, MeshConfig, model_config
+from glam.config import ConfigError, MeshConfig
+from glam.resolve import CONF_DIR, model_config
 from glam.mesh import check_divisibility, mesh_shape
 
 
@@ -53,7 +54,7 @@ def test_meshes_match_one_device():
     ("tpu_v4_32", 16, "paper/glam_8b_64e"), ("tpu_v5p_64", 32, "paper/glam_64b_64e"),
 ])
 def test_mesh_presets_compose_and_fit_their_models(preset, devices, model):
-    from glam.count import load
+    from glam.resolve import load
 
     cfg = load([f"mesh={preset}", f"model={model}", "train.batch_size=256",
                 "data.val_tokens=300000"])
@@ -64,14 +65,61 @@ def test_mesh_presets_compose_and_fit_their_models(preset, devices, model):
 
 @pytest.mark.parametrize("study", ["smoke", "compute_vs_accuracy", "expert_count",
                                    "study_expert_count"])
-def test_cpu_sweeps_fit_mesh_cpu8(study):
+def test_cpu_studies_fit_mesh_cpu8(study):
     """Every point of the CPU studies runs unchanged with mesh=cpu8 (refused before launch
     otherwise)."""
-    from glam.count import load
-    from glam.plan import sweep_points
+    from glam.resolve import load
+    from glam.study.points import expand
 
-    points = sweep_points([f"+sweep={study}", "mesh=cpu8"])
+    points = expand([f"+study={study}", "mesh=cpu8"])
     assert len(points) > 1
     for point in points:
         cfg = load(point)
         check_divisibility(mesh_shape(cfg.mesh, 8), cfg.model, cfg.train.batch_size)
+
+
+PRESETS = sorted(str(p.relative_to(p.parents[1] if p.parent.name == "paper" else p.parent)
+                     .with_suffix("")) for p in (CONF_DIR / "model").rglob("*.yaml"))
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_every_parameter_of_every_preset_is_sharded_by_its_declared_axes(preset):
+    """Built abstractly (nnx.eval_shape: no memory), every parameter declares one logical axis
+    per dimension, and the shardings follow them (embed over data under fsdp, experts over
+    expert)."""
+    import jax
+    import optax
+    from flax import nnx
+
+    from glam.mesh import FSDP_RULES, make_mesh, state_shardings
+    from glam.model import GLaM
+    from glam.resolve import load
+
+    cfg = load([f"model={preset}"], backend="cpu")
+    model = nnx.eval_shape(lambda: GLaM(cfg.model, rngs=nnx.Rngs(0)))
+    params = jax.tree.leaves(nnx.state(model, nnx.Param), is_leaf=lambda x: isinstance(x, nnx.Param))
+    assert params and all(len(p.get_metadata()["out_sharding"]) == p.ndim for p in params)
+    opt = nnx.eval_shape(lambda: nnx.Optimizer(model, optax.adamw(1e-3), wrt=nnx.Param))
+    state = nnx.state((model, opt))
+    shardings = state_shardings(state, make_mesh(MeshConfig(data=1)), FSDP_RULES)
+    specs = {jax.tree_util.keystr(p): s.get_value().spec for p, s in jax.tree_util.tree_leaves_with_path(
+        shardings, is_leaf=lambda x: isinstance(x, nnx.Variable))}
+    embed = next(v for k, v in specs.items() if k.endswith("[0]['embed']"))
+    assert embed == jax.sharding.PartitionSpec(None, "data")
+    for key, spec in specs.items():
+        if key.endswith("['w_in']"):
+            assert spec[0] == "expert", key  # the parameter and Adam's moments alike
+
+
+def test_a_parameter_without_declared_axes_is_refused():
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from glam.mesh import RULES, make_mesh, state_shardings
+
+    class Undeclared(nnx.Module):
+        def __init__(self):
+            self.renamed = nnx.Param(jnp.ones((4, 4)))
+
+    with pytest.raises(ValueError, match=r"renamed.*declares no logical axes"):
+        state_shardings(nnx.state(Undeclared()), make_mesh(MeshConfig(data=1)), RULES)

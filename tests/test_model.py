@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from glam.config import model_config
+from glam.resolve import model_config
 from glam.model import GLaM
 from glam.model.layers import relative_position_buckets
 from glam.model.moe import MoEFeedForward

@@ -1,5 +1,7 @@
 """Learning-rate schedules and the Adafactor settings GLaM trained with."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,7 +9,7 @@ import optax
 import pytest
 
 from glam.config import OptimizerConfig, ScheduleConfig
-from glam.count import load
+from glam.resolve import load
 from glam.optim import capped_decay, lr_schedule, make_optimizer
 
 
@@ -69,7 +71,7 @@ def test_adafactor_settings_applied():
 
     clipped = second_update(tx)
     unclipped = second_update(make_optimizer(
-        OptimizerConfig(**{**cfg.optimizer.__dict__, "update_clipping": None}), lr))
+        dataclasses.replace(cfg.optimizer, update_clipping=None), lr))
     assert clipped == pytest.approx(float(lr(1)), rel=1e-4)
     assert unclipped > 1.2 * clipped
 

@@ -9,9 +9,10 @@ from mlflow.tracking import MlflowClient
 
 from glam.checkpoint import CheckpointError
 from glam.config import ConfigError
-from glam.count import load
+from glam.resolve import load
 from glam.stability import TrainingDiverged
-from glam.train import SimulatedCrash, run
+from glam.train import run
+from glam.trainer import SimulatedCrash
 
 BASE = ["model=tiny_moe", "train.steps=30", "train.batch_size=4", "train.log_every=5",
         "train.progress=false", "train.eval_batches=1", "checkpoint.every=10",

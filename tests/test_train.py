@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
-from glam.count import load
+from glam.resolve import load
 from glam.train import run
 
 

@@ -26,7 +26,7 @@ from functools import cached_property
 import numpy as np
 
 from glam.config import DataConfig
-from glam.data.tokenizer import WordTokenizer
+from glam.data.tokenizer import SPECIALS, WordTokenizer
 
 # name, number of values, fact templates ("{e}" person, "{v}" value), question
 ATTRIBUTES = [
@@ -76,6 +76,27 @@ def _pseudo_words(rng: np.random.Generator, n: int, syllables: int, taken: set[s
     return words
 
 
+def _fixed_words(attributes: list) -> set[str]:
+    """The words of the templates, questions, filler grammar and QA markers."""
+    words = {w for _, _, templates, question in attributes for t in templates + [question]
+             for w in t.split() if "{" not in w}
+    return words | {w for ws in FILLER.values() for w in ws} | {QUESTION, ANSWER}
+
+
+def _name_parts(n_entities: int) -> int:
+    """First names (and last names) generated: enough distinct pairs for every person."""
+    return math.ceil(math.sqrt(n_entities)) + 1
+
+
+def world_vocab_size(cfg: DataConfig) -> int:
+    """The tokenizer vocabulary size of `World(cfg)`, computed without building the world:
+    special tokens + fixed words + every attribute value + first and last names (all generated
+    words are distinct from each other and from the fixed words)."""
+    attributes = ATTRIBUTES[: cfg.n_attributes]
+    return (len(SPECIALS) + len(_fixed_words(attributes)) + sum(n for _, n, _, _ in attributes)
+            + 2 * _name_parts(cfg.n_entities))
+
+
 @dataclass(frozen=True)
 class Person:
     name: tuple[str, str]
@@ -97,7 +118,7 @@ class World:
                 self.values.append([str(1900 + i) for i in range(n_values)])
             else:
                 self.values.append(_pseudo_words(rng, n_values, 3, taken))
-        n_parts = math.ceil(math.sqrt(cfg.n_entities)) + 1
+        n_parts = _name_parts(cfg.n_entities)
         firsts = _pseudo_words(rng, n_parts, 2, taken)
         lasts = _pseudo_words(rng, n_parts, 2, taken)
         pairs = rng.permutation(n_parts * n_parts)[: cfg.n_entities]
@@ -108,15 +129,9 @@ class World:
         n_qa = round(cfg.qa_entity_fraction * cfg.n_entities)
         self.qa_people = list(range(n_qa))  # QA lines of these people are in the training text
         self.bio_only_people = list(range(n_qa, cfg.n_entities))
-        words = {w for t in self._all_templates() for w in t.split() if "{" not in w}
+        words = _fixed_words(self.attributes)
         words |= {w for v in self.values for w in v} | set(firsts) | set(lasts)
-        words |= {w for ws in FILLER.values() for w in ws} | {QUESTION, ANSWER}
         self.tokenizer = WordTokenizer(sorted(words))
-
-    def _all_templates(self):
-        for _, _, templates, question in self.attributes:
-            yield from templates
-            yield question
 
     @property
     def knowledge_bits(self) -> float:

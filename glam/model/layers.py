@@ -16,9 +16,20 @@ from flax import nnx
 from glam.config import ModelConfig
 
 
-def param(rngs: nnx.Rngs, shape: tuple[int, ...], fan_in: int) -> nnx.Param:
-    """A float32 weight with variance 1 / fan_in, so activations keep unit scale."""
-    return nnx.Param(jax.random.normal(rngs.params(), shape, jnp.float32) * fan_in**-0.5)
+def declare(value: jax.Array, axes: tuple[str | None, ...]) -> nnx.Param:
+    """A parameter with its logical axes (one name per dimension, from `glam.mesh.RULES`, or
+    None for a dimension that is never split); `glam.mesh.state_shardings` maps them onto the
+    mesh. Placement happens once the whole state exists, not here (no eager sharding)."""
+    if len(axes) != value.ndim:
+        raise ValueError(f"{len(axes)} logical axes {axes} for a parameter of shape {value.shape}")
+    return nnx.Param(value, out_sharding=axes, eager_sharding=False)
+
+
+def param(rngs: nnx.Rngs, shape: tuple[int, ...], fan_in: int,
+          axes: tuple[str | None, ...]) -> nnx.Param:
+    """A float32 weight with variance 1 / fan_in (activations keep unit scale), declared with
+    its logical `axes`."""
+    return declare(jax.random.normal(rngs.params(), shape, jnp.float32) * fan_in**-0.5, axes)
 
 
 def project(x: jax.Array, w: jax.Array, contract: int = 1) -> jax.Array:
@@ -32,7 +43,7 @@ def project(x: jax.Array, w: jax.Array, contract: int = 1) -> jax.Array:
 
 class RMSNorm(nnx.Module):
     def __init__(self, dim: int, eps: float = 1e-6):
-        self.scale = nnx.Param(jnp.ones((dim,), jnp.float32))
+        self.scale = declare(jnp.ones((dim,), jnp.float32), ("embed",))
         self.eps = eps
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -63,9 +74,11 @@ class Attention(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         m, n, d = cfg.d_model, cfg.n_heads, cfg.head_dim
-        self.wq, self.wk, self.wv = (param(rngs, (m, n, d), m) for _ in range(3))
-        self.wo = param(rngs, (n, d, m), n * d)
-        self.rel_bias = nnx.Param(jnp.zeros((cfg.rel_pos_buckets, n), jnp.float32))
+        self.wq, self.wk, self.wv = (param(rngs, (m, n, d), m, ("embed", "heads", "kv"))
+                                     for _ in range(3))
+        self.wo = param(rngs, (n, d, m), n * d, ("heads", "kv", "embed"))
+        self.rel_bias = declare(jnp.zeros((cfg.rel_pos_buckets, n), jnp.float32),
+                                ("buckets", "heads"))
         self.num_buckets = cfg.rel_pos_buckets
         self.max_distance = cfg.rel_pos_max_distance
 
@@ -93,9 +106,9 @@ class FeedForward(nnx.Module):
         m, f = cfg.d_model, cfg.d_ff
         self.gated = cfg.ffn_kind == "geglu"
         if self.gated:
-            self.wi_gate = param(rngs, (m, f), m)
-        self.wi = param(rngs, (m, f), m)
-        self.wo = param(rngs, (f, m), f)
+            self.wi_gate = param(rngs, (m, f), m, ("embed", "mlp"))
+        self.wi = param(rngs, (m, f), m, ("embed", "mlp"))
+        self.wo = param(rngs, (f, m), f, ("mlp", "embed"))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         dt = x.dtype

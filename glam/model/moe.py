@@ -1,14 +1,19 @@
-"""The MoE feed-forward layer: router, E two-matrix GELU experts, and two dispatch paths.
+"""The MoE feed-forward layer: router, E two-matrix GELU experts, and three dispatch paths.
 
 Dimension letters as in `glam.model.routing` (G, S, E, C, K, M) plus H, the expert hidden width.
+`model.router.dispatch` picks the path; `auto` (the default) is fixed by `glam.resolve` for the
+backend: `dropless` on GPU/TPU, `gather` on CPU.
 
 - `einsum`: one-hot dispatch and combine tensors [G, S, E, C] contracted with einsums, the GShard
   reference. Its cost grows with S * E * C, i.e. with the group size squared.
-- `gather` (default): each expert slot looks up the index of the token that fills it, activations
-  are gathered into an [G, E, C, M] buffer, the experts run as one batched matmul, and each token
-  gathers its K outputs back. Cost stays close to the expert matmuls themselves.
+- `gather`: each expert slot looks up the index of the token that fills it, activations are
+  gathered into an [G, E, C, M] buffer, the experts run as one batched matmul, and each token
+  gathers its K outputs back. Cost stays close to the expert matmuls themselves. Assignments
+  beyond capacity C are dropped (their tokens pass through the residual only).
+- `dropless`: assignments sorted by expert, grouped matmuls (`ragged_dot` on GPU/TPU, a blocked
+  padded form on CPU); capacity is the whole group, so nothing is dropped.
 
-Both are checked against a slow loop-over-tokens reference in the tests.
+All three are checked against a slow loop-over-tokens reference in the tests.
 """
 
 from __future__ import annotations
@@ -132,23 +137,19 @@ def _expert_parallel_ffn(buffer: jax.Array, w_in: jax.Array, w_out: jax.Array) -
 DISPATCH = {"einsum": moe_einsum, "gather": moe_gather, "dropless": moe_dropless}
 
 
-def resolve_dispatch(name: str) -> str:
-    """`auto`: dropless grouped matmuls on GPU/TPU, capacity-based gather on CPU (where the
-    gather path measured ~1.2x a FLOP-matched dense FFN and ragged_dot 5-60x)."""
-    if name != "auto":
-        return name
-    return "dropless" if jax.default_backend() in ("gpu", "tpu") else "gather"
-
-
 class MoEFeedForward(nnx.Module):
-    """Top-k routed mixture of E GELU FFNs (d_model -> expert d_ff -> d_model)."""
+    """Top-k routed mixture of E GELU FFNs (d_model -> expert d_ff -> d_model). `cfg` is a
+    resolved model config (`glam.resolve`): concrete dispatch and group size."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        if cfg.router.dispatch == "auto" or cfg.router.group_size is None:
+            raise ValueError("MoEFeedForward needs a resolved model config (glam.resolve): "
+                             "model.router.dispatch and group_size must be concrete.")
         m, h, e = cfg.d_model, cfg.expert_hidden, cfg.n_experts
         self.cfg = cfg
-        self.router = param(rngs, (m, e), m)
-        self.w_in = param(rngs, (e, m, h), m)
-        self.w_out = param(rngs, (e, h, m), h)
+        self.router = param(rngs, (m, e), m, ("embed", None))
+        self.w_in = param(rngs, (e, m, h), m, ("expert", "embed", "mlp"))
+        self.w_out = param(rngs, (e, h, m), h, ("expert", "mlp", "embed"))
 
     def __call__(self, x: jax.Array, key: Optional[jax.Array] = None,
                  mask: Optional[jax.Array] = None) -> tuple[jax.Array, Routing]:
@@ -157,7 +158,7 @@ class MoEFeedForward(nnx.Module):
         padding takes no expert capacity."""
         cfg, r = self.cfg, self.cfg.router
         b, t, m = x.shape
-        s = r.group_size or t
+        s = r.group_size
         if (b * t) % s:
             raise ValueError(f"model.router.group_size={s} does not divide the {b * t} tokens "
                              f"of this batch ({b} x {t}); pick a divisor.")
@@ -169,7 +170,7 @@ class MoEFeedForward(nnx.Module):
                 router_in = router_in * jax.random.uniform(
                     jitter_key, router_in.shape, jnp.float32, 1.0 - r.jitter, 1.0 + r.jitter)
         logits = project(router_in, self.router[...])
-        dispatch = resolve_dispatch(r.dispatch)
+        dispatch = r.dispatch
         capacity = (s if dispatch == "dropless" else  # dropless: every assignment is placed
                     expert_capacity(s, cfg.n_experts, cfg.top_k, r.capacity_factor,
                                     r.capacity_multiple))

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 from flax import nnx, struct
 
 from glam.config import ModelConfig
-from glam.model.layers import Attention, FeedForward, RMSNorm, param, project
+from glam.model.layers import Attention, FeedForward, RMSNorm, declare, param, project
 from glam.model.moe import MoEFeedForward
 
 
@@ -45,12 +45,14 @@ class GLaM(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.dtype = jnp.dtype(cfg.dtype)
         self.d_model = cfg.d_model
-        self.embed = nnx.Param(jax.random.normal(rngs.params(), (cfg.vocab_size, cfg.d_model)))
+        self.embed = declare(jax.random.normal(rngs.params(), (cfg.vocab_size, cfg.d_model)),
+                             ("vocab", "embed"))
         self.blocks = nnx.List([Block(cfg, i, rngs=rngs) for i in range(cfg.n_layers)])
         self.final_norm = RMSNorm(cfg.d_model)
         self.tie_embeddings = cfg.tie_embeddings
         if not cfg.tie_embeddings:
-            self.unembed = param(rngs, (cfg.d_model, cfg.vocab_size), cfg.d_model)
+            self.unembed = param(rngs, (cfg.d_model, cfg.vocab_size), cfg.d_model,
+                                 ("embed", "vocab"))
 
     def __call__(self, tokens: jax.Array, key: Optional[jax.Array] = None,
                  mask: Optional[jax.Array] = None):

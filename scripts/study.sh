@@ -6,15 +6,15 @@ study="${STUDY:-study_expert_count}"
 export MLFLOW_TRACKING_URI="${MLFLOW_TRACKING_URI:-sqlite:///mlflow.db}"
 out="docs/results/${study}"
 
-glam-plan "+sweep=${study}" | tail -1
+glam-plan "+study=${study}" | tail -1
 start=$(date -u +%FT%TZ)
-glam-train -m "+sweep=${study}" hydra/launcher=joblib hydra.launcher.n_jobs=2 "$@"
+glam-train -m "+study=${study}" hydra/launcher=joblib hydra.launcher.n_jobs=2 "$@"
 mkdir -p "${out}"
 glam-analyze --study "${study}" --out "${out}" | tee "${out}/summary.txt"
 cat > "${out}/RUN.md" <<MSG
 # ${study}
 
-- command: \`make study\` (glam-train -m +sweep=${study} hydra/launcher=joblib hydra.launcher.n_jobs=2 $*)
+- command: \`make study\` (glam-train -m +study=${study} hydra/launcher=joblib hydra.launcher.n_jobs=2 $*)
 - started: ${start}; finished: $(date -u +%FT%TZ)
 - machine: $(nproc) CPU cores, $(python -c 'import platform; print(platform.processor() or platform.machine())'), $(free -g | awk '/Mem/ {print $2}') GiB; jax $(python -c 'import jax; print(jax.__version__)') on $(python -c 'import jax; print(jax.default_backend())')
 - git: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)

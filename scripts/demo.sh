@@ -6,8 +6,8 @@ export MLFLOW_TRACKING_URI="${MLFLOW_TRACKING_URI:-sqlite:///mlflow.db}"
 launcher=(hydra/launcher=joblib hydra.launcher.n_jobs=2)
 
 for study in compute_vs_accuracy expert_count; do
-  echo "== study ${study}: $(glam-plan "+sweep=${study}" | tail -1)"
-  glam-train -m "+sweep=${study}" "${launcher[@]}" "$@"
+  echo "== study ${study}: $(glam-plan "+study=${study}" | tail -1)"
+  glam-train -m "+study=${study}" "${launcher[@]}" "$@"
 done
 for study in compute_vs_accuracy expert_count; do
   echo "== analysis of ${study}"

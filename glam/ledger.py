@@ -1,0 +1,64 @@
+"""The publish-after-checkpoint protocol for step metrics: unchecked -> verified -> durable.
+
+A metric point reaches MLflow only once no rollback or crash can make its step be recomputed:
+
+- `unchecked`: recorded by the loop, still device arrays, not yet health-checked;
+- `verified`: the health check passed; waiting for the next checkpoint to cover them;
+- `durable`: covered by the newest checkpoint (which also carries them in its record, so a crash
+  before they are published loses nothing); published once that checkpoint is known complete,
+  i.e. when the next one is about to be written, or at the end.
+
+A rollback drops what is unchecked and verified and takes the checkpoint's own unpublished
+points as durable. Without checkpoints nothing can be rolled back to, and verified points are
+published in batches. Pure Python: no JAX, no MLflow (`publish` is any callable).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+Entries = list[tuple[int, dict]]  # (step, {name: value})
+Publish = Callable[[Entries], None]
+
+
+class MetricLedger:
+    def __init__(self, durable: Entries | None = None):
+        self.unchecked: list[tuple[int, Any]] = []
+        self.verified: Entries = []
+        self.durable: Entries = list(durable or [])
+
+    def record(self, step: int, metrics: Any) -> None:
+        """A step's metrics as the step returned them (device arrays allowed)."""
+        self.unchecked.append((step, metrics))
+
+    def take_unchecked(self) -> list[tuple[int, Any]]:
+        """Everything unchecked, in step order; the ledger forgets it."""
+        taken, self.unchecked = self.unchecked, []
+        return taken
+
+    def verify(self, step: int, metrics: dict) -> None:
+        """A healthy step's host values (or an evaluation's results at `step`)."""
+        self.verified.append((step, metrics))
+
+    def restart_from(self, unpublished: Entries) -> None:
+        """After restoring a checkpoint: its unpublished points become durable; everything
+        newer is forgotten (it will be recomputed)."""
+        self.unchecked, self.verified, self.durable = [], [], list(unpublished)
+
+    def checkpoint(self, publish: Publish) -> Entries:
+        """Call once the previous checkpoint is complete and a new one is about to be written:
+        publishes the durable points, makes the verified ones durable, and returns them for the
+        new checkpoint's record."""
+        publish(self.durable)
+        self.durable, self.verified = self.verified, []
+        return self.durable
+
+    def publish_verified(self, publish: Publish) -> None:
+        """Without checkpoints: publish the verified points now."""
+        publish(self.verified)
+        self.verified = []
+
+    def publish_all(self, publish: Publish) -> None:
+        """At the end of training, with the last checkpoint complete: publish everything held."""
+        publish(self.durable + self.verified)
+        self.durable, self.verified = [], []

@@ -1,0 +1,122 @@
+"""A training run's MLflow record: params, tags, metric points, artifacts.
+
+Process 0 opens (or, on resume, reopens) the MLflow run and writes to it; the other processes of
+a multi-host run hold a `SilentTracker` with the same run id and write nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from importlib import metadata
+from pathlib import Path
+
+from glam import distributed
+from glam.accounting import Counts
+from glam.identity import config_hash
+from glam.ledger import Entries
+from glam.resolve import CONF_DIR, ResolvedConfig, to_container
+from glam.tracking import SilentTracker, Tracker
+
+
+def git_sha() -> str:
+    """The code version: $GLAM_GIT_SHA, else the checkout's HEAD, else `glam-<version>` from
+    the installed package's metadata."""
+    if os.environ.get("GLAM_GIT_SHA"):
+        return os.environ["GLAM_GIT_SHA"]
+    checkout = CONF_DIR.parent
+    if (checkout / ".git").exists():
+        try:
+            out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=checkout, text=True,
+                                 capture_output=True, timeout=10)
+            if out.stdout.strip():
+                return out.stdout.strip()
+        except OSError:
+            pass
+    try:
+        return f"glam-{metadata.version('glam')}"
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def run_name(cfg: ResolvedConfig, activated_params: int) -> str:
+    """E.g. `cpu_moe-1.2M-8e-s0`: preset, activated size, experts, seed."""
+    m = cfg.model
+    size = next(f"{activated_params / d:.3g}{u}" for d, u in ((1e12, "T"), (1e9, "B"), (1e6, "M"),
+                                                              (1e3, "K"), (1, ""))
+                if activated_params >= d)
+    experts = f"{m.n_experts}e" if m.family == "moe" else "dense"
+    return f"{m.name}-{size}-{experts}-s{cfg.train.seed}"
+
+
+class RunLogger:
+    """The MLflow run of one training run. Use as a context manager: the run ends FINISHED, or
+    FAILED (KILLED on Ctrl-C) on error."""
+
+    def __init__(self, cfg: ResolvedConfig, counts: Counts, data_facts: dict, fingerprint: str,
+                 output_dir: Path, extra_tags: dict | None = None, run_id: str | None = None):
+        """Open the run (`run_id` given: reopen it) on process 0; every process learns its id.
+
+        Args:
+          data_facts: corpus facts logged as `corpus.*` params (vocabulary, knowledge bits).
+          fingerprint: the data fingerprint (tag `data_fingerprint`).
+          extra_tags: the study point's tags (`glam.study.runs.point_tags`).
+        """
+        self.cfg, self.output_dir = cfg, output_dir
+        self.primary = distributed.is_primary()
+        m, lg, c = cfg.model, cfg.logger, counts
+        resolved = to_container(cfg)
+        self.config_path = output_dir / "config.yaml"
+        if self.primary:  # (Hydra writes .hydra/ on every process)
+            from omegaconf import OmegaConf
+
+            self.config_path.write_text(OmegaConf.to_yaml(resolved))
+        params = {**resolved, "counts": c.as_dict(), "corpus": data_facts}
+        tags = {"model": m.name, "family": m.family, "n_experts": m.n_experts, "top_k": m.top_k,
+                "total_params": c.total_params, "activated_params": c.activated_params,
+                "forward_flops_per_token": c.forward_flops_per_token, "seed": cfg.train.seed,
+                "dispatch": m.router.dispatch, "git_sha": git_sha(),
+                "data_fingerprint": fingerprint, "config_hash": config_hash(cfg),
+                "output_dir": str(output_dir), **(extra_tags or {})}
+        name = lg.run_name or run_name(cfg, c.activated_params)
+        opened: list[Tracker] = []
+
+        def open_run() -> str:
+            opened.append(Tracker(lg.tracking_uri, lg.experiment, name, params, tags,
+                                  run_id=run_id))
+            return opened[0].run_id
+
+        shared_id = distributed.on_primary(open_run)
+        self.tracker = opened[0] if opened else SilentTracker(shared_id)
+        self.run_id = self.tracker.run_id
+
+    def publish(self, entries: Entries) -> None:
+        """Write metric points (step, {name: value}) and flush them to MLflow."""
+        for step, metrics in entries:
+            self.tracker.log_metrics(step, metrics)
+        self.tracker.flush()
+
+    def set_tag(self, key: str, value: str) -> None:
+        self.tracker.set_tag(key, value)
+
+    def write_artifacts(self, files: dict[str, object], predictions: list[dict]) -> None:
+        """Process 0: write `files` as JSON and `predictions` as JSONL into the run directory,
+        and attach them and the resolved config to the MLflow run."""
+        if not self.primary:
+            return
+        paths = [self.config_path]
+        for name, content in files.items():
+            paths.append(self.output_dir / name)
+            paths[-1].write_text(json.dumps(content, indent=1))
+        paths.append(self.output_dir / "eval_predictions.jsonl")
+        paths[-1].write_text("".join(json.dumps(p) + "\n" for p in predictions))
+        for path in paths:
+            self.tracker.log_artifact(path)
+
+    def __enter__(self) -> "RunLogger":
+        self.tracker.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.tracker.__exit__(*exc)

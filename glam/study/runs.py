@@ -1,0 +1,146 @@
+"""A study in MLflow: one parent run, each point a child run; finished points skipped.
+
+`StudyCallback` (a Hydra callback, enabled by `sweeps/study/base.yaml`) runs in the launching
+process before any job starts: it refuses a FLOP-matched study whose points break the tolerance,
+creates the MLflow database and experiment once (parallel jobs racing to create the sqlite
+schema is a known failure), and creates or reopens the study's parent run, whose id it writes to
+`<study dir>/mlflow_parent.json`. Each job reads the id from there (explicitly, not through
+MLFLOW_RUN_ID), tags its run with the study point and its config hash (`glam.identity`), and
+skips itself when a FINISHED run with the same hash exists, so running an interrupted study
+again completes it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
+from hydra.types import RunMode
+from mlflow.tracking import MlflowClient
+from omegaconf import DictConfig, OmegaConf
+
+from glam import distributed
+from glam.identity import config_hash
+from glam.resolve import ResolvedConfig
+from glam.study.plan import plan
+from glam.tracking import experiment_id
+
+log = logging.getLogger("glam.study")
+PARENT_FILE = "mlflow_parent.json"
+
+
+class StudyCallback(Callback):
+    """Checks a study and opens its MLflow parent run before the first job; closes it after."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        # Hydra turns a callback's exceptions into warnings; a refused study must stop here.
+        try:
+            self._start(config)
+        except Exception as err:
+            log.error("study refused: %s", err)
+            raise SystemExit(f"glam study refused before launch: {err}") from err
+
+    def _start(self, config: DictConfig) -> None:
+        study = config.study.name or "study"
+        if config.study.match_flops:
+            plan(list(config.hydra.overrides.task))  # raises ConfigError naming bad points
+        client = MlflowClient(config.logger.tracking_uri)
+        exp_id = experiment_id(client, config.logger.experiment)
+        study_dir = Path(config.hydra.sweep.dir)
+        study_dir.mkdir(parents=True, exist_ok=True)
+        parent_file = study_dir / PARENT_FILE
+        identity = {"study": study, "tracking_uri": config.logger.tracking_uri,
+                    "experiment_id": exp_id}
+        saved = json.loads(parent_file.read_text()) if parent_file.exists() else {}
+        parent = saved.get("run_id") if {k: saved.get(k) for k in identity} == identity else None
+        if parent is not None and _run_exists(client, parent):
+            client.update_run(parent, status="RUNNING")
+            log.info("reopened MLflow parent run %s of study %s", parent, study)
+        else:
+            run = client.create_run(exp_id, run_name=study,
+                                    tags={"study": study, "study_role": "parent",
+                                          "study_dir": str(study_dir.resolve())})
+            parent = run.info.run_id
+            client.log_param(parent, "overrides", " ".join(config.hydra.overrides.task))
+            parent_file.write_text(json.dumps({"run_id": parent, **identity}))
+            log.info("MLflow parent run %s for study %s", parent, study)
+
+    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        # Only reached when every job returned: a failed job leaves the parent RUNNING, and
+        # running the study again completes it.
+        parent_file = Path(config.hydra.sweep.dir) / PARENT_FILE
+        if parent_file.exists():
+            client = MlflowClient(config.logger.tracking_uri)
+            client.set_terminated(json.loads(parent_file.read_text())["run_id"], "FINISHED")
+
+
+def _run_exists(client: MlflowClient, run_id: str) -> bool:
+    try:
+        client.get_run(run_id)
+        return True
+    except Exception:  # MlflowException(RESOURCE_DOES_NOT_EXIST) or a different store
+        return False
+
+
+def point_tags(study_name: str | None) -> dict | None:
+    """For a job of a multirun: the MLflow tags of its child run (study, point, role, parent
+    run id when a study opened one); None for a single run."""
+    hc = HydraConfig.get()
+    if hc.mode != RunMode.MULTIRUN:
+        return None
+    parent_file = Path(hc.sweep.dir) / PARENT_FILE
+    parent = json.loads(parent_file.read_text())["run_id"] if parent_file.exists() else None
+    point = hc.job.override_dirname or f"job{OmegaConf.select(hc, 'job.num', default=0)}"
+    tags = {"study": study_name or Path(hc.sweep.dir).name, "study_point": point,
+            "study_role": "child"}
+    if parent:
+        tags["mlflow.parentRunId"] = parent
+    return tags
+
+
+def finished_run(tracking_uri: str, experiment: str, hash_: str) -> str | None:
+    """Id of a FINISHED run of `experiment` with config hash `hash_`, if any."""
+    client = MlflowClient(tracking_uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return None
+    runs = client.search_runs([exp.experiment_id],
+                              filter_string=f"tags.config_hash = '{hash_}' and "
+                                            "attributes.status = 'FINISHED'", max_results=1)
+    return runs[0].info.run_id if runs else None
+
+
+def set_aside_stale_checkpoints(output_dir: Path, hash_: str) -> None:
+    """A point's directory is named by its overrides, so an edited study reuses it: checkpoints
+    of the old config are moved aside (not deleted) and the point starts afresh."""
+    marker = output_dir / "config_hash.txt"
+    old = marker.read_text().strip() if marker.exists() else hash_
+    if old != hash_ and (output_dir / "checkpoints").exists():
+        stale = output_dir / f"checkpoints.stale-{old}"
+        (output_dir / "checkpoints").rename(stale)
+        log.warning("the config of this point changed: old checkpoints moved to %s", stale)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    marker.write_text(hash_ + "\n")
+
+
+def skip_or_prepare(cfg: ResolvedConfig, output_dir: Path, tags: dict) -> str | None:
+    """Before a study point trains: the id of a FINISHED run of the same point (re-tagged as a
+    child of this study's parent), or None after setting aside checkpoints of an edited point.
+    Process 0 alone talks to MLflow; every process gets the answer."""
+    hash_ = config_hash(cfg)
+    lg = cfg.logger
+
+    def decide() -> str:
+        done = finished_run(lg.tracking_uri, lg.experiment, hash_)
+        if done:
+            client = MlflowClient(lg.tracking_uri)
+            for key, value in tags.items():
+                client.set_tag(done, key, value)
+        else:
+            set_aside_stale_checkpoints(output_dir, hash_)
+        return done or ""
+
+    return distributed.on_primary(decide) or None

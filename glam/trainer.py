@@ -1,0 +1,320 @@
+"""One training run: the loop, and the collaborators it hands work to.
+
+- `glam.step`: the pure jitted train/eval steps over NNX state;
+- `glam.ledger.MetricLedger`: step metrics from unchecked to verified to durable (published
+  only once a finished checkpoint covers them);
+- `glam.stability.HealthMonitor`: skips and spikes -> rollback to the last checkpoint;
+- `glam.checkpoint.Checkpointer`: orbax state + a JSON record (step, data order, monitor,
+  unpublished metrics, run identity from `glam.identity`);
+- `glam.run_logger.RunLogger`: the MLflow run (params, tags, points, artifacts).
+
+In a multi-host run every process holds a Trainer; only process 0 logs and writes files.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+from flax import nnx
+from tqdm.auto import tqdm
+
+from glam import accounting, distributed
+from glam.checkpoint import Checkpointer
+from glam.config import ConfigError, Resume
+from glam.data import WorldCorpus
+from glam.eval import Evaluator, Task, read_jsonl, world_tasks
+from glam.identity import checkpoint_identity
+from glam.ledger import MetricLedger
+from glam.mesh import activate, check_divisibility, data_sharding, make_mesh, rules_for
+from glam.optim import lr_schedule, make_optimizer
+from glam.resolve import ResolvedConfig
+from glam.run_logger import RunLogger
+from glam.stability import HealthMonitor, TrainingDiverged, fault_scale
+from glam.step import init_state, make_eval_step, make_train_step
+
+log = logging.getLogger("glam.train")
+
+
+class SimulatedCrash(RuntimeError):
+    """Raised by `faults.crash_at_step`, standing in for a killed job."""
+
+
+def build_tasks(cfg: ResolvedConfig, corpus: WorldCorpus) -> list[Task]:
+    """The world's own tasks (if `eval.builtin`) and the user's JSONL tasks."""
+    e = cfg.eval
+    tasks = world_tasks(corpus.world, e.max_examples, e.seed) if e.builtin else []
+    for spec in e.tasks:
+        examples = read_jsonl(spec.path, spec.kind)[: e.max_examples]
+        train = read_jsonl(spec.train_path, spec.kind) if spec.train_path else []
+        tasks.append(Task(spec.name, spec.kind, examples, train))
+    return tasks
+
+
+def validation(eval_step, model_state, corpus: WorldCorpus, cfg: ResolvedConfig):
+    """Validation loss (nats/token) and perplexity, and each MoE layer's mean expert load
+    ([E] fractions of assignments) over `train.eval_batches` validation batches."""
+    nll, n, loads, batches = 0.0, 0.0, {}, 0
+    for batch in corpus.val_batches(cfg.train.eval_batches, cfg.train.batch_size,
+                                    cfg.model.seq_len + 1):
+        batch_nll, batch_n, batch_loads = distributed.fetch(eval_step(model_state, batch))
+        nll, n, batches = nll + float(batch_nll), n + float(batch_n), batches + 1
+        for layer, load in batch_loads.items():
+            loads[layer] = loads.get(layer, 0.0) + np.asarray(load)
+    loss = nll / max(n, 1.0)
+    expert_load = {f"layer{k}": (v / batches).tolist() for k, v in loads.items()}
+    return {"val_loss": loss, "val_perplexity": math.exp(min(loss, 50.0))}, expert_load
+
+
+class Throughput:
+    """Compile time (to the first step's result) and training time between health checks."""
+
+    def __init__(self, tokens_per_step: int):
+        self.tokens_per_step = tokens_per_step
+        self.compile_s, self.train_s, self.steps = 0.0, 0.0, 0
+        self.mark, self.first = time.perf_counter(), True
+
+    def first_step(self, metrics) -> None:
+        if self.first:
+            jax.block_until_ready(metrics)
+            now = time.perf_counter()
+            self.compile_s, self.mark, self.first = now - self.mark, now, False
+
+    def checked(self, n_steps: int) -> float:
+        """`n_steps` more steps are done; returns tokens/s over every timed step so far."""
+        now = time.perf_counter()
+        self.train_s, self.steps, self.mark = self.train_s + now - self.mark, self.steps + n_steps, now
+        return self.tokens_per_second
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.steps * self.tokens_per_step / max(self.train_s, 1e-9)
+
+    def as_dict(self) -> dict:
+        return {"compile_seconds": self.compile_s, "train_seconds": self.train_s,
+                "tokens_per_second": self.tokens_per_second}
+
+
+class Trainer:
+    """Builds everything a run needs (refusing bad settings before compiling anything), then
+    trains, evaluates and logs it with `run()`."""
+
+    def __init__(self, cfg: ResolvedConfig, output_dir: Path, extra_tags: dict | None = None):
+        self.cfg, self.output_dir, self.extra_tags = cfg, output_dir, extra_tags or {}
+        m, t = cfg.model, cfg.train
+        self.mesh = make_mesh(cfg.mesh)  # refused here, before any compilation, if impossible
+        check_divisibility(self.mesh.devices.shape, m, t.batch_size)
+        self.rules = rules_for(cfg.mesh)
+        self.counts = accounting.count(m)
+        self.tokens_per_step = t.batch_size * m.seq_len
+        self.ckpt = (Checkpointer(output_dir / "checkpoints", cfg.checkpoint)
+                     if cfg.checkpoint.every else None)
+        latest = self.ckpt.latest_step() if self.ckpt else None
+        if latest is not None and t.resume == Resume.never:
+            raise ConfigError(f"train.resume: 'never', but {self.ckpt.directory} holds checkpoints "
+                              f"(newest: step {latest}); use train.resume=auto to continue them "
+                              "or a new hydra.run.dir.")
+        self.corpus = WorldCorpus(cfg.data)
+        self.identity = checkpoint_identity(cfg, self.corpus.fingerprint)
+        # Read (and check) the record before building or compiling anything.
+        self.record = self.ckpt.read_record(latest, self.identity) if latest is not None else None
+        tasks = build_tasks(cfg, self.corpus)
+        self.schedule = lr_schedule(cfg.schedule, t.steps)
+        self.graphdef, model_graphdef, self.state, state_sharding = init_state(
+            m, make_optimizer(cfg.optimizer, self.schedule), t.seed, self.mesh, self.rules)
+        self.batch_sharding = data_sharding(self.mesh, self.rules)
+        self.train_step = make_train_step(self.graphdef, m, self.schedule, state_sharding,
+                                          self.batch_sharding)
+        self.eval_step = make_eval_step(model_graphdef)
+        e = cfg.eval
+        self.evaluator = Evaluator(model_graphdef, self.corpus.tokenizer, tasks, seq_len=m.seq_len,
+                                   batch_size=e.batch_size, shots=list(e.shots),
+                                   max_answer_tokens=e.max_answer_tokens,
+                                   length_normalize=e.length_normalize, seed=e.seed)
+        self.predictions: list[dict] = []  # of the latest evaluation
+        self.expert_load: dict = {}
+        self.base_key = jax.random.key(t.seed + 1)
+        self.step, self.data_order, self.rollbacks, self.skipped = 0, 0, [], 0
+        self.monitor = HealthMonitor(cfg.stability)
+        self.ledger = MetricLedger()
+        if self.record is not None:
+            self._restore(latest)
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def _restore(self, step: int) -> None:
+        record = self.ckpt.read_record(step, self.identity)
+        self.state = self.ckpt.restore_state(step, self.state)
+        self.step, self.data_order = record["step"], record["data_order"]
+        self.rollbacks, self.skipped = record["rollbacks"], record["skipped_steps"]
+        self.monitor = HealthMonitor.restore(self.cfg.stability, record["monitor"])
+        # Points this checkpoint covers that may not have reached MLflow yet (the Tracker skips
+        # any that did).
+        self.ledger.restart_from([(s, metrics) for s, metrics in record["unpublished_metrics"]])
+        self.record = record
+
+    def _save(self, run_id: str, unpublished: list) -> None:
+        record = {"step": self.step, "data_order": self.data_order, "rollbacks": self.rollbacks,
+                  "skipped_steps": self.skipped, "monitor": self.monitor.snapshot(),
+                  "unpublished_metrics": unpublished, "mlflow_run_id": run_id, **self.identity}
+        self.ckpt.save(self.step, self.state, record)
+
+    # -- health --------------------------------------------------------------------------------
+    def _check(self) -> str | None:
+        """Fetch pending step metrics; verify healthy ones; return a rollback reason."""
+        for step, metrics in distributed.fetch(self.ledger.take_unchecked()):
+            reason = self.monitor.observe(step, float(metrics["lm_loss"]), bool(metrics["skipped"]))
+            if reason:
+                return reason
+            self.skipped += int(metrics["skipped"])
+            finite = {k: float(v) for k, v in metrics.items() if np.isfinite(v)}
+            finite["skipped_steps"] = self.skipped
+            finite["train_flops"] = step * self.tokens_per_step * self.counts.train_flops_per_token
+            self.ledger.verify(step, finite)
+        return None
+
+    def _rollback(self, reason: str, logger: RunLogger) -> None:
+        max_rollbacks = self.cfg.stability.max_rollbacks
+        at = self.step
+        if self.ckpt is None or self.ckpt.latest_step() is None:
+            raise TrainingDiverged(f"{reason}; no checkpoint to roll back to "
+                                   "(checkpoint.every=0).")
+        if len(self.rollbacks) >= max_rollbacks:
+            raise TrainingDiverged(
+                f"gave up after {len(self.rollbacks)} rollbacks (stability.max_rollbacks="
+                f"{max_rollbacks}); last: {reason}. Lower the learning rate, check the data, "
+                "or raise stability.max_rollbacks.")
+        rollbacks = self.rollbacks + [{"at_step": at, "reason": reason}]
+        data_order = self.data_order + 1  # new batches from here on: often enough to pass
+        self.ckpt.wait()  # the newest checkpoint may still be being written
+        target = self.ckpt.latest_step()
+        self._restore(target)
+        self.rollbacks, self.data_order = rollbacks, data_order
+        logger.set_tag(f"rollback_{len(rollbacks)}", f"at step {at} to step {target}: {reason}")
+        log.warning("rollback %d: %s; back to step %d, data order %d", len(rollbacks), reason,
+                    target, self.data_order)
+
+    # -- the loop ------------------------------------------------------------------------------
+    def run(self) -> dict:
+        """Train to `train.steps` (from the newest checkpoint, if any), evaluate, log; returns
+        the final metrics and the MLflow run id."""
+        m, c = self.cfg.model, self.counts
+        world = self.corpus.world
+        facts = {"vocab_size": self.corpus.tokenizer.vocab_size,
+                 "knowledge_bits": round(world.knowledge_bits, 1),
+                 "train_tokens_per_entity": self.cfg.data.train_tokens / len(world.people)}
+        resumed_id = self.record["mlflow_run_id"] if self.record else None
+        try:
+            with RunLogger(self.cfg, c, facts, self.corpus.fingerprint, self.output_dir,
+                           self.extra_tags, run_id=resumed_id) as logger:
+                if resumed_id:
+                    log.info("resuming MLflow run %s from step %d", resumed_id, self.step)
+                else:
+                    log.info("MLflow run %s (%s): %s params, %s activated, %.3g forward "
+                             "FLOPs/token", logger.run_id, m.family, f"{c.total_params:,}",
+                             f"{c.activated_params:,}", c.forward_flops_per_token)
+                    if self.ckpt:
+                        self._save(logger.run_id, [])  # step 0: a rollback target always exists
+                timing = self._loop(logger)
+                final = self._finish(logger, timing)
+        finally:
+            if self.ckpt:
+                # Also on an error: a save in flight completes (on every process, which a
+                # multi-host save needs) rather than dying with the interpreter.
+                self.ckpt.close()
+        groups = {k: v for k, v in final.items() if k.startswith("eval/") and "_avg/" in k}
+        log.info("done: val_loss %.4f, %.0f tokens/s, %s", final["val_loss"],
+                 final["tokens_per_second"], ", ".join(f"{k[5:]} {v:.1f}" for k, v in groups.items()))
+        return final
+
+    def _loop(self, logger: RunLogger) -> dict:
+        cfg, t, every = self.cfg, self.cfg.train, self.cfg.checkpoint.every
+        bar = tqdm(total=t.steps, initial=self.step, unit="step", dynamic_ncols=True,
+                   disable=not (t.progress and distributed.is_primary()),
+                   mininterval=0.5 if sys.stderr.isatty() else 30)
+        timer = Throughput(self.tokens_per_step)
+        while self.step < t.steps:
+            metrics = self._train_step()
+            timer.first_step(metrics)
+            bar.update(1)
+            last = self.step == t.steps
+            checkpoint_due = bool(every) and (self.step % every == 0 or last)
+            # (the final evaluation comes after the loop)
+            eval_due = bool(cfg.eval.every) and self.step % cfg.eval.every == 0 and not last
+            if self.step % t.log_every == 0 or last or checkpoint_due or eval_due:
+                n_new = len(self.ledger.unchecked)
+                reason = self._check()
+                tokens_per_second = timer.checked(n_new)
+                if reason:
+                    self._rollback(reason, logger)
+                    bar.reset(total=t.steps)
+                    bar.update(self.step)
+                    continue
+                newest = self.ledger.verified[-1][1]
+                newest["tokens_per_second"] = tokens_per_second
+                if eval_due:  # after the health check: a rollback also discards these results
+                    self.ledger.verify(self.step, self._evaluate())
+                bar.set_postfix(loss=f"{newest.get('lm_loss', math.nan):.3f}",
+                                tok_s=f"{tokens_per_second:,.0f}")
+            if checkpoint_due:
+                self.ckpt.wait()  # the previous checkpoint is complete: its points can go out
+                self._save(logger.run_id, self.ledger.checkpoint(logger.publish))
+            elif not every and len(self.ledger.verified) >= cfg.logger.flush_every:
+                self.ledger.publish_verified(logger.publish)
+        bar.close()
+        if self.ckpt:
+            self.ckpt.wait()
+        self.ledger.publish_all(logger.publish)
+        return timer.as_dict()
+
+    def _train_step(self):
+        """Run one step on the batch of (seed, data order, step); returns its device metrics."""
+        cfg, step = self.cfg, self.step
+        if step == cfg.faults.crash_at_step and self.data_order == 0:
+            raise SimulatedCrash(f"faults.crash_at_step={step}")
+        key = jax.random.fold_in(jax.random.fold_in(self.base_key, self.data_order), step)
+        scale = np.float32(fault_scale(cfg.faults, step, self.data_order))
+        with activate(self.mesh, self.rules):  # activation layouts, read while tracing
+            self.state, metrics = self.train_step(self.state, self._batch(step), key, scale)
+        self.ledger.record(step, metrics)
+        self.step += 1
+        return metrics
+
+    def _batch(self, step: int) -> jax.Array:
+        """The global batch of `step`, each process building only the rows of its devices."""
+        t, window = self.cfg.train, self.cfg.model.seq_len + 1
+        return jax.make_array_from_callback(
+            (t.batch_size, window), self.batch_sharding,
+            lambda index: self.corpus.train_batch(step, t.batch_size, window, t.seed,
+                                                  self.data_order, rows=index[0]))
+
+    def _evaluate(self) -> dict[str, float]:
+        """Validation loss and every few-shot score of the current model; keeps the predictions
+        and expert loads of the latest evaluation."""
+        model_state = nnx.state(nnx.merge(self.graphdef, self.state)[0])
+        val_metrics, self.expert_load = validation(self.eval_step, model_state, self.corpus,
+                                                   self.cfg)
+        result = self.evaluator(model_state)
+        self.predictions = result.predictions
+        return {**val_metrics, **result.metrics}
+
+    def _finish(self, logger: RunLogger, timing: dict) -> dict:
+        t = self.cfg.train
+        final = {
+            **self._evaluate(), **timing,
+            "train_tokens": t.steps * self.tokens_per_step,
+            "train_flops_total": t.steps * self.tokens_per_step * self.counts.train_flops_per_token,
+            "skipped_steps": self.skipped,
+            "rollbacks": len(self.rollbacks),
+        }
+        logger.publish([(t.steps, final)])
+        logger.write_artifacts({"expert_load.json": self.expert_load,
+                                "rollbacks.json": self.rollbacks, "final_metrics.json": final},
+                               self.predictions)
+        if self.ckpt:
+            self.ckpt.wait()
+        return {**final, "run_id": logger.run_id}

@@ -1,0 +1,89 @@
+"""The house plan: the schema imports nothing of glam, no import cycles, every field classified."""
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import glam
+from glam.identity import ROLES, Role, all_fields, checkpoint_identity, role, select
+from glam.resolve import load
+
+PACKAGE = Path(glam.__file__).parent
+
+
+def test_the_schema_imports_no_other_glam_module():
+    code = "import sys, glam.config; print(sorted(m for m in sys.modules if m.startswith('glam')))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "['glam', 'glam.config']"
+
+
+def _imports() -> dict[str, set[str]]:
+    """glam module -> glam modules it imports anywhere (functions included)."""
+    graph = {}
+    for path in PACKAGE.rglob("*.py"):
+        parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                deps.add(node.module)
+                deps |= {f"{node.module}.{a.name}" for a in node.names}
+            elif isinstance(node, ast.Import):
+                deps |= {a.name for a in node.names}
+        graph[name] = deps
+    return {m: {d for d in deps if d in graph and d != m} for m, deps in graph.items()}
+
+
+def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    state, stack = {}, []
+
+    def visit(m):
+        state[m] = "open"
+        stack.append(m)
+        for d in sorted(graph[m]):
+            if state.get(d) == "open":
+                return stack[stack.index(d):] + [d]
+            if d not in state and (found := visit(d)):
+                return found
+        state[m] = "done"
+        stack.pop()
+        return None
+
+    for m in sorted(graph):
+        if m not in state and (found := visit(m)):
+            return found
+    return None
+
+
+def test_no_import_cycle_in_glam():
+    graph = _imports()
+    # a package's __init__ re-exporting its submodules is not a cycle of the submodules
+    graph = {m: {d for d in deps if not m.startswith(f"{d}.")} for m, deps in graph.items()}
+    assert _cycle(graph) is None, " -> ".join(_cycle(graph))
+
+
+def test_the_cycle_finder_finds_one():
+    assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+
+
+def test_every_config_field_has_a_role():
+    missing = []
+    for path in all_fields():
+        try:
+            role(path)
+        except KeyError:
+            missing.append(path)
+    assert not missing, f"classify these in glam.identity.ROLES: {missing}"
+    assert all(isinstance(r, Role) for r in ROLES.values())
+
+
+def test_identity_holds_the_resolved_dispatch_and_not_the_layout():
+    cfg = load(["model=tiny_moe", "mesh=cpu8"], backend="cpu")
+    ident = checkpoint_identity(cfg, "fp")
+    assert ident["model"]["router"]["dispatch"] == "gather"
+    assert ident["derived"] == {"drops_tokens": True}
+    assert "mesh" not in ident and "logger" not in ident and "eval" not in ident
+    layout = select(cfg, {Role.LAYOUT})
+    assert set(layout) == {"mesh", "distributed", "eval", "derived"}
+    assert layout["eval"] == {"batch_size": cfg.eval.batch_size}

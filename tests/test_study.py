@@ -1,0 +1,210 @@
+"""Studies: placement at fixed activated FLOPs, expansion by Hydra's parser, the plan, skipping
+finished points, and real multiruns into MLflow."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from glam.config import ConfigError
+from glam.placement import dense_counterpart, flops
+from glam.resolve import CONF_DIR, SWEEPS_DIR, load
+from glam.study.plan import plan
+from glam.study.points import expand
+
+STUDIES = sorted(p.stem for p in (SWEEPS_DIR / "study").glob("*.yaml") if p.stem != "base")
+
+
+@pytest.mark.parametrize("model", ["ladder_xs", "ladder_s", "cpu_moe"])
+@pytest.mark.parametrize("n_experts", [2, 4, 16, 64])
+def test_matched_placement_equals_dense_flops(model, n_experts):
+    cfg = load([f"model={model}", f"model.n_experts={n_experts}", "plan.placement=matched"])
+    dense = flops(dense_counterpart(cfg.model))
+    assert abs(flops(cfg.model) / dense - 1) <= cfg.plan.tolerance
+    assert cfg.model.expert_d_ff != cfg.model.d_ff  # solved, not copied
+
+
+def test_glam_placement_keeps_the_dense_width_and_costs_more():
+    cfg = load(["model=ladder_s", "model.n_experts=8"])
+    assert cfg.model.expert_hidden == cfg.model.d_ff
+    assert flops(cfg.model) > flops(dense_counterpart(cfg.model))
+
+
+def test_expert_count_series_is_flat_and_an_unmatched_one_is_refused():
+    rows = plan(["+study=expert_count"])
+    assert sorted({r.n_experts for r in rows}) == [0, 2, 4, 8, 16, 32]
+    dense = next(r for r in rows if r.family == "dense").forward_flops_per_token
+    assert all(abs(r.forward_flops_per_token / dense - 1) <= 0.02 for r in rows)
+    with pytest.raises(ConfigError, match=r"plan.tolerance: 10 study point\(s\)") as err:
+        plan(["+study=expert_count", "plan.placement=glam"])  # experts as wide as the FFN
+    assert "model.n_experts=32 train.seed=1" in str(err.value)
+
+
+def test_a_series_without_its_dense_point_is_still_checked():
+    with pytest.raises(ConfigError, match=r"plan.tolerance: 6 study point"):
+        plan(["+study=expert_count", "plan.placement=glam", "model.n_experts=8,16,32"])
+
+
+def test_a_fixed_override_replaces_the_swept_values():
+    points = expand(["+study=expert_count", "model.n_experts=64"])
+    assert len(points) == 2 and all("model.n_experts=64" in p for p in points)
+
+
+@pytest.mark.parametrize("study", STUDIES)
+def test_every_study_composes(study):
+    points = expand([f"+study={study}"])
+    assert len(points) >= 2
+    for point in points:
+        cfg = load(point)  # resolves; paper-scale points are counted, never allocated
+        assert cfg.study.name == study and cfg.logger.experiment == study
+
+
+@pytest.mark.parametrize("override,values", [
+    ("train.seed=0,1,2", ["0", "1", "2"]),
+    ("train.seed=range(3)", ["0", "1", "2"]),
+    ("train.seed=range(0,4,2)", ["0", "2"]),
+    ("train.seed=choice(5,7)", ["5", "7"]),
+    ("model=glob(ladder_*)", ["ladder_m", "ladder_s", "ladder_xs"]),
+])
+def test_every_hydra_sweep_syntax_expands(override, values):
+    key = override.split("=")[0]
+    points = expand(["+study=smoke", override])
+    assert len(points) == 2 * len(values)  # the study's own axis: n_experts 0, 4
+    seen = sorted({o.split("=", 1)[1] for p in points for o in p if o.startswith(f"{key}=")})
+    assert seen == sorted(values)
+
+
+def test_a_list_value_is_one_point_not_an_axis():
+    (point,) = expand(["model=tiny_moe", "eval.shots=[0,1]"])
+    assert load(point).eval.shots == (0, 1)
+
+
+def test_plan_lists_every_seed_of_a_range():
+    rows = plan(["+study=expert_count", "train.seed=range(3)"])
+    per_point = {}
+    for r in rows:
+        per_point.setdefault(r.n_experts, []).append(r.overrides)
+    assert len(rows) == 18 and all(len(v) == 3 for v in per_point.values())
+    assert all(any("train.seed=2" in o for o in v) for v in per_point.values())
+
+
+def test_launcher_configs_compose():
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        for launcher in ("joblib", "submitit_slurm"):
+            cfg = compose("config", overrides=["+study=smoke", f"hydra/launcher={launcher}"],
+                          return_hydra_config=True)
+            assert launcher.split("_")[0] in cfg.hydra.launcher._target_.lower()
+
+
+def _multirun(tmp_path, *overrides):
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    cmd = [sys.executable, "-m", "glam.train", "-m", "+study=smoke", "hydra/launcher=joblib",
+           "hydra.launcher.n_jobs=2", "model.n_experts=choice(0,4)", *overrides]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def test_joblib_multirun_parent_children_and_rerun_skips(tmp_path):
+    _multirun(tmp_path)
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("smoke")
+    runs = client.search_runs([exp.experiment_id])
+    (parent,) = [r for r in runs if r.data.tags.get("study_role") == "parent"]
+    children = [r for r in runs if r.data.tags.get("study_role") == "child"]
+    assert len(children) == 2 and parent.info.status == "FINISHED"
+    for child in children:
+        tags = child.data.tags
+        assert tags["mlflow.parentRunId"] == parent.info.run_id
+        assert child.info.status == "FINISHED"
+        for key in ("study", "study_point", "family", "n_experts", "activated_params",
+                    "forward_flops_per_token", "seed", "config_hash"):
+            assert key in tags, key
+    # the points Hydra launched are those expand() lists, Hydra sweep syntax included
+    expanded = expand(["+study=smoke", "model.n_experts=choice(0,4)"])
+    assert sorted(c.data.tags["study_point"] for c in children) == sorted(
+        next(o for o in p if o.startswith("model.n_experts=")) for p in expanded)
+    for child in children:
+        assert child.data.params["model.router.dispatch"] == "gather"  # resolved, not auto
+        assert child.data.params["derived.drops_tokens"] == str(
+            child.data.tags["family"] == "moe")
+    saved = json.loads((tmp_path / "outputs/studies/smoke/mlflow_parent.json").read_text())
+    assert saved["run_id"] == parent.info.run_id
+
+    _multirun(tmp_path)  # the same study again: both points are skipped
+    again = client.search_runs([exp.experiment_id])
+    assert {r.info.run_id for r in again} == {r.info.run_id for r in runs}  # nothing new
+
+
+def test_a_mismatched_study_is_refused_before_any_job(tmp_path):
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    cmd = [sys.executable, "-m", "glam.train", "-m", "+study=expert_count", "plan.placement=glam"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "plan.tolerance" in proc.stderr and "model.n_experts=32" in proc.stderr
+    assert not (tmp_path / "outputs" / "studies" / "expert_count").exists() or not list(
+        (tmp_path / "outputs" / "studies" / "expert_count").glob("model.n_experts=*"))
+
+
+def test_an_accepted_range_study_passes_the_launch_check():
+    """The callback's FLOP check expands `range` as Hydra does (it once refused this)."""
+    from hydra import compose, initialize_config_dir
+
+    from glam.study.runs import StudyCallback
+
+    overrides = ["+study=expert_count", "train.seed=range(0,2)"]
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        rows = plan(overrides)
+        cfg = compose("config", overrides=["+study=expert_count"], return_hydra_config=True)
+    assert len(rows) == 12
+    assert cfg.hydra.callbacks.glam_study._target_ == f"{StudyCallback.__module__}.StudyCallback"
+
+
+def test_config_hash_ignores_logging_and_checkpointing_only():
+    from glam.identity import config_hash
+
+    def hash_of(*overrides):
+        return config_hash(load(list(overrides), backend="cpu"))
+
+    base = hash_of()
+    assert hash_of("logger.experiment=x", "checkpoint.every=7", "train.progress=false") == base
+    assert hash_of("train.seed=3") != base and hash_of("model.n_experts=4") != base
+    assert hash_of("mesh=cpu8", "eval.batch_size=32") == base  # layout: the same point
+
+
+def test_a_cpu_finished_point_is_not_skipped_where_the_dispatch_differs(tmp_path):
+    """A point finished on CPU (capacity-dropping gather) is done for a CPU job, but not for a
+    GPU job, which resolves `auto` to dropless and routes tokens differently."""
+    from glam.identity import config_hash
+    from glam.study.runs import skip_or_prepare
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    point = ["model=tiny_moe", f"logger.tracking_uri={uri}", "logger.experiment=s"]
+    on_cpu, on_gpu = load(point, backend="cpu"), load(point, backend="gpu")
+    assert on_cpu.model.router.dispatch == "gather" and on_gpu.model.router.dispatch == "dropless"
+    assert on_cpu.derived.drops_tokens and not on_gpu.derived.drops_tokens
+    client = MlflowClient(uri)
+    exp = client.create_experiment("s")
+    done = client.create_run(exp, tags={"config_hash": config_hash(on_cpu)}).info.run_id
+    client.set_terminated(done, "FINISHED")
+    tags = {"study": "s", "study_point": "p", "study_role": "child"}
+    assert skip_or_prepare(on_cpu, tmp_path / "cpu", tags) == done
+    assert skip_or_prepare(on_gpu, tmp_path / "gpu", tags) is None
+
+
+def test_stale_checkpoints_of_an_edited_point_are_set_aside(tmp_path):
+    from glam.study.runs import set_aside_stale_checkpoints
+
+    set_aside_stale_checkpoints(tmp_path, "aaa")
+    (tmp_path / "checkpoints" / "10").mkdir(parents=True)
+    set_aside_stale_checkpoints(tmp_path, "aaa")  # same config: kept for resuming
+    assert (tmp_path / "checkpoints" / "10").is_dir()
+    set_aside_stale_checkpoints(tmp_path, "bbb")  # edited config: moved, not deleted
+    assert not (tmp_path / "checkpoints").exists()
+    assert (tmp_path / "checkpoints.stale-aaa" / "10").is_dir()
+    assert (tmp_path / "config_hash.txt").read_text().strip() == "bbb"
