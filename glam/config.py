@@ -183,7 +183,7 @@ class RouterConfig(Section):
 
 @dataclass
 class ModelConfig(Section):
-    """Shape of a GLaM decoder (GLAM_REFERENCE section 2). `n_experts = 0` is the dense model."""
+    """Shape of a GLaM decoder (GLaM, Du et al. 2021, section 2). `n_experts = 0` is the dense model."""
 
     name: str = doc("model", "preset name, used in run names")
     vocab_size: Optional[int] = doc(None, "token ids V; null: the data's tokenizer, filled by "
@@ -405,7 +405,7 @@ class TaskFileConfig(Section):
 
 @dataclass
 class EvalConfig(Section):
-    """Few-shot evaluation during training and at the end (GLAM_REFERENCE section 5)."""
+    """Few-shot evaluation during training and at the end (GLaM, Du et al. 2021, section 5)."""
 
     every: int = doc(0, "evaluate every this many steps (0: at the end only)")
     shots: list[int] = doc(lambda: [0, 1, 3], "demonstrations per prompt, one score each",

@@ -12,7 +12,7 @@ Each field has one role:
 - `RECORD`: how it is logged, named, checkpointed or shown.
 
 The resolved dispatch is a model field, so a point finished with capacity-based `gather` (CPU)
-is not the point a GPU would run with `dropless`. `tests/test_identity.py` fails when a config
+is not the point a GPU would run with `dropless`. `tests/test_structure.py` fails when a config
 field has no role.
 """
 

@@ -1,7 +1,7 @@
 """Placing an MoE model against its dense counterpart at fixed activated FLOPs.
 
 Two placements (`plan.placement`):
-- `glam`, the paper's (GLAM_REFERENCE section 2): the dense shape with every other FFN replaced
+- `glam`, the paper's (GLaM, Du et al. 2021, section 2): the dense shape with every other FFN replaced
   by E experts of the dense FFN's width. Activated FLOPs rise a little (two two-matrix experts
   > one GeGLU); each model is plotted at its true FLOPs.
 - `matched`: the expert width is solved so that the MoE model's activated forward FLOPs per token

@@ -27,7 +27,8 @@ def test_every_paper_row_has_a_preset():
                      "glam_8b_64e", "dense_137b", "glam_64b_64e", "gpt3_175b"}
 
 
-@pytest.mark.parametrize("preset", PRESETS)
+@pytest.mark.parametrize("preset", [pytest.param(p, marks=pytest.mark.slow)
+                                    if p.startswith("paper/") else p for p in PRESETS])
 def test_analytic_params_equal_instantiated_model(preset):
     cfg = load([f"model={preset}"]).model
     abstract = nnx.eval_shape(lambda: GLaM(cfg, rngs=nnx.Rngs(0)))

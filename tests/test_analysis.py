@@ -65,6 +65,7 @@ def run_table():
     return pd.DataFrame(rows)
 
 
+@pytest.mark.slow
 def test_figures_are_written(run_table, tmp_path):
     written = figures.compute_vs_accuracy(run_table, tmp_path)
     written += figures.expert_count(run_table, tmp_path)
@@ -95,6 +96,7 @@ def test_table_export_roundtrip_and_energy(run_table, tmp_path):
     assert 0.5 < ratio < 0.6
 
 
+@pytest.mark.slow
 def test_cli_offline_from_a_table(run_table, tmp_path, capsys):
     path = export(run_table, tmp_path / "runs.csv")
     analyze_main(["--table", str(path), "--out", str(tmp_path / "figs")])

@@ -1,8 +1,11 @@
 """The benchmark code runs and reports (tiny shapes; no timing is asserted)."""
 
+import pytest
+
 from glam.bench import moe_vs_dense, render
 
 
+@pytest.mark.slow
 def test_moe_vs_dense_rows_and_report():
     rows = moe_vs_dense(tokens=64, m=8, h=16, group=32, experts=[4])
     assert {r["dispatch"] for r in rows} == {"gather", "einsum", "dropless"}

@@ -145,6 +145,7 @@ def test_harness_runs_a_real_model_on_world_tasks():
     assert len(result.predictions) == 2 * 18
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("n_experts", [0, 4])
 def test_left_padding_is_masked_out(n_experts):
     """Padding is not attended to and takes no expert capacity: the real tokens' logits do not

@@ -33,6 +33,7 @@ def test_impossible_meshes_are_refused(shape, batch, message):
         check_divisibility(shape, cfg, batch)
 
 
+@pytest.mark.slow
 def test_meshes_match_one_device():
     """Forward logits, one-step gradients and a 20-step loss trajectory on meshes (8,1,1),
     (2,4,1), (1,8,1), (2,2,2) of 8 fake devices equal the single-device run."""
@@ -63,6 +64,7 @@ def test_mesh_presets_compose_and_fit_their_models(preset, devices, model):
     assert shape[0] * shape[1] * shape[2] == devices
 
 
+@pytest.mark.slow  # composes every point of every study
 @pytest.mark.parametrize("study", ["smoke", "compute_vs_accuracy", "expert_count",
                                    "study_expert_count"])
 def test_cpu_studies_fit_mesh_cpu8(study):
@@ -82,7 +84,8 @@ PRESETS = sorted(str(p.relative_to(p.parents[1] if p.parent.name == "paper" else
                      .with_suffix("")) for p in (CONF_DIR / "model").rglob("*.yaml"))
 
 
-@pytest.mark.parametrize("preset", PRESETS)
+@pytest.mark.parametrize("preset", [pytest.param(p, marks=pytest.mark.slow)
+                                    if p.startswith("paper/") else p for p in PRESETS])
 def test_every_parameter_of_every_preset_is_sharded_by_its_declared_axes(preset):
     """Built abstractly (nnx.eval_shape: no memory), every parameter declares one logical axis
     per dimension, and the shardings follow them (embed over data under fsdp, experts over

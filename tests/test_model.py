@@ -14,6 +14,7 @@ from glam.model.moe import MoEFeedForward
 TINY = dict(vocab_size=64, seq_len=16, d_model=32, n_layers=2, n_heads=2, d_ff=64)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("n_experts", [0, 4])
 def test_causality(n_experts):
     """Changing token t changes no logit before t. Capacity is ample: GShard's capacity
@@ -73,6 +74,7 @@ def test_untied_and_wide_attention():
     assert logits.shape == (1, 16, 64)
 
 
+@pytest.mark.slow
 def test_group_size_must_divide_tokens():
     cfg = model_config(**TINY, n_experts=4, router={"group_size": 12})
     model = GLaM(cfg, rngs=nnx.Rngs(0))

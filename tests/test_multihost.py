@@ -96,6 +96,8 @@ def _losses(client, run_id):
     return [s for s, _ in points], np.array([v for _, v in points])
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_two_processes_match_one_and_their_checkpoint_restores_in_one(tmp_path):
     """Two processes on localhost (2 fake CPU devices each) train a tiny MoE 2-way data x 2-way
     expert parallel and are killed after step 6; one process (one device) resumes their
@@ -139,6 +141,8 @@ def test_two_processes_match_one_and_their_checkpoint_restores_in_one(tmp_path):
                                rtol=1e-5)
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_different_run_directories_are_refused_on_every_process(tmp_path):
     port = _free_port()
     logs = [tmp_path / f"process{i}.log" for i in range(2)]
@@ -154,6 +158,8 @@ def test_different_run_directories_are_refused_on_every_process(tmp_path):
                "processes [1] differ from process 0" in text, text[-2000:]
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_hydra_submitit_tasks_form_one_run(tmp_path):
     """The SLURM launch path on one machine: Hydra's submitit launcher starts 2 tasks of one
     sweep point (as `slurm_gpu_hosts` starts one per host); they join one JAX program over 4

@@ -14,6 +14,8 @@ from glam.stability import TrainingDiverged
 from glam.train import run
 from glam.trainer import SimulatedCrash
 
+pytestmark = pytest.mark.slow  # every test here trains a model
+
 BASE = ["model=tiny_moe", "train.steps=30", "train.batch_size=4", "train.log_every=5",
         "train.progress=false", "train.eval_batches=1", "checkpoint.every=10",
         "schedule.warmup_steps=5", "data.train_tokens=20000", "data.val_tokens=2048"]

@@ -101,7 +101,8 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("dispatch", sorted(DISPATCH))
+@pytest.mark.parametrize("dispatch", [pytest.param(d, marks=pytest.mark.slow)
+                                      if d == "dropless" else d for d in sorted(DISPATCH)])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c)))
 def test_dispatch_matches_reference(case, dispatch, seed=0):
     s, e, k, cf, mult, policy, gate_norm, skew = case
@@ -150,6 +151,7 @@ def test_capacity_convention():
     assert expert_capacity(10, 2, 2, 8.0, 4) == 10  # never more than S
 
 
+@pytest.mark.slow
 def test_gradients_reach_router_and_paths_agree():
     g, s, m, e, h = 2, 16, 8, 4, 16
     keys = jax.random.split(jax.random.key(0), 5)
@@ -258,6 +260,7 @@ def test_padding_takes_no_capacity(dispatch):
     assert not np.any(np.asarray(routing.placed)[~np.asarray(valid)])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("e,k,block", [(4, 2, 4), (8, 2, 8), (16, 1, 4), (8, 3, 64)])
 def test_dropless_equals_capacity_routing_when_nothing_drops(e, k, block):
     """Dropless dispatch (blocked grouped matmuls on CPU) equals the reference and the

@@ -53,6 +53,7 @@ def test_a_fixed_override_replaces_the_swept_values():
     assert len(points) == 2 and all("model.n_experts=64" in p for p in points)
 
 
+@pytest.mark.slow  # composes every point of every study
 @pytest.mark.parametrize("study", STUDIES)
 def test_every_study_composes(study):
     points = expand([f"+study={study}"])
@@ -110,6 +111,8 @@ def _multirun(tmp_path, *overrides):
     return proc
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_joblib_multirun_parent_children_and_rerun_skips(tmp_path):
     _multirun(tmp_path)
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
@@ -141,6 +144,7 @@ def test_joblib_multirun_parent_children_and_rerun_skips(tmp_path):
     assert {r.info.run_id for r in again} == {r.info.run_id for r in runs}  # nothing new
 
 
+@pytest.mark.slow
 def test_a_mismatched_study_is_refused_before_any_job(tmp_path):
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
     cmd = [sys.executable, "-m", "glam.train", "-m", "+study=expert_count", "plan.placement=glam"]

@@ -26,6 +26,7 @@ def moe_run(tmp_path_factory):
     return cfg, final, MlflowClient(uri), tmp
 
 
+@pytest.mark.slow
 def test_loss_decreases(moe_run):
     cfg, final, client, _ = moe_run
     history = [m.value for m in sorted(client.get_metric_history(final["run_id"], "lm_loss"),
@@ -35,6 +36,7 @@ def test_loss_decreases(moe_run):
     assert final["val_loss"] < np.log(cfg.model.vocab_size)  # better than uniform guessing
 
 
+@pytest.mark.slow
 def test_mlflow_run_read_back(moe_run):
     cfg, final, client, tmp = moe_run
     run_ = client.get_run(final["run_id"])
@@ -74,6 +76,7 @@ def _glam_train(args, cwd, uri):
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_cli_multirun_dense_and_moe(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     common = ["train.steps=5", "train.batch_size=4", "train.eval_batches=1", "train.progress=false",
@@ -87,6 +90,7 @@ def test_cli_multirun_dense_and_moe(tmp_path):
     assert (tmp_path / "outputs" / "multirun").is_dir()
 
 
+@pytest.mark.slow
 def test_cli_bad_config_fails_before_any_work(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     proc = _glam_train(["model=tiny_moe", "model.top_k=7"], tmp_path, uri)
