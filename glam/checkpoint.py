@@ -51,14 +51,28 @@ class Checkpointer:
 
     def read_record(self, step: int, identity: dict) -> dict:
         """The JSON record of checkpoint `step`, refused unless it matches `identity` (the model,
-        data and optimisation settings it must share with the resuming config). Cheap: no arrays
-        are read, nothing is compiled."""
+        data and optimisation settings it must share with the resuming config,
+        `glam.identity.checkpoint_identity`). Cheap: no arrays are read, nothing is compiled.
+
+        Raises:
+          CheckpointError: the checkpoint cannot be read.
+          ConfigError: it was written for another config (the differing fields are named) or
+            under another identity version.
+        """
         self.manager.wait_until_finished()
         try:
             record = self.manager.restore(step, args=ocp.args.Composite(
                 record=ocp.args.JsonRestore())).record
         except Exception as err:  # orbax raises many types for a damaged directory
             raise CheckpointError(self._unreadable(step, err)) from err
+        version = identity.get("identity_version")
+        if record.get("identity_version") != version:
+            raise ConfigError(
+                f"checkpoint {self.directory / str(step)} was written by another version of "
+                f"glam (run identity version {record.get('identity_version', 1)}, now {version}: "
+                "the identity now holds the resolved dispatch, expert width and group size). "
+                "Start a new run directory (a different hydra.run.dir), or resume it with the "
+                "glam version that wrote it.")
         diffs = _differences({k: record.get(k) for k in identity}, identity)
         if diffs:
             raise ConfigError(

@@ -14,6 +14,7 @@ from glam.resolve import load
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Print the counts of the model that `argv` (Hydra overrides) selects, as JSON."""
     cfg = load(sys.argv[1:] if argv is None else argv, backend="cpu")  # dispatch: no count
     m = cfg.model
     out = {"model": m.name, "family": m.family, "n_experts": m.n_experts, "top_k": m.top_k,

@@ -33,48 +33,64 @@ class Role(StrEnum):
     RECORD = "record"
 
 
-# Longest matching prefix wins.
-ROLES: dict[str, Role] = {
-    "model": Role.STATE,
-    "data": Role.STATE,
-    "optimizer": Role.STATE,
-    "schedule": Role.STATE,
-    "train.steps": Role.STATE,
-    "train.batch_size": Role.STATE,
-    "train.seed": Role.STATE,
-    "train.eval_batches": Role.RESULT,
-    "train.log_every": Role.RECORD,
-    "train.progress": Role.RECORD,
-    "train.resume": Role.RECORD,
-    "checkpoint": Role.RECORD,
-    "stability": Role.RESULT,
-    "faults": Role.RESULT,
-    "eval": Role.RESULT,
-    "eval.batch_size": Role.LAYOUT,
-    "mesh": Role.LAYOUT,
-    "distributed": Role.LAYOUT,
-    "plan.placement": Role.RESULT,
-    "plan.tolerance": Role.RECORD,
-    "study": Role.RECORD,
-    "logger": Role.RECORD,
-    "derived.backend": Role.LAYOUT,
-    "derived.drops_tokens": Role.STATE,
-    "derived.filled": Role.RECORD,
+# Every leaf field by name, section by section; a new field fails tests/test_structure.py until
+# it is added here with the role it really has.
+_TABLE: dict[Role, dict[str, str]] = {
+    Role.STATE: {
+        "model": "name vocab_size seq_len d_model n_layers n_heads d_head attn_width d_ff "
+                 "ffn_kind n_experts expert_d_ff top_k moe_every moe_offset tie_embeddings "
+                 "rel_pos_buckets rel_pos_max_distance dtype",
+        "model.router": "capacity_factor capacity_multiple group_size second_expert_policy "
+                        "gate_norm jitter aux_loss_weight z_loss_weight dispatch",
+        "data": "kind n_entities n_attributes templates_per_attribute filler_share qa_share "
+                "qa_entity_fraction train_tokens val_tokens seed",
+        "optimizer": "name b1 b2 weight_decay grad_clip_norm decay_rate beta2_cap "
+                     "update_clipping factored min_dim_size_to_factor "
+                     "multiply_by_parameter_scale",
+        "schedule": "name learning_rate warmup_steps constant_steps decay_fraction "
+                    "end_lr_fraction",
+        "train": "steps batch_size seed",
+        "derived": "drops_tokens",
+    },
+    Role.RESULT: {
+        "train": "eval_batches",
+        "stability": "max_consecutive_skips spike_factor spike_window max_rollbacks",
+        "faults": "nonfinite_steps spike_steps spike_scale crash_at_step repeat_after_rollback",
+        "eval": "every shots builtin tasks max_examples max_answer_tokens length_normalize seed",
+        "plan": "placement",
+    },
+    Role.LAYOUT: {
+        "eval": "batch_size",
+        "mesh": "data expert model fsdp",
+        "distributed": "init coordinator_address num_processes process_id local_device_ids",
+        "derived": "backend",
+    },
+    Role.RECORD: {
+        "train": "log_every progress resume",
+        "checkpoint": "every keep async_save",
+        "plan": "tolerance",
+        "study": "name match_flops",
+        "logger": "tracking_uri experiment run_name flush_every",
+        "derived": "filled",
+    },
 }
+ROLES: dict[str, Role] = {f"{section}.{name}": r for r, sections in _TABLE.items()
+                          for section, names in sections.items() for name in names.split()}
+
+# Written into every checkpoint record; a record without it (or with another) predates the
+# current run identity and is refused with that reason rather than with a field diff.
+IDENTITY_VERSION = 2
 
 
 def role(path: str) -> Role:
-    """The role of the dotted field `path` (its longest classified prefix).
+    """The role of the dotted leaf field `path`.
 
     Raises:
       KeyError: the field is not classified.
     """
-    parts = path.split(".")
-    for n in range(len(parts), 0, -1):
-        prefix = ".".join(parts[:n])
-        if prefix in ROLES:
-            return ROLES[prefix]
-    raise KeyError(f"config field {path!r} has no role in glam.identity.ROLES")
+    if path not in ROLES:
+        raise KeyError(f"config field {path!r} has no role in glam.identity.ROLES")
+    return ROLES[path]
 
 
 def all_fields() -> list[str]:
@@ -83,13 +99,17 @@ def all_fields() -> list[str]:
 
 
 def select(cfg: ResolvedConfig, roles: set[Role]) -> dict:
-    """The nested dict of `cfg`'s fields whose role is in `roles`."""
+    """The nested dict of `cfg`'s fields whose role is in `roles`.
+
+    Raises:
+      KeyError: a field of `cfg` is not classified.
+    """
 
     def keep(tree: dict, prefix: str) -> dict:
         out = {}
         for key, value in tree.items():
             path = f"{prefix}{key}"
-            if isinstance(value, dict) and any(p.startswith(f"{path}.") for p in ROLES):
+            if isinstance(value, dict) and path not in ROLES:
                 sub = keep(value, f"{path}.")
                 if sub:
                     out[key] = sub
@@ -101,9 +121,10 @@ def select(cfg: ResolvedConfig, roles: set[Role]) -> dict:
 
 
 def checkpoint_identity(cfg: ResolvedConfig, data_fingerprint: str) -> dict:
-    """What a checkpoint must share with the config that resumes it: the STATE fields and the
-    fingerprint of the data they produced."""
-    return {**select(cfg, {Role.STATE}), "data_fingerprint": data_fingerprint}
+    """What a checkpoint must share with the config that resumes it: the STATE fields, the
+    fingerprint of the data they produced, and the identity's version."""
+    return {**select(cfg, {Role.STATE}), "data_fingerprint": data_fingerprint,
+            "identity_version": IDENTITY_VERSION}
 
 
 def config_hash(cfg: ResolvedConfig) -> str:

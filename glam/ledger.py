@@ -22,10 +22,12 @@ Publish = Callable[[Entries], None]
 
 
 class MetricLedger:
-    def __init__(self, durable: Entries | None = None):
+    """The three lists of (step, metrics) a training run holds back from MLflow."""
+
+    def __init__(self):
         self.unchecked: list[tuple[int, Any]] = []
         self.verified: Entries = []
-        self.durable: Entries = list(durable or [])
+        self.durable: Entries = []
 
     def record(self, step: int, metrics: Any) -> None:
         """A step's metrics as the step returned them (device arrays allowed)."""

@@ -45,11 +45,16 @@ def rules_for(cfg: MeshConfig) -> dict:
     """The logical-axis table of `cfg`: `RULES`, with `embed` over `data` under `fsdp`."""
     return FSDP_RULES if cfg.fsdp else RULES
 
+
 _active: Optional[tuple[Mesh, dict]] = None
 
 
 def mesh_shape(cfg: MeshConfig, n_devices: int) -> tuple[int, int, int]:
-    """Axis sizes with -1 filled from the device count; refused unless they multiply to it."""
+    """(data, expert, model) axis sizes with -1 filled from the device count.
+
+    Raises:
+      ConfigError: more than one -1, or sizes whose product is not `n_devices`.
+    """
     sizes = [cfg.data, cfg.expert, cfg.model]
     if sizes.count(-1) > 1:
         raise ConfigError("mesh: at most one axis may be -1 (fill the remaining devices).")
@@ -69,7 +74,12 @@ def mesh_shape(cfg: MeshConfig, n_devices: int) -> tuple[int, int, int]:
 def check_divisibility(shape: tuple[int, int, int], model: ModelConfig, batch_size: int) -> None:
     """Refuse, before compilation, a model or batch that does not split over the mesh. (A dense
     model on a mesh with an `expert` axis uses it as more data parallelism: the batch is split
-    over data x expert.)"""
+    over data x expert.)
+
+    Raises:
+      ConfigError: naming every field that does not divide (n_experts, batch_size, n_heads,
+        d_ff, expert_d_ff) and the mesh axis it must divide by.
+    """
     data, expert, tensor = shape
     problems = []
     if model.n_experts and model.n_experts % expert:
@@ -89,13 +99,22 @@ def make_mesh(cfg: MeshConfig, devices=None) -> Mesh:
     """The mesh over `devices` (default: every device of every process). `jax.make_mesh` orders
     them by the physical topology (TPU ICI rings); on GPU and CPU in process order with the last
     axis, `model`, varying fastest: `model` (then `expert`) stays within a host as long as its
-    size (times `model`'s) fits the host's devices."""
+    size (times `model`'s) fits the host's devices.
+
+    Raises:
+      ConfigError: the axis sizes do not fit the device count (`mesh_shape`).
+    """
     devices = jax.devices() if devices is None else devices
     shape = mesh_shape(cfg, len(devices))
     return jax.make_mesh(shape, AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
 
 
 def logical_spec(axes: tuple, rules: dict) -> PartitionSpec:
+    """The PartitionSpec of logical `axes` (one per dimension, None: never split) under `rules`.
+
+    Raises:
+      KeyError: an axis name missing from `rules`.
+    """
     return PartitionSpec(*(None if a is None else rules[a] for a in axes))
 
 
@@ -140,6 +159,7 @@ def _is_variable(x) -> bool:
 
 
 def data_sharding(mesh: Mesh, rules: dict) -> NamedSharding:
+    """Sharding of a token batch [B, T+1] int32: rows over `batch` (data x expert)."""
     return NamedSharding(mesh, logical_spec(("batch", None), rules))
 
 

@@ -15,8 +15,9 @@ Training, counting and planning take a ResolvedConfig. Nothing here builds a cor
 
 from __future__ import annotations
 
+import copy
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
@@ -53,9 +54,9 @@ ConfigStore.instance().store(name="base_config", node=Config)
 class Derived:
     """Facts fixed by resolution that no single config field states."""
 
-    backend: str  # JAX platform the dispatch was chosen for: cpu, gpu or tpu
-    drops_tokens: bool  # capacity-based dispatch: assignments beyond capacity C are dropped
-    filled: tuple[str, ...]  # dotted paths of the fields resolution filled or replaced
+    backend: str = doc("cpu", "JAX platform the dispatch was chosen for: cpu, gpu or tpu")
+    drops_tokens: bool = doc(False, "capacity-based dispatch: assignments beyond C are dropped")
+    filled: tuple[str, ...] = doc((), "dotted paths of the fields resolution filled")
 
 
 @dataclass
@@ -67,7 +68,11 @@ class ResolvedConfig(Config):
 
 def compose_config(overrides: list[str], return_hydra_config: bool = False) -> DictConfig:
     """Compose `conf/config.yaml` with `overrides`; inside a running Hydra app (a study's
-    callback) its own config search path is used."""
+    callback) its own config search path is used.
+
+    Raises:
+      hydra.errors.ConfigCompositionException: unknown key, wrong type or choice (key named).
+    """
     if GlobalHydra.instance().is_initialized():
         return compose("config", overrides=overrides, return_hydra_config=return_hydra_config)
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
@@ -94,36 +99,63 @@ def resolve_dispatch(dispatch: Dispatch, backend: str) -> Dispatch:
     return Dispatch.dropless if backend in ("gpu", "tpu", "cuda", "rocm") else Dispatch.gather
 
 
-def resolve_model(m: ModelConfig, backend: str, placement: Placement = Placement.glam,
-                  vocab_size: int | None = None) -> tuple[ModelConfig, list[str]]:
-    """`m` with its derived fields filled (a new object; `m` is left as it is) and the dotted
-    paths of the filled fields. `vocab_size` fills an unset `m.vocab_size`.
+def _default_backend() -> str:
+    import jax  # only here: loading a config for counting or planning need not start JAX
 
-    Raises:
-      ConfigError: a model field is invalid, or no expert width matches (`plan.placement`).
-    """
-    filled = []
+    return jax.default_backend()
+
+
+def _fill_shape(m: ModelConfig, placement: Placement, vocab_size: int | None,
+                filled: list[str]) -> ModelConfig:
+    """A copy of `m` with vocabulary size, expert width and group size filled, checked."""
     m = dataclasses.replace(m, router=dataclasses.replace(m.router))
     m.check()
     if m.vocab_size is None:
         check(vocab_size is not None, "model.vocab_size", "unset and no corpus to take it from.")
-        m.vocab_size, filled = vocab_size, filled + ["model.vocab_size"]
+        m.vocab_size = vocab_size
+        filled.append("model.vocab_size")
     width = expert_width(m, placement)
     if width != m.expert_d_ff:
-        m.expert_d_ff, filled = width, filled + ["model.expert_d_ff"]
-    r = m.router
-    if r.dispatch == Dispatch.auto:
-        r.dispatch, filled = resolve_dispatch(r.dispatch, backend), filled + ["model.router.dispatch"]
-    if r.group_size is None:
-        r.group_size, filled = m.seq_len, filled + ["model.router.group_size"]
+        m.expert_d_ff = width
+        filled.append("model.expert_d_ff")
+    if m.router.group_size is None:
+        m.router.group_size = m.seq_len
+        filled.append("model.router.group_size")
     m.check()
+    return m
+
+
+def _fill_dispatch(m: ModelConfig, backend: str, filled: list[str]) -> None:
+    if m.router.dispatch == Dispatch.auto:
+        m.router.dispatch = resolve_dispatch(m.router.dispatch, backend)
+        filled.append("model.router.dispatch")
+
+
+def resolve_model(m: ModelConfig, backend: str | None = None,
+                  placement: Placement = Placement.glam,
+                  vocab_size: int | None = None) -> tuple[ModelConfig, list[str]]:
+    """`m` with its derived fields filled (a new object; `m` is left as it is) and the dotted
+    paths of the filled fields. `vocab_size` fills an unset `m.vocab_size`; `backend` (None:
+    `jax.default_backend()`, looked up after every check) fixes `dispatch=auto`.
+
+    Raises:
+      ConfigError: a model field is invalid, or no expert width matches (`plan.placement`).
+    """
+    filled: list[str] = []
+    m = _fill_shape(m, placement, vocab_size, filled)
+    _fill_dispatch(m, backend or _default_backend(), filled)
     return m, filled
 
 
-def model_config(backend: str = "cpu", placement: Placement = Placement.glam,
+def model_config(backend: str | None = None, placement: Placement = Placement.glam,
                  **fields) -> ModelConfig:
     """A resolved, frozen ModelConfig from keyword fields (router fields as a dict under
-    `router`); `vocab_size` is required. For tests, benchmarks and notebooks."""
+    `router`; `vocab_size` required); `backend` as in `resolve_model`. For tests, benchmarks
+    and notebooks.
+
+    Raises:
+      TypeError: an unknown field. ConfigError: an invalid value (field named).
+    """
     router = fields.pop("router", {})
     m = ModelConfig(**fields)
     m.router = dataclasses.replace(m.router, **router)
@@ -137,25 +169,28 @@ def resolve(cfg: Config, backend: str | None = None) -> ResolvedConfig:
 
     Args:
       cfg: a raw config (`raw`, or a `Config` built in code); its sections' own checks are run.
+        A ResolvedConfig is returned as it is.
       backend: the JAX platform the run will use (cpu, gpu, tpu), which fixes `dispatch=auto`;
-        None: `jax.default_backend()` (starts JAX: call after `glam.distributed.initialize`).
+        None: `jax.default_backend()`, looked up only once every check has passed (it starts
+        JAX: in a multi-host run, after `glam.distributed.initialize`).
 
     Raises:
       ConfigError: a value is invalid, alone or with another section's; the field is named.
+      ValueError: `cfg` is already resolved for another backend than `backend`.
     """
     if isinstance(cfg, ResolvedConfig):
+        if backend is not None and backend != cfg.derived.backend:
+            raise ValueError(f"this config was resolved for backend {cfg.derived.backend!r}, "
+                             f"not {backend!r}; resolve its raw config again.")
         return cfg
     cfg.check()
-    if backend is None:
-        import jax  # only here: loading a config for counting or planning need not start JAX
-
-        backend = jax.default_backend()
     d, t = cfg.data, cfg.train
     check(d.kind == DataKind.world, "data.kind", f"unknown corpus kind {d.kind!r}.")
     check(d.n_attributes <= len(ATTRIBUTES), "data.n_attributes",
           f"at most {len(ATTRIBUTES)} (the attribute catalogue), got {d.n_attributes}.")
     data_vocab = world_vocab_size(d)
-    model, filled = resolve_model(cfg.model, backend, cfg.plan.placement, data_vocab)
+    filled: list[str] = []
+    model = _fill_shape(cfg.model, cfg.plan.placement, data_vocab, filled)
     check(data_vocab <= model.vocab_size, "model.vocab_size",
           f"{model.vocab_size} is smaller than the corpus vocabulary ({data_vocab} words); "
           "raise it or leave it unset (null) to take the corpus's.")
@@ -173,8 +208,9 @@ def resolve(cfg: Config, backend: str | None = None) -> ResolvedConfig:
                   f"model.seq_len); pick a divisor of {tokens}.")
     check(cfg.eval.max_answer_tokens < model.seq_len, "eval.max_answer_tokens",
           f"must be below model.seq_len={model.seq_len}.")
-    sections = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(Config)}
-    sections = {k: dataclasses.replace(v) for k, v in sections.items()}  # shallow copies
+    backend = backend or _default_backend()
+    _fill_dispatch(model, backend, filled)
+    sections = {f.name: copy.deepcopy(getattr(cfg, f.name)) for f in dataclasses.fields(Config)}
     sections["model"] = model
     derived = Derived(backend=backend,
                       drops_tokens=bool(model.moe_layers)

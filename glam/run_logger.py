@@ -57,13 +57,14 @@ class RunLogger:
     def __init__(self, cfg: ResolvedConfig, counts: Counts, data_facts: dict, fingerprint: str,
                  output_dir: Path, extra_tags: dict | None = None, run_id: str | None = None):
         """Open the run (`run_id` given: reopen it) on process 0; every process learns its id.
+        MLflow errors (mlflow.exceptions.MlflowException) pass through, on every process.
 
         Args:
           data_facts: corpus facts logged as `corpus.*` params (vocabulary, knowledge bits).
           fingerprint: the data fingerprint (tag `data_fingerprint`).
           extra_tags: the study point's tags (`glam.study.runs.point_tags`).
         """
-        self.cfg, self.output_dir = cfg, output_dir
+        self.output_dir = output_dir
         self.primary = distributed.is_primary()
         m, lg, c = cfg.model, cfg.logger, counts
         resolved = to_container(cfg)
@@ -98,6 +99,7 @@ class RunLogger:
         self.tracker.flush()
 
     def set_tag(self, key: str, value: str) -> None:
+        """Set a run tag now (rollbacks are recorded this way)."""
         self.tracker.set_tag(key, value)
 
     def write_artifacts(self, files: dict[str, object], predictions: list[dict]) -> None:

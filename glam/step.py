@@ -17,7 +17,12 @@ from glam.model import GLaM, MoEOutputs
 def init_state(cfg: ModelConfig, tx: optax.GradientTransformation, seed: int, mesh, rules):
     """A fresh model and optimizer as (graphdef, model graphdef, state, state sharding), the
     state placed on `mesh` by the logical axes its parameters declared and the table `rules`.
-    `cfg` is a resolved model config (`glam.resolve`)."""
+    `cfg` is a resolved model config (`glam.resolve`). Parameters are float32 (embedding
+    [V, M], attention [M, N, D] / [N, D, M], FFN [M, F] / [F, M], experts [E, M, H] / [E, H, M]).
+
+    Raises:
+      ValueError: a parameter without declared axes (`glam.mesh.state_shardings`).
+    """
     model = GLaM(cfg, rngs=nnx.Rngs(seed))
     optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
     model_graphdef, _ = nnx.split(model)

@@ -21,28 +21,36 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from glam import distributed
-from glam.resolve import CONF_DIR, ResolvedConfig, raw, resolve
+from glam.config import Config
+from glam.resolve import CONF_DIR, raw, resolve
 from glam.study.runs import point_tags, skip_or_prepare
 from glam.trainer import Trainer
 
 log = logging.getLogger("glam.train")
 
 
-def run(cfg: ResolvedConfig, output_dir: str | Path, extra_tags: dict | None = None) -> dict:
-    """Train per `cfg` (resuming from `output_dir`'s checkpoints), log to MLflow, return the
-    final metrics and the MLflow run id."""
+def run(cfg: Config, output_dir: str | Path, extra_tags: dict | None = None) -> dict:
+    """Train per `cfg` (resolved here if it is raw), resuming from `output_dir`'s checkpoints;
+    log to MLflow; return the final metrics and the MLflow run id.
+
+    Raises:
+      ConfigError: a bad value, an impossible mesh, a checkpoint of another config.
+      glam.checkpoint.CheckpointError: an unreadable checkpoint.
+      glam.stability.TrainingDiverged: rollbacks did not get past a failure.
+    """
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    return Trainer(cfg, output_dir, extra_tags).run()
+    return Trainer(resolve(cfg), output_dir, extra_tags).run()
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def main(dcfg: DictConfig) -> float:
-    raw_cfg = raw(dcfg)
-    distributed.initialize(raw_cfg.distributed)  # before anything touches a JAX backend
-    cfg = resolve(raw_cfg)
-    logging.getLogger("jax._src.xla_bridge").setLevel(logging.ERROR)
+    logging.getLogger("jax._src.xla_bridge").setLevel(logging.ERROR)  # "no TPU" on every run
     logging.getLogger("absl").setLevel(logging.WARNING)  # orbax's per-save chatter
+    raw_cfg = raw(dcfg)
+    resolve(raw_cfg, backend="cpu")  # every check, before joining other processes or starting JAX
+    distributed.initialize(raw_cfg.distributed)  # before anything touches a JAX backend
+    cfg = resolve(raw_cfg)  # the dispatch for this backend
     if not distributed.is_primary():
         logging.getLogger("glam").setLevel(logging.WARNING)  # process 0 reports progress
     output_dir = Path(HydraConfig.get().runtime.output_dir)

@@ -56,7 +56,8 @@ def build_tasks(cfg: ResolvedConfig, corpus: WorldCorpus) -> list[Task]:
     return tasks
 
 
-def validation(eval_step, model_state, corpus: WorldCorpus, cfg: ResolvedConfig):
+def validation(eval_step, model_state, corpus: WorldCorpus,
+               cfg: ResolvedConfig) -> tuple[dict[str, float], dict[str, list[float]]]:
     """Validation loss (nats/token) and perplexity, and each MoE layer's mean expert load
     ([E] fractions of assignments) over `train.eval_batches` validation batches."""
     nll, n, loads, batches = 0.0, 0.0, {}, 0
@@ -80,6 +81,7 @@ class Throughput:
         self.mark, self.first = time.perf_counter(), True
 
     def first_step(self, metrics) -> None:
+        """After each step: the first one waits for its result and counts as compilation."""
         if self.first:
             jax.block_until_ready(metrics)
             now = time.perf_counter()
@@ -96,13 +98,20 @@ class Throughput:
         return self.steps * self.tokens_per_step / max(self.train_s, 1e-9)
 
     def as_dict(self) -> dict:
+        """compile_seconds and train_seconds (s), tokens_per_second (tokens/s)."""
         return {"compile_seconds": self.compile_s, "train_seconds": self.train_s,
                 "tokens_per_second": self.tokens_per_second}
 
 
 class Trainer:
     """Builds everything a run needs (refusing bad settings before compiling anything), then
-    trains, evaluates and logs it with `run()`."""
+    trains, evaluates and logs it with `run()`.
+
+    Raises (on construction):
+      ConfigError: an impossible mesh, `train.resume=never` over checkpoints, or a checkpoint
+        written for another config.
+      glam.checkpoint.CheckpointError: the newest checkpoint cannot be read.
+    """
 
     def __init__(self, cfg: ResolvedConfig, output_dir: Path, extra_tags: dict | None = None):
         self.cfg, self.output_dir, self.extra_tags = cfg, output_dir, extra_tags or {}
@@ -201,7 +210,13 @@ class Trainer:
     # -- the loop ------------------------------------------------------------------------------
     def run(self) -> dict:
         """Train to `train.steps` (from the newest checkpoint, if any), evaluate, log; returns
-        the final metrics and the MLflow run id."""
+        the final metrics and the MLflow run id. On an error the MLflow run ends FAILED (KILLED
+        on Ctrl-C) and the error passes on.
+
+        Raises:
+          TrainingDiverged: rollbacks did not get past a failure.
+          SimulatedCrash: `faults.crash_at_step` was reached.
+        """
         m, c = self.cfg.model, self.counts
         world = self.corpus.world
         facts = {"vocab_size": self.corpus.tokenizer.vocab_size,

@@ -13,9 +13,9 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from glam.config import MeshConfig
-from glam.resolve import model_config  # noqa: E402
+from glam.config import MeshConfig  # noqa: E402
 from glam.mesh import RULES, activate, data_sharding, make_mesh  # noqa: E402
+from glam.resolve import model_config  # noqa: E402
 from glam.step import init_state, loss_fn, make_train_step  # noqa: E402
 
 CFG = model_config(vocab_size=64, seq_len=16, d_model=32, n_layers=2, n_heads=2, d_ff=64,

@@ -10,10 +10,9 @@ import pytest
 from flax import nnx
 
 from glam import accounting
-from glam.resolve import CONF_DIR, model_config
 from glam.count import main as count_main
-from glam.resolve import load
 from glam.model import GLaM, param_count
+from glam.resolve import CONF_DIR, load, model_config
 
 PRESETS = sorted(str(p.relative_to(CONF_DIR / "model").with_suffix(""))
                  for p in (CONF_DIR / "model").rglob("*.yaml"))

@@ -37,3 +37,4 @@ def test_without_checkpoints_verified_points_are_published_in_batches():
     ledger.verify(0, {"loss": 1.0})
     ledger.publish_verified(published.extend)
     assert published == [(0, {"loss": 1.0})] and ledger.verified == []
+

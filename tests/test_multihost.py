@@ -162,17 +162,17 @@ def test_different_run_directories_are_refused_on_every_process(tmp_path):
 @pytest.mark.multiprocess
 def test_hydra_submitit_tasks_form_one_run(tmp_path):
     """The SLURM launch path on one machine: Hydra's submitit launcher starts 2 tasks of one
-    sweep point (as `slurm_gpu_hosts` starts one per host); they join one JAX program over 4
+    study point (as `slurm_gpu_hosts` starts one per host); they join one JAX program over 4
     devices and produce one MLflow run."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     log = tmp_path / "launcher.log"
     proc = _train(tmp_path / "unused", uri, "hydra/launcher=submitit_local",
                   "hydra.launcher.tasks_per_node=2", "hydra.launcher.timeout_min=4",
-                  f"hydra.sweep.dir={tmp_path / 'sweep'}", "train.steps=4", "mesh.data=-1",
+                  f"hydra.sweep.dir={tmp_path / 'multirun'}", "train.steps=4", "mesh.data=-1",
                   "mesh.expert=2", env={"XLA_FLAGS": "--xla_force_host_platform_device_count=2"},
                   log=log, multirun=True)
     codes, [text] = _wait([proc], [log])
-    task_logs = "".join(p.read_text() for p in (tmp_path / "sweep").rglob("*_log.out"))
+    task_logs = "".join(p.read_text() for p in (tmp_path / "multirun").rglob("*_log.out"))
     assert codes == [0], text[-2000:] + task_logs[-3000:]
     assert "process 0 of 2: 2 local of 4 devices" in task_logs
     assert "process 1 of 2: 2 local of 4 devices" in task_logs

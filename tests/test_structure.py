@@ -67,15 +67,19 @@ def test_the_cycle_finder_finds_one():
     assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
 
 
-def test_every_config_field_has_a_role():
-    missing = []
-    for path in all_fields():
-        try:
-            role(path)
-        except KeyError:
-            missing.append(path)
-    assert not missing, f"classify these in glam.identity.ROLES: {missing}"
-    assert all(isinstance(r, Role) for r in ROLES.values())
+def test_every_config_field_has_a_role_and_every_role_a_field():
+    fields = set(all_fields())
+    missing, stale = sorted(fields - set(ROLES)), sorted(set(ROLES) - fields)
+    assert not missing, f"classify these in glam.identity._TABLE: {missing}"
+    assert not stale, f"glam.identity._TABLE names fields that do not exist: {stale}"
+    assert all(isinstance(role(f), Role) for f in fields)
+
+
+def test_an_unclassified_field_is_refused():
+    import pytest
+
+    with pytest.raises(KeyError, match="mesh.new_knob"):
+        role("mesh.new_knob")
 
 
 def test_identity_holds_the_resolved_dispatch_and_not_the_layout():

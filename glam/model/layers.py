@@ -19,7 +19,11 @@ from glam.config import ModelConfig
 def declare(value: jax.Array, axes: tuple[str | None, ...]) -> nnx.Param:
     """A parameter with its logical axes (one name per dimension, from `glam.mesh.RULES`, or
     None for a dimension that is never split); `glam.mesh.state_shardings` maps them onto the
-    mesh. Placement happens once the whole state exists, not here (no eager sharding)."""
+    mesh. Placement happens once the whole state exists, not here (no eager sharding).
+
+    Raises:
+      ValueError: `axes` does not name every dimension of `value`.
+    """
     if len(axes) != value.ndim:
         raise ValueError(f"{len(axes)} logical axes {axes} for a parameter of shape {value.shape}")
     return nnx.Param(value, out_sharding=axes, eager_sharding=False)

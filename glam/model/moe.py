@@ -139,7 +139,8 @@ DISPATCH = {"einsum": moe_einsum, "gather": moe_gather, "dropless": moe_dropless
 
 class MoEFeedForward(nnx.Module):
     """Top-k routed mixture of E GELU FFNs (d_model -> expert d_ff -> d_model). `cfg` is a
-    resolved model config (`glam.resolve`): concrete dispatch and group size."""
+    resolved model config (`glam.resolve`): concrete dispatch and group size; a raw one
+    (dispatch `auto` or no group size) raises ValueError."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         if cfg.router.dispatch == "auto" or cfg.router.group_size is None:
@@ -155,7 +156,13 @@ class MoEFeedForward(nnx.Module):
                  mask: Optional[jax.Array] = None) -> tuple[jax.Array, Routing]:
         """x [B, T, M] -> ([B, T, M], Routing). `key` drives jitter and the second-expert policy;
         without it (evaluation) routing is deterministic. `mask` [B, T] marks real tokens:
-        padding takes no expert capacity."""
+        padding takes no expert capacity. Tokens are routed in groups of
+        `model.router.group_size` (resolved to `model.seq_len` when unset: one group per
+        sequence at the training length).
+
+        Raises:
+          ValueError: group_size does not divide the B x T tokens.
+        """
         cfg, r = self.cfg, self.cfg.router
         b, t, m = x.shape
         s = r.group_size

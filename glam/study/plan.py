@@ -11,6 +11,9 @@ import json
 import sys
 from dataclasses import dataclass
 
+from hydra.errors import HydraException
+from omegaconf.errors import OmegaConfBaseException
+
 from glam import accounting
 from glam.config import ConfigError
 from glam.hardware import profile
@@ -34,13 +37,14 @@ class PlanRow:
     activated_params: int
     forward_flops_per_token: int
     dense_flops_per_token: int  # of the same config with n_experts = 0
-    train_tokens: int
-    train_flops: float
+    train_tokens: int  # steps x batch x seq_len
+    train_flops: float  # train_tokens x 3 x forward FLOPs/token
     est_seconds: float  # train_flops at the hardware profile's assumed utilisation
     overrides: str  # what distinguishes this point from the command line
 
     @classmethod
     def of(cls, cfg: ResolvedConfig, overrides: str, seconds_per_flop: float) -> "PlanRow":
+        """The row of `cfg`; `seconds_per_flop` converts training FLOPs to the estimate."""
         m, c = cfg.model, accounting.count(cfg.model)
         tokens = cfg.train.steps * cfg.train.batch_size * m.seq_len
         train_flops = float(tokens * c.train_flops_per_token)
@@ -97,7 +101,7 @@ def main(argv: list[str] | None = None) -> None:
     args, overrides = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
     try:
         rows = plan(overrides, args.hardware)
-    except (ConfigError, KeyError) as err:
+    except (ConfigError, KeyError, HydraException, OmegaConfBaseException) as err:
         raise SystemExit(f"glam-plan: {err}")
     if args.json:
         print(json.dumps([dataclasses.asdict(r) for r in rows], indent=1))

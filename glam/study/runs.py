@@ -87,7 +87,11 @@ def _run_exists(client: MlflowClient, run_id: str) -> bool:
 
 def point_tags(study_name: str | None) -> dict | None:
     """For a job of a multirun: the MLflow tags of its child run (study, point, role, parent
-    run id when a study opened one); None for a single run."""
+    run id when a study opened one); None for a single run.
+
+    Raises:
+      ValueError: called outside a Hydra app (HydraConfig is not set).
+    """
     hc = HydraConfig.get()
     if hc.mode != RunMode.MULTIRUN:
         return None
@@ -102,7 +106,11 @@ def point_tags(study_name: str | None) -> dict | None:
 
 
 def finished_run(tracking_uri: str, experiment: str, hash_: str) -> str | None:
-    """Id of a FINISHED run of `experiment` with config hash `hash_`, if any."""
+    """Id of a FINISHED run of `experiment` with config hash `hash_`, if any.
+
+    Raises:
+      mlflow.exceptions.MlflowException: the tracking store cannot be read.
+    """
     client = MlflowClient(tracking_uri)
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
@@ -115,7 +123,11 @@ def finished_run(tracking_uri: str, experiment: str, hash_: str) -> str | None:
 
 def set_aside_stale_checkpoints(output_dir: Path, hash_: str) -> None:
     """A point's directory is named by its overrides, so an edited study reuses it: checkpoints
-    of the old config are moved aside (not deleted) and the point starts afresh."""
+    of the old config are moved aside (not deleted) and the point starts afresh.
+
+    Raises:
+      OSError: the run directory cannot be written.
+    """
     marker = output_dir / "config_hash.txt"
     old = marker.read_text().strip() if marker.exists() else hash_
     if old != hash_ and (output_dir / "checkpoints").exists():
@@ -129,7 +141,11 @@ def set_aside_stale_checkpoints(output_dir: Path, hash_: str) -> None:
 def skip_or_prepare(cfg: ResolvedConfig, output_dir: Path, tags: dict) -> str | None:
     """Before a study point trains: the id of a FINISHED run of the same point (re-tagged as a
     child of this study's parent), or None after setting aside checkpoints of an edited point.
-    Process 0 alone talks to MLflow; every process gets the answer."""
+    Process 0 alone talks to MLflow; every process gets the answer.
+
+    Raises:
+      mlflow.exceptions.MlflowException: the tracking store cannot be read (on every process).
+    """
     hash_ = config_hash(cfg)
     lg = cfg.logger
 
