@@ -47,8 +47,13 @@ def reference_moe(x, logits, w_in, w_out, *, top_k, capacity, policy, gate_norm,
             ]
             tried = [t and tried[0] for t in tried]
             chosen.append(experts), gates.append((gate, norm)), attempted.append(tried)
-        top1_count = np.bincount([c[0] for c in chosen], minlength=e_count)
-        aux += np.sum(top1_count / s_count * probs.mean(0)) * e_count / g_count
+        real = np.ones(s_count, bool) if valid is None else np.asarray(valid[g], bool)
+        if real.any():  # the aux loss counts real tokens, averaged over groups that have some
+            top1_count = np.bincount([c[0] for s, c in enumerate(chosen) if real[s]],
+                                     minlength=e_count)
+            n_real = real.sum()
+            groups_with_real = g_count if valid is None else int(np.asarray(valid).any(1).sum())
+            aux += np.sum(top1_count / n_real * probs[real].mean(0)) * e_count / groups_with_real
         filled = np.zeros(e_count, int)
         placed = np.zeros((s_count, top_k), bool)
         for r in range(top_k):
@@ -282,3 +287,56 @@ def test_dropless_equals_capacity_routing_when_nothing_drops(e, k, block):
                                valid=np.asarray(valid))
     np.testing.assert_allclose(np.asarray(got), want, rtol=2e-5, atol=2e-5)
     np.testing.assert_allclose(got, DISPATCH["gather"](x, routing, w_in, w_out), atol=2e-5)
+
+
+def test_the_issue_example_padding_takes_nothing_from_real_tokens():
+    """4 padding + 4 real tokens, 4 experts, top-2, 2 slots each, every token preferring experts 0
+    then 1, `random` with draws that keep every second choice: padding is placed nowhere and
+    every real token keeps both of its experts' slots where capacity allows."""
+    logits = jnp.tile(jnp.array([3.0, 2.0, 0.0, -1.0]), (1, 8, 1))
+    valid = jnp.array([[False] * 4 + [True] * 4])
+    noise = jnp.zeros((1, 8, 1))  # U = 0: every second choice is kept
+    r = top_k_gating(logits, top_k=2, capacity=2, policy="random", noise=noise, valid=valid)
+    placed = np.asarray(r.placed)[0]
+    assert not placed[:4].any()
+    assert placed[4:6].all() and not placed[6:].any()  # the first two real tokens fill 0 and 1
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c)))
+def test_padding_has_no_effect_on_anything_routing_computes(case):
+    """Left padding (as evaluation batches have) around a group of real tokens: positions,
+    weights, losses and every statistic equal those of the real tokens routed alone, under every
+    policy and option; and both equal the slow reference with the padding mask."""
+    s, e, k, cf, multiple, policy, gate_norm, skew = case
+    pad = 5
+    keys = jax.random.split(jax.random.key(zlib.crc32(repr(case).encode())), 3)
+    logits = jax.random.normal(keys[0], (2, s, e)).at[..., 0].add(skew)
+    noise = second_expert_noise(keys[1], policy, (2, s, e), k)
+    capacity = expert_capacity(s, e, k, cf, multiple)
+    alone = _jit_gating(logits, top_k=k, capacity=capacity, policy=policy, gate_norm=gate_norm,
+                        noise=noise, valid=None)
+
+    def left_pad(x):
+        filler = jax.random.normal(keys[2], (2, pad, *x.shape[2:])) * 10  # loud padding
+        return jnp.concatenate([filler, x], axis=1)
+
+    valid = jnp.concatenate([jnp.zeros((2, pad), bool), jnp.ones((2, s), bool)], axis=1)
+    padded = _jit_gating(left_pad(logits), top_k=k, capacity=capacity, policy=policy,
+                         gate_norm=gate_norm, noise=None if noise is None else left_pad(noise),
+                         valid=valid)
+    assert not np.asarray(padded.placed)[:, :pad].any()
+    for name in ("position", "weight", "expert_index"):
+        np.testing.assert_allclose(np.asarray(getattr(padded, name))[:, pad:],
+                                   np.asarray(getattr(alone, name)), rtol=1e-6, err_msg=name)
+    np.testing.assert_allclose(float(padded.aux_loss), float(alone.aux_loss), rtol=1e-5)
+    np.testing.assert_allclose(float(padded.z_loss), float(alone.z_loss), rtol=1e-5)
+    for name, value in alone.stats.items():
+        np.testing.assert_allclose(np.asarray(padded.stats[name]), np.asarray(value), rtol=1e-5,
+                                   atol=1e-7, err_msg=name)
+    x = jax.random.normal(keys[2], (2, s + pad, 4))
+    _, slots, ref = reference_moe(x, left_pad(logits), np.ones((e, 4, 2)), np.ones((e, 2, 4)),
+                                  top_k=k, capacity=capacity, policy=policy, gate_norm=gate_norm,
+                                  noise=None if noise is None else left_pad(noise),
+                                  valid=np.asarray(valid))
+    np.testing.assert_array_equal(np.where(padded.placed, padded.position, -1), slots)
+    np.testing.assert_allclose(float(padded.aux_loss), ref["aux_loss"], rtol=1e-5)

@@ -86,8 +86,9 @@ def top_k_gating(logits: jax.Array, *, top_k: int, capacity: int, policy: str = 
        assignments starting after the accepted top-1 count, and so on. An assignment whose slot
        would be >= capacity is dropped.
 
-    `valid` [G, S] marks real tokens; padding (evaluation batches) is routed nowhere and takes
-    no capacity.
+    `valid` [G, S] bool marks real tokens. Padding has no effect on anything computed here: it
+    is routed nowhere, takes no capacity, and is left out of the auxiliary losses and every
+    statistic (which average over real tokens only).
     """
     logits = logits.astype(jnp.float32)
     g, s, e = logits.shape
@@ -104,11 +105,11 @@ def top_k_gating(logits: jax.Array, *, top_k: int, capacity: int, policy: str = 
     gates = jnp.take_along_axis(probs, index, axis=-1)
     normalised = gates / (gates.sum(-1, keepdims=True) + _EPS) if top_k > 1 else gates
 
-    attempted = jnp.ones((g, s, top_k), bool)
-    if valid is not None:
-        attempted = attempted & valid[..., None]
+    real = jnp.ones((g, s), bool) if valid is None else valid.astype(bool)
+    attempted = jnp.broadcast_to(real[..., None], (g, s, top_k))
     if policy == "random" and noise is not None:
-        attempted = attempted.at[..., 1:].set(top_k * normalised[..., 1:] > noise)
+        attempted = attempted.at[..., 1:].set(attempted[..., 1:]
+                                              & (top_k * normalised[..., 1:] > noise))
 
     onehot = jax.nn.one_hot(index, e, dtype=jnp.int32) * attempted[..., None]  # [G, S, K, E]
     filled = jnp.zeros((g, e), jnp.int32)
@@ -129,19 +130,27 @@ def top_k_gating(logits: jax.Array, *, top_k: int, capacity: int, policy: str = 
     else:
         weight = jnp.where(placed, normalised, 0.0)
 
-    density = top1_mask.mean(axis=1)  # [G, E] fraction of tokens whose top-1 is e
-    density_proxy = probs.mean(axis=1)  # [G, E] mean router probability of e
-    aux_loss = (density * density_proxy).mean() * e * e
-    z_loss = jnp.mean(jax.nn.logsumexp(logits, axis=-1) ** 2)
+    # Means over real tokens only; groups with no real token are left out of the mean.
+    weight_s = real.astype(jnp.float32)
+    n_real = weight_s.sum(axis=1)  # [G]
+    per_token = weight_s[..., None] / jnp.maximum(n_real, 1.0)[:, None, None]
+    density = (top1_mask * per_token).sum(axis=1)  # [G, E] share of real tokens with top-1 e
+    density_proxy = (probs * per_token).sum(axis=1)  # [G, E] mean router probability of e
+    group_aux = (density * density_proxy).sum(axis=-1) * e  # [G], 1 under perfect balance
+    has_real = (n_real > 0).astype(jnp.float32)
+    aux_loss = (group_aux * has_real).sum() / jnp.maximum(has_real.sum(), 1.0)
+    z = jax.nn.logsumexp(logits, axis=-1) ** 2
+    z_loss = (z * weight_s).sum() / jnp.maximum(weight_s.sum(), 1.0)
 
-    stats = {**routing_stats(probs, onehot, attempted, placed), "aux_loss": aux_loss}
+    stats = {**routing_stats(probs, onehot, attempted, placed, real), "aux_loss": aux_loss}
     return Routing(expert_index=index, position=position, weight=weight, aux_loss=aux_loss,
                    z_loss=z_loss, stats=stats, capacity=capacity)
 
 
 def routing_stats(probs: jax.Array, onehot: jax.Array, attempted: jax.Array,
-                  placed: jax.Array) -> dict:
-    """Health signals: load per expert, dropped fractions, experts per token, router entropy.
+                  placed: jax.Array, real: jax.Array) -> dict:
+    """Health signals over the real tokens (`real` [G, S] bool): load per expert, dropped
+    fractions, experts per token, router entropy.
 
     `expert_load[e]` is expert e's demand (assignments before capacity) as a multiple of its fair
     share, so a balanced router gives all ones. `dropped_top1` is the fraction of top-1
@@ -150,16 +159,21 @@ def routing_stats(probs: jax.Array, onehot: jax.Array, attempted: jax.Array,
     """
     e = probs.shape[-1]
     top_k = placed.shape[-1]
-    demand = onehot.sum(axis=(0, 1, 2)).astype(jnp.float32)  # [E]
+    n_real = jnp.maximum(real.sum(), 1)
+
+    def mean_over_real(x):  # x [G, S]
+        return jnp.sum(jnp.where(real, x, 0).astype(jnp.float32)) / n_real
+
+    demand = onehot.sum(axis=(0, 1, 2)).astype(jnp.float32)  # [E]; padding attempts nothing
     stats = {
         "expert_load": demand * e / jnp.maximum(demand.sum(), 1.0),
-        "dropped_top1": jnp.mean(~placed[..., 0]),
-        "router_entropy": -jnp.mean(jnp.sum(probs * jnp.log(probs + _EPS), axis=-1)),
+        "dropped_top1": mean_over_real(~placed[..., 0]),
+        "router_entropy": mean_over_real(-jnp.sum(probs * jnp.log(probs + _EPS), axis=-1)),
     }
     if top_k > 1:
         tried = attempted[..., 1:].sum()
         stats["dropped_top2"] = (tried - placed[..., 1:].sum()) / jnp.maximum(tried, 1)
     n_placed = placed.sum(-1)
     for n in range(top_k + 1):
-        stats[f"routed_{n}"] = jnp.mean(n_placed == n)
+        stats[f"routed_{n}"] = mean_over_real(n_placed == n)
     return stats
