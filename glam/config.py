@@ -14,6 +14,7 @@ Every field carries a one-line doc (`dataclasses.fields(...)[i].metadata["doc"]`
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -300,8 +301,13 @@ class OptimizerConfig(Section):
     multiply_by_parameter_scale: bool = doc(True, "Adafactor relative step size")
 
     def check(self, prefix: str = "optimizer") -> None:
+        for name in ("b1", "b2"):
+            value = getattr(self, name)
+            check(0 <= value < 1, f"{prefix}.{name}", f"must be in [0, 1), got {value}.")
         check(0 < self.beta2_cap <= 1, f"{prefix}.beta2_cap", "must be in (0, 1].")
-        _positive(self, prefix, ("grad_clip_norm", "update_clipping", "min_dim_size_to_factor"))
+        _non_negative(self, prefix, ("weight_decay",))
+        _positive(self, prefix, ("grad_clip_norm", "update_clipping", "min_dim_size_to_factor",
+                                 "decay_rate"))
 
 
 @dataclass
@@ -318,7 +324,8 @@ class ScheduleConfig(Section):
     end_lr_fraction: float = doc(0.1, "cosine/wsd: final rate / peak rate, in [0, 1]")
 
     def check(self, prefix: str = "schedule") -> None:
-        check(self.learning_rate > 0, f"{prefix}.learning_rate", "must be positive.")
+        check(0 < self.learning_rate <= 1, f"{prefix}.learning_rate",
+              f"must be in (0, 1], got {self.learning_rate}.")
         for name in ("warmup_steps", "constant_steps"):
             check(getattr(self, name) >= 0, f"{prefix}.{name}", "must be >= 0.")
         check(0 < self.decay_fraction <= 1, f"{prefix}.decay_fraction", "must be in (0, 1].")
@@ -527,9 +534,28 @@ class Config(Section):
     logger: LoggerConfig = doc(LoggerConfig, "MLflow", factory=True)
 
     def check(self, prefix: str = "") -> None:
-        """Every section's own checks."""
+        """Every section's own checks, after refusing any non-finite number anywhere."""
+        for path, value in _leaves(self):
+            if isinstance(value, float):
+                check(math.isfinite(value), path, f"must be a finite number, got {value}.")
         for f in dataclasses.fields(Config):
             getattr(self, f.name).check(f.name)
+
+
+def _leaves(section: Section, prefix: str = ""):
+    """(dotted path, value) of every leaf of `section`, list items included."""
+    for f in dataclasses.fields(section):
+        value, path = getattr(section, f.name), f"{prefix}{f.name}"
+        if isinstance(value, Section):
+            yield from _leaves(value, f"{path}.")
+        elif isinstance(value, (list, tuple)):
+            for i, item in enumerate(value):
+                if isinstance(item, Section):
+                    yield from _leaves(item, f"{path}[{i}].")
+                else:
+                    yield f"{path}[{i}]", item
+        else:
+            yield path, value
 
 
 def leaf_fields(cls: type = Config, prefix: str = "") -> list[str]:

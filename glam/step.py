@@ -54,11 +54,20 @@ def moe_metrics(moe: MoEOutputs) -> dict[str, jax.Array]:
     return out
 
 
+def all_finite(tree) -> jax.Array:
+    """Scalar bool: every floating-point array of `tree` is finite everywhere."""
+    leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)]
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])) if leaves \
+        else jnp.array(True)
+
+
 def make_train_step(graphdef: nnx.GraphDef, cfg: ModelConfig, schedule: optax.Schedule,
                     state_sharding=None, data_sharding=None) -> Callable:
-    """(state, tokens [B, T+1], key, fault scale) -> (state, metrics), where `state` is
-    nnx.state((model, opt)). A step whose loss or gradients are not finite leaves the state
-    unchanged (`skipped` = 1), decided on device: no host synchronisation."""
+    """(state, tokens [B, T+1] int32, key, fault scale float32) -> (state, metrics), where
+    `state` is nnx.state((model, opt)). A step whose loss, gradients or resulting state
+    (parameters and optimizer moments: an infinite learning rate turns finite gradients into
+    non-finite weights) are not all finite leaves the state unchanged (`skipped` = 1), decided
+    on device: no host synchronisation, and no non-finite weights ever reach a checkpoint."""
 
     def train_step(state, tokens, key, scale):
         # copy=True: without it the merged Variables alias `state`, and the update would
@@ -67,12 +76,13 @@ def make_train_step(graphdef: nnx.GraphDef, cfg: ModelConfig, schedule: optax.Sc
         grad_fn = nnx.value_and_grad(loss_fn, has_aux=True)
         (loss, (lm_loss, moe)), grads = grad_fn(model, tokens, key, cfg, scale)
         grad_norm = optax.tree.norm(grads)
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        metrics = {"loss": loss, "lm_loss": lm_loss, "grad_norm": grad_norm,
-                   "learning_rate": schedule(opt.step[...]), "skipped": (~finite).astype(jnp.int32),
-                   **moe_metrics(moe)}
+        learning_rate = schedule(opt.step[...])
         opt.update(model, grads)
         updated = nnx.state((model, opt))
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & all_finite(updated)
+        metrics = {"loss": loss, "lm_loss": lm_loss, "grad_norm": grad_norm,
+                   "learning_rate": learning_rate, "skipped": (~finite).astype(jnp.int32),
+                   **moe_metrics(moe)}
         return jax.tree.map(lambda new, old: jnp.where(finite, new, old), updated, state), metrics
 
     return jax.jit(train_step, donate_argnums=0,

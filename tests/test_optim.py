@@ -82,3 +82,31 @@ def test_adamw_clips_global_norm():
     params = {"w": jnp.ones((4, 4))}
     updates, _ = tx.update({"w": jnp.full((4, 4), 1e9)}, tx.init(params), params)
     assert np.all(np.isfinite(updates["w"]))
+
+
+@pytest.mark.parametrize("name", ["adamw", "adafactor"])
+def test_an_update_that_makes_the_weights_non_finite_is_skipped(name):
+    """An infinite learning rate: the loss and gradients of step 0 are finite, but the update
+    is not. The step is skipped and the state (weights, moments, step count) stays as it was."""
+    from flax import nnx
+
+    from glam.mesh import RULES, make_mesh
+    from glam.config import MeshConfig
+    from glam.resolve import model_config
+    from glam.step import all_finite, init_state, make_train_step
+
+    cfg = model_config(vocab_size=32, seq_len=8, d_model=32, n_layers=2, n_heads=2, d_ff=64,
+                       n_experts=4)
+    def schedule(count):
+        return jnp.where(count == 0, jnp.inf, 1e-3)
+
+    tx = make_optimizer(OptimizerConfig(name=name), schedule)
+    graphdef, _, state, sharding = init_state(cfg, tx, 0, make_mesh(MeshConfig(data=1)), RULES)
+    before = jax.tree.map(np.asarray, nnx.to_pure_dict(state))
+    step = make_train_step(graphdef, cfg, schedule, sharding)
+    tokens = np.random.default_rng(0).integers(0, 32, (4, 9)).astype(np.int32)
+    state, metrics = step(state, tokens, jax.random.key(0), np.float32(1.0))
+    assert int(metrics["skipped"]) == 1 and np.isfinite(float(metrics["loss"]))
+    after = jax.tree.map(np.asarray, nnx.to_pure_dict(state))
+    jax.tree.map(np.testing.assert_array_equal, after, before)
+    assert bool(all_finite(state))
