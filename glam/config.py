@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -123,6 +124,11 @@ def _in_unit_interval(obj: Any, prefix: str, names: tuple[str, ...]) -> None:
     for name in names:
         value = getattr(obj, name)
         check(0 <= value <= 1, f"{prefix}.{name}", f"must be in [0, 1], got {value}.")
+
+
+METRIC_NAME = r"[A-Za-z0-9_.\-]+"  # a name that becomes part of an MLflow metric key
+TRACKING_SCHEMES = ("sqlite", "http", "https", "file", "databricks", "postgresql", "mysql",
+                    "mssql")
 
 
 class Section:
@@ -403,6 +409,9 @@ class TaskFileConfig(Section):
     train_path: Optional[str] = doc(None, "JSONL of demonstrations; null: the other examples")
 
     def check(self, prefix: str) -> None:
+        check(bool(re.fullmatch(METRIC_NAME, self.name)), f"{prefix}.name",
+              f"{self.name!r} becomes the metric key eval/{self.name}/...; use letters, digits, "
+              "'_', '-' and '.' only.")
         for name in ("path", "train_path"):
             path = getattr(self, name)
             if path is not None:
@@ -446,6 +455,12 @@ class LoggerConfig(Section):
 
     def check(self, prefix: str = "logger") -> None:
         _positive(self, prefix, ("flush_every",))
+        scheme = self.tracking_uri.partition("://")[0].split("+")[0] \
+            if "://" in self.tracking_uri else ""
+        check(scheme in TRACKING_SCHEMES, f"{prefix}.tracking_uri",
+              f"{self.tracking_uri!r}: unknown scheme {scheme!r}; use one of "
+              + ", ".join(f"{s}://" for s in TRACKING_SCHEMES)
+              + " (e.g. sqlite:///mlflow.db or http://host:5000).")
 
 
 @dataclass

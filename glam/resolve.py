@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import difflib
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,8 +27,8 @@ from hydra.core.config_store import ConfigStore
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, OmegaConf
 
-from glam.config import (Config, ConfigError, DataKind, Dispatch, ModelConfig, Placement, check,
-                         doc, freeze)
+from glam.config import (Config, ConfigError, DataKind, Dispatch, ModelConfig, Placement, Section,
+                         check, doc, freeze)
 from glam.data.world import ATTRIBUTES, world_vocab_size
 from glam.placement import expert_width
 
@@ -84,11 +86,40 @@ def raw(dcfg: DictConfig) -> Config:
 
     Raises:
       omegaconf.ValidationError: a value of the wrong type or outside its Enum (key named).
-      ConfigError: a section check failed (field named).
+      ConfigError: a key the schema does not have (also one added with Hydra's `+`), or a
+        section check failed (field named).
     """
+    unknown = _unknown_keys(dcfg, Config)
+    check(not unknown, unknown[0] if unknown else "", "not a field of the config schema; "
+          + "; ".join(unknown[1:] or ["check the spelling (glam/config.py lists every field)"]))
     cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), dcfg))
     cfg.check()
     return cfg
+
+
+def _unknown_keys(node, cls: type, prefix: str = "") -> list[str]:
+    """Dotted keys of `node` (a DictConfig) that `cls` has no field for; for the first, a
+    suggestion follows. Hydra's `+key=value` adds keys even to a typed config, so they are
+    looked for here."""
+    hints = typing.get_type_hints(cls)
+    unknown = []
+    for key in node.keys():
+        path = f"{prefix}{key}"
+        if key not in hints:
+            close = difflib.get_close_matches(str(key), list(hints), n=1)
+            unknown.append(path)
+            if close and len(unknown) == 1:
+                unknown.append(f"did you mean {prefix}{close[0]}?")
+            continue
+        kind, value = hints[key], node[key]
+        item = typing.get_args(kind)[0] if typing.get_origin(kind) is list else None
+        if isinstance(kind, type) and issubclass(kind, Section) and isinstance(value, DictConfig):
+            unknown += _unknown_keys(value, kind, f"{path}.")
+        elif isinstance(item, type) and issubclass(item, Section) and value is not None:
+            for i, entry in enumerate(value):
+                if isinstance(entry, DictConfig):
+                    unknown += _unknown_keys(entry, item, f"{path}[{i}].")
+    return unknown
 
 
 def resolve_dispatch(dispatch: Dispatch, backend: str) -> Dispatch:

@@ -17,7 +17,7 @@ from glam.accounting import Counts
 from glam.identity import config_hash
 from glam.ledger import Entries
 from glam.resolve import CONF_DIR, ResolvedConfig, to_container
-from glam.tracking import SilentTracker, Tracker
+from glam.tracking import SilentTracker, Tracker, redact
 
 
 def git_sha() -> str:
@@ -68,6 +68,7 @@ class RunLogger:
         self.primary = distributed.is_primary()
         m, lg, c = cfg.model, cfg.logger, counts
         resolved = to_container(cfg)
+        resolved["logger"]["tracking_uri"] = redact(lg.tracking_uri)  # never log a password
         self.config_path = output_dir / "config.yaml"
         if self.primary:  # (Hydra writes .hydra/ on every process)
             from omegaconf import OmegaConf

@@ -6,7 +6,10 @@ one per point, ~80x faster).
 
 from __future__ import annotations
 
+import logging
 import time
+import urllib.parse
+import urllib.request
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -14,9 +17,43 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from glam.config import ConfigError
+
+log = logging.getLogger("glam.tracking")
+
 _MAX_PARAMS_PER_CALL = 100
 _MAX_METRICS_PER_CALL = 1000
 _MAX_PARAM_VALUE = 6000  # characters; MLflow refuses longer values
+
+
+def redact(uri: str) -> str:
+    """`uri` without the password of its user-info part (`http://user:***@host`)."""
+    parts = urllib.parse.urlsplit(uri)
+    if parts.password is None:
+        return uri
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+
+
+def check_reachable(uri: str, timeout: float = 5.0) -> None:
+    """Refuse, within `timeout` seconds, a tracking URI nothing answers at: an http(s) server
+    whose /health does not respond, or a sqlite file in a folder that does not exist.
+
+    Raises:
+      ConfigError (`logger.tracking_uri`): with the URI (password hidden) and the fix.
+    """
+    scheme = uri.partition("://")[0]
+    if scheme in ("http", "https"):
+        try:
+            urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout).close()
+        except (OSError, ValueError) as err:
+            raise ConfigError(f"logger.tracking_uri: no MLflow server answers at {redact(uri)} "
+                              f"within {timeout:.0f} s ({err}); start it, or fix the URI.") from None
+    elif scheme == "sqlite":
+        folder = (Path.cwd() / uri[len("sqlite:///"):]).parent  # an absolute path replaces cwd
+        if not folder.is_dir():
+            raise ConfigError(f"logger.tracking_uri: {uri}: the folder {folder} does not exist; "
+                              "create it or point the sqlite file elsewhere.")
 
 
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -91,12 +128,21 @@ class Tracker:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        self.flush()
-        if exc_type is None:
-            status = "FINISHED"
-        else:
+        # The run is always terminated, even when the last flush fails (a flush error then
+        # marks it FAILED and passes on).
+        status = "FINISHED"
+        if exc_type is not None:
             status = "KILLED" if issubclass(exc_type, KeyboardInterrupt) else "FAILED"
-        self.client.set_terminated(self.run_id, status)
+        try:
+            self.flush()
+        except Exception as err:
+            self._buffer.clear()
+            if exc_type is None:
+                status = "FAILED"
+                raise
+            log.warning("could not publish the last metric points: %s", err)  # the first error wins
+        finally:
+            self.client.set_terminated(self.run_id, status)
 
 
 class SilentTracker:

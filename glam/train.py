@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
 from pathlib import Path
 
 import hydra
@@ -21,9 +22,10 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from glam import distributed
-from glam.config import Config
+from glam.config import Config, ConfigError
 from glam.resolve import CONF_DIR, raw, resolve
 from glam.study.runs import point_tags, skip_or_prepare
+from glam.tracking import check_reachable
 from glam.trainer import Trainer
 
 log = logging.getLogger("glam.train")
@@ -45,12 +47,22 @@ def run(cfg: Config, output_dir: str | Path, extra_tags: dict | None = None) -> 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def main(dcfg: DictConfig) -> float:
+    """Train one point; a configuration error prints its message alone and exits with 2."""
+    try:
+        return _main(dcfg)
+    except ConfigError as err:
+        print(f"glam-train: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _main(dcfg: DictConfig) -> float:
     logging.getLogger("jax._src.xla_bridge").setLevel(logging.ERROR)  # "no TPU" on every run
     logging.getLogger("absl").setLevel(logging.WARNING)  # orbax's per-save chatter
     raw_cfg = raw(dcfg)
     resolve(raw_cfg, backend="cpu")  # every check, before joining other processes or starting JAX
     distributed.initialize(raw_cfg.distributed)  # before anything touches a JAX backend
     cfg = resolve(raw_cfg)  # the dispatch for this backend
+    distributed.on_primary(lambda: check_reachable(cfg.logger.tracking_uri) or "")
     if not distributed.is_primary():
         logging.getLogger("glam").setLevel(logging.WARNING)  # process 0 reports progress
     output_dir = Path(HydraConfig.get().runtime.output_dir)

@@ -21,6 +21,14 @@ from glam.data import World
     ("model.router.capacity_factor=0", "model.router.capacity_factor"),
     ("model.router.group_size=48", "model.router.group_size"),  # 16 x 32 = 512 tokens
     ("model.router.jitter=1.5", "model.router.jitter"),
+    # every batch shape the run uses: 3 x 32 = 96 training tokens divide by 48, the
+    # evaluation's 64 x 32 = 2048 do not
+    (("model.router.group_size=48", "train.batch_size=3"), "model.router.group_size"),
+    ("+eval.tasks=[{name: 'trivia(qa)', kind: nlg, path: /etc/hostname}]", "eval.tasks[0].name"),
+    ("logger.tracking_uri=foo://bar", "logger.tracking_uri"),
+    ("logger.tracking_uri=mlflow.db", "logger.tracking_uri"),
+    ("+model.n_expertz=8", "model.n_expertz"),
+    ("+train.stepz=8", "train.stepz"),
     # values that make training meaningless, for every optimizer and schedule
     ("schedule.learning_rate=inf", "schedule.learning_rate"),
     ("schedule.learning_rate=nan", "schedule.learning_rate"),
@@ -55,7 +63,7 @@ from glam.data import World
 def test_semantic_errors_name_the_field(override, field):
     base = ["model=tiny_moe", "train.batch_size=16"]
     with pytest.raises(ConfigError, match=re.escape(field)):
-        load(base + [override])
+        load(base + ([override] if isinstance(override, str) else list(override)), backend="cpu")
 
 
 @pytest.mark.parametrize("override,key", [
@@ -155,3 +163,48 @@ def test_every_field_has_a_one_line_doc():
                 walk(sub, f"{prefix}{f.name}.")
 
     walk(Config)
+
+
+def test_an_unreachable_tracking_server_is_refused_within_seconds():
+    import socket
+    import time
+
+    from glam.tracking import check_reachable
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    start = time.monotonic()
+    with pytest.raises(ConfigError, match=rf"logger.tracking_uri: no MLflow server answers at "
+                                          rf"http://u:\*\*\*@127.0.0.1:{port}"):
+        check_reachable(f"http://u:secret@127.0.0.1:{port}", timeout=3)
+    assert time.monotonic() - start < 10
+    with pytest.raises(ConfigError, match="does not exist"):
+        check_reachable("sqlite:////nonexistent/folder/mlflow.db")
+
+
+def test_the_tracker_terminates_its_run_even_when_the_last_flush_fails(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from glam.tracking import Tracker
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    with pytest.raises(Exception):
+        with Tracker(uri, "e", "r", {}, {}) as tracker:
+            tracker.log_metrics(0, {"eval/trivia(qa)/0shot": 1.0})  # MLflow refuses this key
+    assert MlflowClient(uri).get_run(tracker.run_id).info.status == "FAILED"
+
+
+def test_an_empty_sweep_is_refused():
+    from glam.study.plan import plan
+
+    with pytest.raises(ConfigError, match="select no point"):
+        plan(["+study=smoke", "train.seed=range(0,0)"])
+
+
+def test_credentials_in_a_tracking_uri_are_never_logged():
+    from glam.tracking import redact
+
+    assert redact("http://user:pw@host:5000") == "http://user:***@host:5000"
+    assert redact("postgresql+psycopg2://u:p%40ss@db/mlflow") == "postgresql+psycopg2://u:***@db/mlflow"
+    assert redact("sqlite:///mlflow.db") == "sqlite:///mlflow.db"

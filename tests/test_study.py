@@ -166,7 +166,7 @@ def test_an_accepted_range_study_passes_the_launch_check():
         rows = plan(overrides)
         cfg = compose("config", overrides=["+study=expert_count"], return_hydra_config=True)
     assert len(rows) == 12
-    assert cfg.hydra.callbacks.glam_study._target_ == f"{StudyCallback.__module__}.StudyCallback"
+    assert cfg.hydra.callbacks.glam_multirun._target_ == f"{StudyCallback.__module__}.StudyCallback"
 
 
 def test_config_hash_ignores_logging_and_checkpointing_only():
@@ -212,3 +212,12 @@ def test_stale_checkpoints_of_an_edited_point_are_set_aside(tmp_path):
     assert not (tmp_path / "checkpoints").exists()
     assert (tmp_path / "checkpoints.stale-aaa" / "10").is_dir()
     assert (tmp_path / "config_hash.txt").read_text().strip() == "bbb"
+
+
+def test_an_empty_multirun_is_refused_before_launch(tmp_path):
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    for study in ([], ["+study=smoke"]):
+        cmd = [sys.executable, "-m", "glam.train", "-m", *study, "train.seed=range(0,0)"]
+        proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True,
+                              timeout=300)
+        assert proc.returncode == 2 and "select no point" in proc.stderr, proc.stderr[-2000:]

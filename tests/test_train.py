@@ -94,6 +94,7 @@ def test_cli_multirun_dense_and_moe(tmp_path):
 def test_cli_bad_config_fails_before_any_work(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     proc = _glam_train(["model=tiny_moe", "model.top_k=7"], tmp_path, uri)
-    assert proc.returncode != 0
+    assert proc.returncode == 2  # the message alone, no traceback
     assert "model.top_k" in proc.stderr and "n_experts=4" in proc.stderr
+    assert "Traceback" not in proc.stderr
     assert not (tmp_path / "mlflow.db").exists()  # no run was started

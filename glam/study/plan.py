@@ -78,11 +78,15 @@ def plan(overrides: list[str], hardware: str = "cpu", backend: str = "cpu") -> l
     changes no count.
 
     Raises:
-      ConfigError: a point's config is invalid, or the FLOP match is broken.
+      ConfigError: no point, a point's config is invalid, or the FLOP match is broken.
     """
     seconds_per_flop = profile(hardware).seconds(1.0)
     rows, cfg = [], None
-    for point in expand(overrides):
+    points = expand(overrides)
+    if not points:
+        raise ConfigError("the overrides select no point (an empty sweep such as range(0,0)); "
+                          "give at least one value to every swept key.")
+    for point in points:
         cfg = load(point, backend)
         distinct = " ".join(o for o in point if o not in overrides)
         rows.append(PlanRow.of(cfg, distinct, seconds_per_flop))

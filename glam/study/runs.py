@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
@@ -25,34 +26,49 @@ from omegaconf import DictConfig, OmegaConf
 from glam import distributed
 from glam.identity import config_hash
 from glam.resolve import ResolvedConfig
+from glam.config import ConfigError
 from glam.study.plan import plan
-from glam.tracking import experiment_id
+from glam.study.points import expand
+from glam.tracking import check_reachable, experiment_id, redact
 
 log = logging.getLogger("glam.study")
 PARENT_FILE = "mlflow_parent.json"
 
 
-class StudyCallback(Callback):
-    """Checks a study and opens its MLflow parent run before the first job; closes it after."""
+class MultirunCheck(Callback):
+    """Refuses, before any job starts, a multirun whose overrides select no point (an empty
+    `range(0,0)` would otherwise launch nothing and exit 0). conf/config.yaml enables it for
+    every multirun; a study replaces it with `StudyCallback`, which does more."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
-        # Hydra turns a callback's exceptions into warnings; a refused study must stop here.
+        # Hydra turns a callback's exceptions into warnings; a refused multirun must stop here.
         try:
             self._start(config)
         except Exception as err:
-            log.error("study refused: %s", err)
-            raise SystemExit(f"glam study refused before launch: {err}") from err
+            log.error("multirun refused: %s", err)
+            print(f"glam-train: refused before launch: {err}", file=sys.stderr)
+            raise SystemExit(2) from err
+
+    def _start(self, config: DictConfig) -> None:
+        if not expand(list(config.hydra.overrides.task)):
+            raise ConfigError("the overrides select no point (an empty sweep such as "
+                              "range(0,0)); give at least one value to every swept key.")
+
+
+class StudyCallback(MultirunCheck):
+    """Checks a study and opens its MLflow parent run before the first job; closes it after."""
 
     def _start(self, config: DictConfig) -> None:
         study = config.study.name or "study"
-        if config.study.match_flops:
-            plan(list(config.hydra.overrides.task))  # raises ConfigError naming bad points
+        check_reachable(config.logger.tracking_uri)
+        # ConfigError: no point, a bad point, or a broken FLOP match (study.match_flops)
+        plan(list(config.hydra.overrides.task))
         client = MlflowClient(config.logger.tracking_uri)
         exp_id = experiment_id(client, config.logger.experiment)
         study_dir = Path(config.hydra.sweep.dir)
         study_dir.mkdir(parents=True, exist_ok=True)
         parent_file = study_dir / PARENT_FILE
-        identity = {"study": study, "tracking_uri": config.logger.tracking_uri,
+        identity = {"study": study, "tracking_uri": redact(config.logger.tracking_uri),
                     "experiment_id": exp_id}
         saved = json.loads(parent_file.read_text()) if parent_file.exists() else {}
         parent = saved.get("run_id") if {k: saved.get(k) for k in identity} == identity else None
