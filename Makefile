@@ -31,4 +31,4 @@ study: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" bash scripts/study.sh
 
 clean:
-	rm -rf $(VENV) outputs mlflow.db .pytest_cache build dist
+	rm -rf $(VENV) outputs mlflow.db mlflow.db.lock .pytest_cache build dist

@@ -20,8 +20,9 @@ from mlflow.tracking import MlflowClient
 
 from analysis import energy, figures
 from analysis.fit import fit_routed_law
-from analysis.summary import print_summary
 from analysis.runs import export, load_histories, load_runs, read_table
+from analysis.summary import print_summary
+from glam import tracking
 
 FIGURES = ("compute_vs_accuracy", "expert_count", "data_efficiency", "routing_health")
 
@@ -103,7 +104,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.table:
         table, name = read_table(args.table), Path(args.table).stem
     else:
-        client = MlflowClient(args.tracking_uri)
+        client = tracking.client(args.tracking_uri)
         parent = args.parent or (find_study_parent(client, args.study) if args.study else None)
         table = load_runs(args.tracking_uri, args.experiment, parent)
         name = args.study or args.experiment or parent

@@ -11,6 +11,8 @@ from pathlib import Path
 import pandas as pd
 from mlflow.tracking import MlflowClient
 
+from glam import tracking
+
 # Columns every analysis relies on, from tags and metrics.
 NUMERIC_TAGS = ("n_experts", "top_k", "total_params", "activated_params",
                 "forward_flops_per_token", "seed")
@@ -29,7 +31,7 @@ def load_runs(tracking_uri: str, experiment: str | None = None,
               parent_run_id: str | None = None, status: str | None = "FINISHED") -> pd.DataFrame:
     """One row per training run (study parents excluded): params, tags, final metrics and
     `best_val_loss`. `parent_run_id` restricts to one study's children."""
-    client = MlflowClient(tracking_uri)
+    client = tracking.client(tracking_uri)
     ids = ([client.get_run(parent_run_id).info.experiment_id] if parent_run_id
            else _experiment_ids(client, experiment))
     filters = []
@@ -63,7 +65,7 @@ def load_runs(tracking_uri: str, experiment: str | None = None,
 
 def load_histories(tracking_uri: str, run_ids: list[str], keys: list[str]) -> pd.DataFrame:
     """Long table (run_id, key, step, value) of the per-step metrics `keys`."""
-    client = MlflowClient(tracking_uri)
+    client = tracking.client(tracking_uri)
     rows = [(run_id, key, m.step, m.value) for run_id in run_ids for key in keys
             for m in client.get_metric_history(run_id, key)]
     return pd.DataFrame(rows, columns=["run_id", "key", "step", "value"]).sort_values(

@@ -6,6 +6,7 @@ one per point, ~80x faster).
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import time
 import urllib.parse
@@ -68,6 +69,23 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+def client(tracking_uri: str) -> MlflowClient:
+    """An MlflowClient whose store is ready. A sqlite database is created or upgraded under an
+    exclusive file lock (`<db>.lock`): several processes opening a new database at once would
+    otherwise race in its schema migrations and can leave it unusable."""
+    if not tracking_uri.startswith("sqlite:///"):
+        return MlflowClient(tracking_uri)
+    lock_path = Path(tracking_uri[len("sqlite:///"):] + ".lock")
+    with open(lock_path, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            new = MlflowClient(tracking_uri)
+            new.search_experiments(max_results=1)  # creates, upgrades or checks the schema
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    return new
+
+
 def experiment_id(client: MlflowClient, name: str) -> str:
     """Id of experiment `name`, created if missing; safe when parallel jobs race to create it."""
     exp = client.get_experiment_by_name(name)
@@ -89,7 +107,7 @@ class Tracker:
 
     def __init__(self, tracking_uri: str, experiment: str, run_name: str | None,
                  params: Mapping[str, Any], tags: Mapping[str, str], run_id: str | None = None):
-        self.client = MlflowClient(tracking_uri)
+        self.client = client(tracking_uri)
         self.tracking_uri = tracking_uri
         self._buffer: list[Metric] = []
         self._logged_until: dict[str, int] = {}

@@ -23,12 +23,12 @@ from hydra.types import RunMode
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
-from glam import distributed
 from glam.identity import config_hash
 from glam.resolve import ResolvedConfig
 from glam.config import ConfigError
 from glam.study.plan import plan
 from glam.study.points import expand
+from glam import distributed, tracking
 from glam.tracking import check_reachable, experiment_id, redact
 
 log = logging.getLogger("glam.study")
@@ -63,7 +63,7 @@ class StudyCallback(MultirunCheck):
         check_reachable(config.logger.tracking_uri)
         # ConfigError: no point, a bad point, or a broken FLOP match (study.match_flops)
         plan(list(config.hydra.overrides.task))
-        client = MlflowClient(config.logger.tracking_uri)
+        client = tracking.client(config.logger.tracking_uri)
         exp_id = experiment_id(client, config.logger.experiment)
         study_dir = Path(config.hydra.sweep.dir)
         study_dir.mkdir(parents=True, exist_ok=True)
@@ -89,7 +89,7 @@ class StudyCallback(MultirunCheck):
         # running the study again completes it.
         parent_file = Path(config.hydra.sweep.dir) / PARENT_FILE
         if parent_file.exists():
-            client = MlflowClient(config.logger.tracking_uri)
+            client = tracking.client(config.logger.tracking_uri)
             client.set_terminated(json.loads(parent_file.read_text())["run_id"], "FINISHED")
 
 
@@ -127,7 +127,7 @@ def finished_run(tracking_uri: str, experiment: str, hash_: str) -> str | None:
     Raises:
       mlflow.exceptions.MlflowException: the tracking store cannot be read.
     """
-    client = MlflowClient(tracking_uri)
+    client = tracking.client(tracking_uri)
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         return None
@@ -168,7 +168,7 @@ def skip_or_prepare(cfg: ResolvedConfig, output_dir: Path, tags: dict) -> str | 
     def decide() -> str:
         done = finished_run(lg.tracking_uri, lg.experiment, hash_)
         if done:
-            client = MlflowClient(lg.tracking_uri)
+            client = tracking.client(lg.tracking_uri)
             for key, value in tags.items():
                 client.set_tag(done, key, value)
         else:
