@@ -234,7 +234,11 @@ class Trainer:
                              f"{c.activated_params:,}", c.forward_flops_per_token)
                     if self.ckpt:
                         self._save(logger.run_id, [])  # step 0: a rollback target always exists
-                timing = self._loop(logger)
+                try:
+                    timing = self._loop(logger)
+                except BaseException:
+                    self._salvage(logger)
+                    raise
                 final = self._finish(logger, timing)
         finally:
             if self.ckpt:
@@ -285,6 +289,19 @@ class Trainer:
             self.ckpt.wait()
         self.ledger.publish_all(logger.publish)
         return timer.as_dict()
+
+    def _salvage(self, logger: RunLogger) -> None:
+        """On any failure, before the run is marked FAILED or KILLED: publish every healthy
+        point held back, the unchecked ones up to the first unhealthy step included. (A resumed
+        run recomputes the same values for those steps, and the tracker writes no step twice.)"""
+        try:
+            self._check()
+        except Exception as err:  # e.g. the device itself failed: keep what was verified
+            log.warning("could not check the last step metrics: %s", err)
+        try:
+            self.ledger.publish_all(logger.publish)
+        except Exception as err:  # the original error matters more
+            log.warning("could not publish the healthy metric points: %s", err)
 
     def _train_step(self):
         """Run one step on the batch of (seed, data order, step); returns its device metrics."""

@@ -126,3 +126,23 @@ def test_give_up_after_max_rollbacks(tmp_path):
     (run_,) = client.search_runs([client.get_experiment_by_name("glam").experiment_id])
     assert run_.info.status == "FAILED" and "rollback_2" in run_.data.tags
     _history(client, run_.info.run_id)  # no duplicated steps after two rollbacks
+
+
+@pytest.mark.parametrize("overrides,healthy", [
+    # no checkpoint to roll back to: every healthy step before the failure
+    (["checkpoint.every=0", "faults.nonfinite_steps=[25,26,27,28,29]"], 25),
+    # gave up after rollbacks: the steps since the last checkpoint too
+    (["stability.max_rollbacks=0", "faults.nonfinite_steps=[23,24,25,26,27]"], 23),
+    # any exception
+    (["faults.crash_at_step=18"], 18),
+])
+def test_a_failed_run_keeps_every_healthy_point(tmp_path, overrides, healthy):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = load([*BASE, f"logger.tracking_uri={uri}", *overrides])
+    with pytest.raises((TrainingDiverged, SimulatedCrash)):
+        run(cfg, tmp_path / "run")
+    client = MlflowClient(uri)
+    (failed,) = client.search_runs([client.get_experiment_by_name("glam").experiment_id])
+    assert failed.info.status == "FAILED"
+    steps, _ = _history(client, failed.info.run_id)
+    assert steps == list(range(healthy))
