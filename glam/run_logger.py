@@ -14,6 +14,7 @@ from pathlib import Path
 
 from glam import distributed
 from glam.accounting import Counts
+from glam.config import ConfigError
 from glam.identity import config_hash
 from glam.ledger import Entries
 from glam.resolve import CONF_DIR, ResolvedConfig, to_container
@@ -50,14 +51,40 @@ def run_name(cfg: ResolvedConfig, activated_params: int) -> str:
     return f"{m.name}-{size}-{experts}-s{cfg.train.seed}"
 
 
+RUN_FILE = "mlflow_run.json"
+
+
+def previous_run_id(output_dir: Path, config_hash_: str) -> str | None:
+    """The MLflow run an earlier attempt opened in `output_dir`, if any.
+
+    Raises:
+      ConfigError: that run was opened for another config.
+    """
+    path = output_dir / RUN_FILE
+    if not path.exists():
+        return None
+    saved = json.loads(path.read_text())
+    if saved["config_hash"] != config_hash_:
+        raise ConfigError(f"{output_dir} holds MLflow run {saved['run_id']} of another config "
+                          f"(config hash {saved['config_hash']}, now {config_hash_}); use a new "
+                          "hydra.run.dir, or the config it was opened for.")
+    return saved["run_id"]
+
+
 class RunLogger:
     """The MLflow run of one training run. Use as a context manager: the run ends FINISHED, or
     FAILED (KILLED on Ctrl-C) on error."""
 
     def __init__(self, cfg: ResolvedConfig, counts: Counts, data_facts: dict, fingerprint: str,
                  output_dir: Path, extra_tags: dict | None = None, run_id: str | None = None):
-        """Open the run (`run_id` given: reopen it) on process 0; every process learns its id.
-        MLflow errors (mlflow.exceptions.MlflowException) pass through, on every process.
+        """Open the run on process 0; every process learns its id. Exactly one MLflow run per
+        run directory: `run_id` (a checkpoint's run) is reopened; without it, the run an earlier
+        attempt opened here (`mlflow_run.json`, written as soon as a run is opened) is reopened,
+        so an interruption before the first checkpoint opens no second run.
+
+        Raises:
+          ConfigError: the run directory's run belongs to another config (config hash).
+          mlflow.exceptions.MlflowException: the store failed (on every process).
 
         Args:
           data_facts: corpus facts logged as `corpus.*` params (vocabulary, knowledge bits).
@@ -85,9 +112,14 @@ class RunLogger:
         opened: list[Tracker] = []
 
         def open_run() -> str:
-            opened.append(Tracker(lg.tracking_uri, lg.experiment, name, params, tags,
-                                  run_id=run_id))
-            return opened[0].run_id
+            previous = run_id or previous_run_id(output_dir, tags["config_hash"])
+            tracker = Tracker(lg.tracking_uri, lg.experiment, name, params, tags, run_id=previous)
+            opened.append(tracker)
+            (output_dir / RUN_FILE).write_text(json.dumps(
+                {"run_id": tracker.run_id, "config_hash": tags["config_hash"]}))
+            if tracker.recovered:
+                tracker.set_tag("recovered", tracker.recovered)
+            return tracker.run_id
 
         shared_id = distributed.on_primary(open_run)
         self.tracker = opened[0] if opened else SilentTracker(shared_id)

@@ -102,7 +102,8 @@ class Tracker:
 
     With `run_id`, an existing run is continued (a resumed training run): it is set RUNNING
     again, its params are left as they are, and metric points at steps it already holds are not
-    written twice.
+    written twice. A run that was deleted is restored; one the store does not have (purged, or
+    another store) is replaced by a new run. Either way `recovered` says what happened.
     """
 
     def __init__(self, tracking_uri: str, experiment: str, run_name: str | None,
@@ -111,6 +112,21 @@ class Tracker:
         self.tracking_uri = tracking_uri
         self._buffer: list[Metric] = []
         self._logged_until: dict[str, int] = {}
+        self.recovered: str | None = None
+        if run_id is not None:
+            try:
+                stage = self.client.get_run(run_id).info.lifecycle_stage
+            except MlflowException:
+                stage = None
+            if stage == "deleted":
+                self.client.restore_run(run_id)
+                self.recovered = f"MLflow run {run_id} had been deleted: restored"
+            elif stage is None:
+                self.recovered = (f"MLflow run {run_id} is not in {redact(tracking_uri)}: "
+                                  "continuing in a new run")
+                run_id = None
+            if self.recovered:
+                log.warning("%s", self.recovered)
         if run_id is not None:
             self.run_id = run_id
             self.client.update_run(run_id, status="RUNNING")

@@ -23,6 +23,7 @@ from omegaconf import DictConfig
 
 from glam import distributed
 from glam.config import Config, ConfigError
+from glam.interrupts import Interrupted
 from glam.resolve import CONF_DIR, raw, resolve
 from glam.study.runs import point_tags, skip_or_prepare
 from glam.tracking import check_reachable
@@ -47,12 +48,16 @@ def run(cfg: Config, output_dir: str | Path, extra_tags: dict | None = None) -> 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def main(dcfg: DictConfig) -> float:
-    """Train one point; a configuration error prints its message alone and exits with 2."""
+    """Train one point; a configuration error prints its message alone and exits with 2, a stop
+    signal exits with 128 + its number."""
     try:
         return _main(dcfg)
     except ConfigError as err:
         print(f"glam-train: {err}", file=sys.stderr)
         raise SystemExit(2) from None
+    except Interrupted as stop:  # the MLflow run is KILLED, its healthy points published
+        log.warning("%s: MLflow run marked KILLED; run the same command again to resume", stop)
+        raise SystemExit(stop.exit_code) from None
 
 
 def _main(dcfg: DictConfig) -> float:

@@ -30,6 +30,7 @@ from glam.config import ConfigError, Resume
 from glam.data import WorldCorpus
 from glam.eval import Evaluator, Task, read_jsonl, world_tasks
 from glam.identity import checkpoint_identity
+from glam.interrupts import StopOnSignal
 from glam.ledger import MetricLedger
 from glam.mesh import activate, check_divisibility, data_sharding, make_mesh, rules_for
 from glam.optim import lr_schedule, make_optimizer
@@ -151,6 +152,7 @@ class Trainer:
         self.step, self.data_order, self.rollbacks, self.skipped = 0, 0, [], 0
         self.monitor = HealthMonitor(cfg.stability)
         self.ledger = MetricLedger()
+        self.stop = StopOnSignal()
         if self.record is not None:
             self._restore(latest)
 
@@ -211,9 +213,10 @@ class Trainer:
     def run(self) -> dict:
         """Train to `train.steps` (from the newest checkpoint, if any), evaluate, log; returns
         the final metrics and the MLflow run id. On an error the MLflow run ends FAILED (KILLED
-        on Ctrl-C) and the error passes on.
+        on SIGTERM or SIGINT, noted and raised between steps) and the error passes on.
 
         Raises:
+          glam.interrupts.Interrupted: a stop signal arrived.
           TrainingDiverged: rollbacks did not get past a failure.
           SimulatedCrash: `faults.crash_at_step` was reached.
         """
@@ -224,7 +227,7 @@ class Trainer:
                  "train_tokens_per_entity": self.cfg.data.train_tokens / len(world.people)}
         resumed_id = self.record["mlflow_run_id"] if self.record else None
         try:
-            with RunLogger(self.cfg, c, facts, self.corpus.fingerprint, self.output_dir,
+            with self.stop, RunLogger(self.cfg, c, facts, self.corpus.fingerprint, self.output_dir,
                            self.extra_tags, run_id=resumed_id) as logger:
                 if resumed_id:
                     log.info("resuming MLflow run %s from step %d", resumed_id, self.step)
@@ -257,6 +260,7 @@ class Trainer:
                    mininterval=0.5 if sys.stderr.isatty() else 30)
         timer = Throughput(self.tokens_per_step)
         while self.step < t.steps:
+            self.stop.check()
             metrics = self._train_step()
             timer.first_step(metrics)
             bar.update(1)
@@ -288,6 +292,7 @@ class Trainer:
         if self.ckpt:
             self.ckpt.wait()
         self.ledger.publish_all(logger.publish)
+        self.stop.check()  # before the final evaluation
         return timer.as_dict()
 
     def _salvage(self, logger: RunLogger) -> None:

@@ -26,6 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from glam.identity import config_hash
 from glam.resolve import ResolvedConfig
 from glam.config import ConfigError
+from glam.run_logger import RUN_FILE
 from glam.study.plan import plan
 from glam.study.points import expand
 from glam import distributed, tracking
@@ -150,6 +151,8 @@ def set_aside_stale_checkpoints(output_dir: Path, hash_: str) -> None:
         stale = output_dir / f"checkpoints.stale-{old}"
         (output_dir / "checkpoints").rename(stale)
         log.warning("the config of this point changed: old checkpoints moved to %s", stale)
+    if old != hash_ and (output_dir / RUN_FILE).exists():  # the old config's MLflow run
+        (output_dir / RUN_FILE).rename(output_dir / f"{RUN_FILE}.stale-{old}")
     output_dir.mkdir(parents=True, exist_ok=True)
     marker.write_text(hash_ + "\n")
 
