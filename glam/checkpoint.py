@@ -94,6 +94,21 @@ class Checkpointer:
         nnx.replace_by_pure_dict(state, restored)
         return state
 
+    def set_aside(self, step: int) -> Path:
+        """Move the damaged checkpoint `step` out of the way (renamed into a sibling folder
+        `checkpoints.damaged/`, never deleted) so the previous one becomes the newest. Returns
+        where it went."""
+        self.manager.wait_until_finished()
+        target = self.directory.parent / f"{self.directory.name}.damaged" / str(step)
+        n = 1
+        while target.exists():
+            target = target.with_name(f"{step}.{n}")
+            n += 1
+        target.parent.mkdir(parents=True, exist_ok=True)
+        (self.directory / str(step)).rename(target)
+        self.manager.reload()
+        return target
+
     def _unreadable(self, step: int, err: Exception) -> str:
         return (f"checkpoint {self.directory / str(step)} is unreadable "
                 f"({type(err).__name__}: {str(err)[:200]}). Move that step's directory aside to "

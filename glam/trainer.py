@@ -25,7 +25,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from glam import accounting, distributed
-from glam.checkpoint import Checkpointer
+from glam.checkpoint import CheckpointError, Checkpointer
 from glam.config import ConfigError, Resume
 from glam.data import WorldCorpus
 from glam.eval import Evaluator, Task, read_jsonl, world_tasks
@@ -131,8 +131,10 @@ class Trainer:
                               "or a new hydra.run.dir.")
         self.corpus = WorldCorpus(cfg.data)
         self.identity = checkpoint_identity(cfg, self.corpus.fingerprint)
-        # Read (and check) the record before building or compiling anything.
-        self.record = self.ckpt.read_record(latest, self.identity) if latest is not None else None
+        self.set_aside: list[str] = []  # damaged checkpoints moved away, reported on the run
+        self.reported_set_aside = 0
+        # Read (and check) the newest readable record before building or compiling anything.
+        self.record = self._newest_record() if latest is not None else None
         tasks = build_tasks(cfg, self.corpus)
         self.schedule = lr_schedule(cfg.schedule, t.steps)
         self.graphdef, model_graphdef, self.state, state_sharding = init_state(
@@ -154,9 +156,42 @@ class Trainer:
         self.ledger = MetricLedger()
         self.stop = StopOnSignal()
         if self.record is not None:
-            self._restore(latest)
+            self._restore_newest()
 
     # -- checkpoints ---------------------------------------------------------------------------
+    def _set_aside(self, step: int, err: Exception) -> None:
+        where = self.ckpt.set_aside(step)
+        note = f"checkpoint {step} unreadable ({str(err).splitlines()[0][:300]}); moved to {where}"
+        self.set_aside.append(note)
+        log.warning("%s; resuming from the previous checkpoint", note)
+
+    def _report_set_aside(self, logger: RunLogger) -> None:
+        """Tag the run with every checkpoint set aside that it does not show yet."""
+        for i in range(self.reported_set_aside, len(self.set_aside)):
+            logger.set_tag(f"checkpoint_set_aside_{i + 1}", self.set_aside[i])
+        self.reported_set_aside = len(self.set_aside)
+
+    def _newest_record(self) -> dict | None:
+        """The record of the newest checkpoint whose record reads; unreadable ones are set
+        aside (GLaM's practice: restart from the last healthy checkpoint)."""
+        while (step := self.ckpt.latest_step()) is not None:
+            try:
+                return self.ckpt.read_record(step, self.identity)
+            except CheckpointError as err:
+                self._set_aside(step, err)
+        return None
+
+    def _restore_newest(self) -> None:
+        """Restore the newest checkpoint that restores whole, setting damaged ones aside; with
+        none left the run starts from step 0 (its initial state)."""
+        while (step := self.ckpt.latest_step()) is not None:
+            try:
+                self._restore(step)
+                return
+            except CheckpointError as err:
+                self._set_aside(step, err)
+        self.record = None
+
     def _restore(self, step: int) -> None:
         record = self.ckpt.read_record(step, self.identity)
         self.state = self.ckpt.restore_state(step, self.state)
@@ -202,8 +237,12 @@ class Trainer:
         rollbacks = self.rollbacks + [{"at_step": at, "reason": reason}]
         data_order = self.data_order + 1  # new batches from here on: often enough to pass
         self.ckpt.wait()  # the newest checkpoint may still be being written
-        target = self.ckpt.latest_step()
-        self._restore(target)
+        self._restore_newest()
+        self._report_set_aside(logger)
+        if self.record is None:
+            raise TrainingDiverged(f"{reason}; every checkpoint to roll back to was unreadable "
+                                   f"(set aside: {'; '.join(self.set_aside)}).")
+        target = self.step
         self.rollbacks, self.data_order = rollbacks, data_order
         logger.set_tag(f"rollback_{len(rollbacks)}", f"at step {at} to step {target}: {reason}")
         log.warning("rollback %d: %s; back to step %d, data order %d", len(rollbacks), reason,
@@ -229,6 +268,7 @@ class Trainer:
         try:
             with self.stop, RunLogger(self.cfg, c, facts, self.corpus.fingerprint, self.output_dir,
                            self.extra_tags, run_id=resumed_id) as logger:
+                self._report_set_aside(logger)
                 if resumed_id:
                     log.info("resuming MLflow run %s from step %d", resumed_id, self.step)
                 else:

@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
-from glam.checkpoint import CheckpointError
 from glam.config import ConfigError
 from glam.resolve import load
 from glam.stability import TrainingDiverged
@@ -80,16 +79,34 @@ def test_checkpoint_of_another_config_is_refused(tmp_path, override, message):
         _run(tmp_path, "r", "train.steps=10", override)
 
 
-def test_corrupt_checkpoint_is_named(tmp_path):
-    _run(tmp_path, "r", "train.steps=10")
-    record = next((tmp_path / "r" / "checkpoints" / "10").rglob("*record*"))
-    if record.is_dir():
-        shutil.rmtree(record)
-        record.mkdir()
-    else:
-        record.write_text("{not json")
-    with pytest.raises(CheckpointError, match=r"checkpoints/10 is unreadable"):
-        _run(tmp_path, "r", "train.steps=20")
+def _truncate_data(step_dir):
+    data = max((p for p in (step_dir / "state").rglob("*") if p.is_file() and p.parent.name == "d"),
+               key=lambda p: p.stat().st_size)
+    data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
+
+
+def _garbage_metadata(step_dir):
+    (step_dir / "state" / "_METADATA").write_text("{not json")
+
+
+def _missing_record(step_dir):
+    shutil.rmtree(step_dir / "record")
+
+
+@pytest.mark.parametrize("damage", [_truncate_data, _garbage_metadata, _missing_record])
+def test_a_damaged_newest_checkpoint_is_set_aside_and_the_previous_one_resumed(tmp_path, damage):
+    """GLaM's practice: restart from the last healthy checkpoint. The damaged step is moved
+    aside (never deleted), the run is tagged, and the resumed run still equals an
+    uninterrupted one."""
+    with pytest.raises(SimulatedCrash):
+        _run(tmp_path, "r", "faults.crash_at_step=25")  # checkpoints 0, 10, 20
+    damage(tmp_path / "r" / "checkpoints" / "20")
+    final, client = _run(tmp_path, "r")
+    assert (tmp_path / "r" / "checkpoints.damaged" / "20").is_dir()
+    run_ = client.get_run(final["run_id"])
+    assert "checkpoint 20 unreadable" in run_.data.tags["checkpoint_set_aside_1"]
+    reference, ref_client = _run(tmp_path / "ref", "r")
+    assert _history(client, final["run_id"]) == _history(ref_client, reference["run_id"])
 
 
 def test_nonfinite_steps_are_skipped(tmp_path):
