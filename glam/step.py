@@ -20,15 +20,24 @@ def init_state(cfg: ModelConfig, tx: optax.GradientTransformation, seed: int, me
     `cfg` is a resolved model config (`glam.resolve`). Parameters are float32 (embedding
     [V, M], attention [M, N, D] / [N, D, M], FFN [M, F] / [F, M], experts [E, M, H] / [E, H, M]).
 
+    The state is created inside one jitted function whose outputs carry their shardings, so every
+    array is born in its global layout (a host copy placed afterwards is not a valid global
+    array when each process has a single device).
+
     Raises:
       ValueError: a parameter without declared axes (`glam.mesh.state_shardings`).
     """
-    model = GLaM(cfg, rngs=nnx.Rngs(seed))
-    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
-    model_graphdef, _ = nnx.split(model)
-    graphdef, state = nnx.split((model, optimizer))
-    sharding = state_shardings(state, mesh, rules)
-    return graphdef, model_graphdef, jax.device_put(state, sharding), sharding
+
+    def create():
+        model = GLaM(cfg, rngs=nnx.Rngs(seed))
+        return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+    abstract_model, abstract_optimizer = nnx.eval_shape(create)
+    model_graphdef, _ = nnx.split(abstract_model)
+    graphdef, abstract_state = nnx.split((abstract_model, abstract_optimizer))
+    sharding = state_shardings(abstract_state, mesh, rules)
+    state = jax.jit(lambda: nnx.state(create()), out_shardings=sharding)()
+    return graphdef, model_graphdef, state, sharding
 
 
 def loss_fn(model: GLaM, tokens: jax.Array, key, cfg: ModelConfig, scale=1.0):
