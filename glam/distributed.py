@@ -92,6 +92,9 @@ def initialize_args(cfg: DistributedConfig, environ: Mapping[str, str]) -> dict 
                 + " unset and no SLURM / Open MPI / TPU launch detected; give every process the "
                   "same coordinator_address (host:port of process 0) and its own process_id "
                   "(or $GLAM_COORDINATOR_ADDRESS / $GLAM_PROCESS_ID).")
+    if args["coordinator_address"] is not None:
+        # Process 0's coordinator listens where it was told (JAX's default: every interface).
+        args["coordinator_bind_address"] = args["coordinator_address"]
     return {k: v for k, v in args.items() if v is not None}
 
 

@@ -36,6 +36,19 @@ def redact(uri: str) -> str:
     return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
 
 
+def scrub_password(uri: str, *paths: Path) -> None:
+    """Replace the password of `uri` by *** in the files at `paths` (files, or folders of YAML
+    files: what Hydra writes before glam runs); a URI without a password changes nothing."""
+    password = urllib.parse.urlsplit(uri).password if "://" in uri else None
+    if not password:
+        return
+    files = [f for p in paths if p.exists() for f in ([p] if p.is_file() else p.rglob("*.yaml"))]
+    for file in files:
+        text = file.read_text()
+        if password in text:
+            file.write_text(text.replace(uri, redact(uri)).replace(f":{password}@", ":***@"))
+
+
 def check_reachable(uri: str, timeout: float = 5.0) -> None:
     """Refuse, within `timeout` seconds, a tracking URI nothing answers at: an http(s) server
     whose /health does not respond, or a sqlite file in a folder that does not exist.

@@ -19,14 +19,14 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from glam import distributed
 from glam.config import Config, ConfigError
 from glam.interrupts import Interrupted
 from glam.resolve import CONF_DIR, raw, resolve
 from glam.study.runs import point_tags, skip_or_prepare
-from glam.tracking import check_reachable
+from glam.tracking import check_reachable, scrub_password
 from glam.trainer import Trainer
 
 log = logging.getLogger("glam.train")
@@ -63,6 +63,11 @@ def main(dcfg: DictConfig) -> float:
 def _main(dcfg: DictConfig) -> float:
     logging.getLogger("jax._src.xla_bridge").setLevel(logging.ERROR)  # "no TPU" on every run
     logging.getLogger("absl").setLevel(logging.WARNING)  # orbax's per-save chatter
+    hc = HydraConfig.get()
+    uri = str(OmegaConf.select(dcfg, "logger.tracking_uri", default=""))
+    # Hydra has written the overrides and config (a password in the URI with them) already.
+    scrub_password(uri, Path(hc.runtime.output_dir) / hc.output_subdir,
+                   Path(hc.sweep.dir) / "multirun.yaml")
     raw_cfg = raw(dcfg)
     resolve(raw_cfg, backend="cpu")  # every check, before joining other processes or starting JAX
     distributed.initialize(raw_cfg.distributed)  # before anything touches a JAX backend
@@ -70,7 +75,7 @@ def _main(dcfg: DictConfig) -> float:
     distributed.on_primary(lambda: check_reachable(cfg.logger.tracking_uri) or "")
     if not distributed.is_primary():
         logging.getLogger("glam").setLevel(logging.WARNING)  # process 0 reports progress
-    output_dir = Path(HydraConfig.get().runtime.output_dir)
+    output_dir = Path(hc.runtime.output_dir)
     distributed.agree(str(output_dir.resolve()),
                       "hydra.run.dir (set it to one shared path on every process)")
     tags = point_tags(cfg.study.name)

@@ -22,7 +22,8 @@ SLURM = {"SLURM_JOB_ID": "7", "SLURM_STEP_NODELIST": "node[1-2]", "SLURM_PROCID"
     (DistributedConfig(num_processes=1), {}, None),
     (DistributedConfig(init="never"), {**SLURM, "SLURM_NTASKS": "2"}, None),
     (DistributedConfig(coordinator_address="10.0.0.1:1234", num_processes=2, process_id=1), {},
-     {"coordinator_address": "10.0.0.1:1234", "num_processes": 2, "process_id": 1}),
+     {"coordinator_address": "10.0.0.1:1234", "coordinator_bind_address": "10.0.0.1:1234",
+      "num_processes": 2, "process_id": 1}),
     # srun, one task per host: that task gets all 8 GPUs of its host
     (DistributedConfig(), {**SLURM, "SLURM_NTASKS": "2", "SLURM_GPUS_ON_NODE": "8"},
      {"local_device_ids": list(range(8))}),

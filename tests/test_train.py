@@ -98,3 +98,17 @@ def test_cli_bad_config_fails_before_any_work(tmp_path):
     assert "model.top_k" in proc.stderr and "n_experts=4" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "mlflow.db").exists()  # no run was started
+
+
+@pytest.mark.slow
+def test_a_password_in_the_tracking_uri_is_never_written_or_printed(tmp_path):
+    """Nothing answers at the URI, so the run stops at the reachability check; by then Hydra
+    has written the overrides and config into the run directory: the password is gone from
+    them, and from what was printed."""
+    proc = _glam_train(["model=tiny_moe", "hydra.run.dir=run",
+                        "logger.tracking_uri=http://ann:s3cret@127.0.0.1:9"], tmp_path,
+                       "sqlite:///unused.db")
+    assert proc.returncode == 2 and "http://ann:***@127.0.0.1:9" in proc.stderr, proc.stderr
+    assert "s3cret" not in proc.stdout + proc.stderr
+    written = [p for p in (tmp_path / "run").rglob("*") if p.is_file()]
+    assert written and not [p for p in written if "s3cret" in p.read_text()]
