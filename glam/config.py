@@ -452,9 +452,11 @@ class LoggerConfig(Section):
     experiment: str = doc("glam", "MLflow experiment (a study sets its own)")
     run_name: Optional[str] = doc(None, "MLflow run name; null: preset-size-experts-seed")
     flush_every: int = doc(50, "without checkpoints: publish metrics every this many points")
+    outage_timeout_s: float = doc(600.0, "seconds of failed MLflow writes before the run fails "
+                                         "(records are kept and retried until then)")
 
     def check(self, prefix: str = "logger") -> None:
-        _positive(self, prefix, ("flush_every",))
+        _positive(self, prefix, ("flush_every", "outage_timeout_s"))
         scheme = self.tracking_uri.partition("://")[0].split("+")[0] \
             if "://" in self.tracking_uri else ""
         check(scheme in TRACKING_SCHEMES, f"{prefix}.tracking_uri",

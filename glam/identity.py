@@ -70,7 +70,7 @@ _TABLE: dict[Role, dict[str, str]] = {
         "checkpoint": "every keep async_save",
         "plan": "tolerance",
         "study": "name match_flops",
-        "logger": "tracking_uri experiment run_name flush_every",
+        "logger": "tracking_uri experiment run_name flush_every outage_timeout_s",
         "derived": "filled",
     },
 }

@@ -113,7 +113,8 @@ class RunLogger:
 
         def open_run() -> str:
             previous = run_id or previous_run_id(output_dir, tags["config_hash"])
-            tracker = Tracker(lg.tracking_uri, lg.experiment, name, params, tags, run_id=previous)
+            tracker = Tracker(lg.tracking_uri, lg.experiment, name, params, tags, run_id=previous,
+                              outage_timeout_s=lg.outage_timeout_s)
             opened.append(tracker)
             (output_dir / RUN_FILE).write_text(json.dumps(
                 {"run_id": tracker.run_id, "config_hash": tags["config_hash"]}))

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import fcntl
 import logging
+import os
+import queue
+import threading
 import time
 import urllib.parse
 import urllib.request
@@ -21,6 +24,11 @@ from mlflow.tracking import MlflowClient
 from glam.config import ConfigError
 
 log = logging.getLogger("glam.tracking")
+
+# MLflow's HTTP client retries a failed request up to 7 times with doubling waits (minutes)
+# before it reports; glam's writer retries on its own, so it asks for a quick answer instead.
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
 
 _MAX_PARAMS_PER_CALL = 100
 _MAX_METRICS_PER_CALL = 1000
@@ -110,19 +118,41 @@ def experiment_id(client: MlflowClient, name: str) -> str:
         return client.get_experiment_by_name(name).experiment_id
 
 
+# MLflow errors that retrying cannot fix (a bad key, a run in the wrong state); anything else
+# (connection refused, timeouts, 5xx, a locked database) is treated as an outage and retried.
+_PERMANENT = {"INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST", "INVALID_STATE",
+              "BAD_REQUEST", "RESOURCE_ALREADY_EXISTS", "PERMISSION_DENIED", "UNAUTHENTICATED"}
+
+
+def _permanent(err: Exception) -> bool:
+    return isinstance(err, MlflowException) and err.error_code in _PERMANENT
+
+
+class TrackingError(RuntimeError):
+    """MLflow refused the run's records, or stayed unreachable past `logger.outage_timeout_s`."""
+
+
 class Tracker:
-    """One MLflow run. Use as a context manager: the run ends FINISHED, or FAILED on error.
+    """One MLflow run. Use as a context manager: the run ends FINISHED, or FAILED on error
+    (KILLED on KeyboardInterrupt), always, even when the last writes fail.
 
     With `run_id`, an existing run is continued (a resumed training run): it is set RUNNING
     again, its params are left as they are, and metric points at steps it already holds are not
     written twice. A run that was deleted is restored; one the store does not have (purged, or
     another store) is replaced by a new run. Either way `recovered` says what happened.
+
+    Writes (metric batches, tags, artifacts) go to a background thread in order, so training
+    never waits on the tracking store: during an outage they are kept and retried with backoff,
+    and published on recovery; only after `outage_timeout_s` seconds of failures, or an error
+    retrying cannot fix, does the run fail (`TrackingError` at the next flush or at the end).
     """
 
     def __init__(self, tracking_uri: str, experiment: str, run_name: str | None,
-                 params: Mapping[str, Any], tags: Mapping[str, str], run_id: str | None = None):
+                 params: Mapping[str, Any], tags: Mapping[str, str], run_id: str | None = None,
+                 outage_timeout_s: float = 600.0):
         self.client = client(tracking_uri)
         self.tracking_uri = tracking_uri
+        self.outage_timeout_s = outage_timeout_s
         self._buffer: list[Metric] = []
         self._logged_until: dict[str, int] = {}
         self.recovered: str | None = None
@@ -147,49 +177,101 @@ class Tracker:
                 history = self.client.get_metric_history(run_id, key)
                 self._logged_until[key] = max(m.step for m in history)
             self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
-            return
-        exp_id = experiment_id(self.client, experiment)
-        self.run_id = self.client.create_run(exp_id, run_name=run_name).info.run_id
-        items = [Param(k, str(v)[:_MAX_PARAM_VALUE]) for k, v in flatten(params).items()]
-        for i in range(0, len(items), _MAX_PARAMS_PER_CALL):
-            self.client.log_batch(self.run_id, params=items[i : i + _MAX_PARAMS_PER_CALL])
-        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+        else:
+            exp_id = experiment_id(self.client, experiment)
+            self.run_id = self.client.create_run(exp_id, run_name=run_name).info.run_id
+            items = [Param(k, str(v)[:_MAX_PARAM_VALUE]) for k, v in flatten(params).items()]
+            for i in range(0, len(items), _MAX_PARAMS_PER_CALL):
+                self.client.log_batch(self.run_id, params=items[i : i + _MAX_PARAMS_PER_CALL])
+            self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+        self._queue: queue.Queue = queue.Queue()
+        self._error: TrackingError | None = None
+        self._writer = threading.Thread(target=self._write_forever, name="mlflow-writer",
+                                        daemon=True)
+        self._writer.start()
 
     def log_metrics(self, step: int, metrics: Mapping[str, float]) -> None:
+        """Buffer points of `step` (skipping keys the run already holds at this step)."""
         now = int(time.time() * 1000)
         self._buffer.extend(Metric(k, float(v), now, step) for k, v in metrics.items()
                             if step > self._logged_until.get(k, -1))
 
     def set_tag(self, key: str, value: str) -> None:
-        self.client.set_tag(self.run_id, key, value)
+        self._queue.put((self.client.set_tag, (self.run_id, key, value)))
 
     def flush(self) -> None:
+        """Hand the buffered points to the writer (returns at once).
+
+        Raises:
+          TrackingError: an earlier write failed for good.
+        """
+        if self._error is not None:
+            raise self._error
         for i in range(0, len(self._buffer), _MAX_METRICS_PER_CALL):
-            self.client.log_batch(self.run_id, metrics=self._buffer[i : i + _MAX_METRICS_PER_CALL])
+            batch = self._buffer[i : i + _MAX_METRICS_PER_CALL]
+            self._queue.put((self._log_metrics, (batch,)))
         self._buffer.clear()
 
+    def _log_metrics(self, batch: list[Metric]) -> None:
+        self.client.log_batch(self.run_id, metrics=batch)
+
     def log_artifact(self, path: str | Path) -> None:
-        self.client.log_artifact(self.run_id, str(path))
+        self._queue.put((self.client.log_artifact, (self.run_id, str(path))))
+
+    def _write_forever(self) -> None:
+        while (item := self._queue.get()) is not None:
+            if self._error is None:  # after a lasting failure, later writes are dropped
+                self._with_retries(*item)
+
+    def _with_retries(self, call, args) -> None:
+        first_failure, delay, warned = None, 1.0, False
+        while True:
+            try:
+                call(*args)
+                if warned:
+                    log.warning("MLflow reachable again: the held-back records are published")
+                return
+            except Exception as err:
+                now = time.monotonic()
+                first_failure = first_failure or now
+                if _permanent(err) or now - first_failure > self.outage_timeout_s:
+                    self._error = TrackingError(
+                        f"MLflow at {redact(self.tracking_uri)} refused a write of run "
+                        f"{self.run_id}" + ("" if _permanent(err) else
+                                            f" for {now - first_failure:.0f} s "
+                                            "(logger.outage_timeout_s)") + f": {err}")
+                    log.error("%s", self._error)
+                    return
+                if not warned:
+                    log.warning("MLflow unreachable (%s); training goes on, its records are "
+                                "kept and retried", str(err).splitlines()[0][:200])
+                    warned = True
+                time.sleep(delay)
+                delay = min(2 * delay, 30.0)
 
     def __enter__(self) -> "Tracker":
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        # The run is always terminated, even when the last flush fails (a flush error then
-        # marks it FAILED and passes on).
+        # Publish everything held back, then terminate the run whatever happened: a write that
+        # failed for good marks it FAILED (and is raised unless another error is on its way).
         status = "FINISHED"
         if exc_type is not None:
             status = "KILLED" if issubclass(exc_type, KeyboardInterrupt) else "FAILED"
         try:
             self.flush()
-        except Exception as err:
-            self._buffer.clear()
-            if exc_type is None:
-                status = "FAILED"
-                raise
-            log.warning("could not publish the last metric points: %s", err)  # the first error wins
-        finally:
-            self.client.set_terminated(self.run_id, status)
+        except TrackingError:
+            pass
+        self._queue.put(None)
+        self._writer.join()
+        if self._error is not None:
+            status = "FAILED" if status == "FINISHED" else status
+        self._error, error = None, self._error
+        self._with_retries(self.client.set_terminated, (self.run_id, status))
+        if error is not None and exc_type is None:
+            raise error
+        if error is not None:
+            log.warning("%s", error)  # the error already on its way wins
 
 
 class SilentTracker:

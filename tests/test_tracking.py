@@ -35,3 +35,87 @@ def test_parallel_first_use_of_a_new_sqlite_database(tmp_path):
     runs = client.search_runs([exp.experiment_id])
     assert len(runs) == 6 and {r.info.status for r in runs} == {"FINISHED"}
     client.create_run(exp.experiment_id)  # still usable
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start_server(tmp_path, port):
+    import os
+    import signal
+    import urllib.request
+    from pathlib import Path
+
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    server = subprocess.Popen(
+        [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1",
+         "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}"],
+        cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True)
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).close()
+            return server
+        except OSError:
+            time.sleep(0.5)
+    os.killpg(server.pid, signal.SIGKILL)
+    raise AssertionError("the MLflow server did not start")
+
+
+def _stop_server(server):
+    import os
+    import signal
+
+    os.killpg(server.pid, signal.SIGKILL)  # the whole group: the server's workers too
+    server.wait(timeout=30)
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_training_goes_on_through_a_tracking_outage_and_loses_nothing(tmp_path):
+    """The tracking server goes away after the first checkpoint and comes back later: training
+    keeps its pace meanwhile, and in the end every step's point is in MLflow."""
+    import os
+
+    port = _free_port()
+    server = _start_server(tmp_path, port)
+    steps = 3000
+    args = ["model=tiny_moe", f"train.steps={steps}", "train.batch_size=4", "train.log_every=20",
+            "train.progress=false", "train.eval_batches=1", "checkpoint.every=200",
+            "data.train_tokens=20000", "data.val_tokens=2048", "eval.max_examples=4",
+            "eval.shots=[0]", "hydra.run.dir=run", f"logger.tracking_uri=http://127.0.0.1:{port}"]
+    train = subprocess.Popen([sys.executable, "-m", "glam.train", *args], cwd=tmp_path,
+                             env={k: v for k, v in os.environ.items()
+                                  if k != "MLFLOW_TRACKING_URI"},
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    checkpoints = tmp_path / "run" / "checkpoints"
+
+    def wait_for(step, seconds):
+        deadline = time.monotonic() + seconds
+        while not (checkpoints / str(step)).exists() and train.poll() is None:
+            assert time.monotonic() < deadline, f"no checkpoint {step} after {seconds} s"
+            time.sleep(0.1)
+
+    try:
+        wait_for(200, 240)
+        _stop_server(server)
+        wait_for(1000, 120)  # four more checkpoints with MLflow away: training did not stall
+        server = _start_server(tmp_path, port)
+        out, err = train.communicate(timeout=600)
+        assert train.returncode == 0, err[-3000:]
+        assert "MLflow unreachable" in out + err
+        client = MlflowClient(f"http://127.0.0.1:{port}")
+        (run,) = client.search_runs([client.get_experiment_by_name("glam").experiment_id])
+        assert run.info.status == "FINISHED"
+        history = client.get_metric_history(run.info.run_id, "lm_loss")
+        assert sorted(m.step for m in history) == list(range(steps))
+    finally:
+        train.kill()
+        _stop_server(server)
