@@ -110,9 +110,9 @@ class Checkpointer:
         return target
 
     def _unreadable(self, step: int, err: Exception) -> str:
+        first_line = (str(err).splitlines() or [""])[0][:200]
         return (f"checkpoint {self.directory / str(step)} is unreadable "
-                f"({type(err).__name__}: {str(err)[:200]}). Move that step's directory aside to "
-                "resume from the previous checkpoint, or start a new run directory.")
+                f"({type(err).__name__}: {first_line})")
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

@@ -29,7 +29,7 @@ def named_paths(text: str) -> set[str]:
     paths = set()
     for token in tokens:
         token = (token.split() or [""])[0]
-        token = re.sub(r":\d+$", "", token.rstrip(".,;:)"))
+        token = re.sub(r":\d+$", "", token.rstrip(".,;:)").split("#")[0])
         if token.startswith(TOP_DIRS) or token in TOP_FILES:
             if not PLACEHOLDER.search(token):
                 paths.add(token)
