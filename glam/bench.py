@@ -31,10 +31,11 @@ import numpy as np
 import optax
 
 from glam import accounting
-from glam.resolve import CONF_DIR
+from glam.config import ConfigError
 from glam.model.layers import project
 from glam.model.moe import DISPATCH
 from glam.model.routing import expert_capacity, top_k_gating
+from glam.resolve import CONF_DIR, load
 
 
 def median_seconds(fn, *args, repeats: int = 5) -> float:
@@ -88,7 +89,6 @@ def train_step_bench(overrides: list[str], steps: int = 10, n_devices: int | Non
     """Seconds per training step of the model `overrides` select, with its FLOPs and memory,
     on the first `n_devices` devices (default: all)."""
     from glam.mesh import activate, data_sharding, make_mesh, rules_for
-    from glam.resolve import load
     from glam.step import init_state, make_train_step
 
     cfg = load(overrides)
@@ -201,7 +201,17 @@ def main(argv: list[str] | None = None) -> None:
                    help="activations of the FFN and step benches (default: bfloat16 on GPU/TPU, "
                         "float32 on CPU)")
     args = p.parse_args(argv)
-    experts = [int(e) for e in args.experts.split(",")]
+    try:  # every shape the bench will use, before any JAX work
+        experts = [int(e) for e in args.experts.split(",")]
+    except ValueError:
+        p.error(f"--experts: {args.experts!r} is not a comma-separated list of integers")
+    if any(e < 2 for e in experts):
+        p.error(f"--experts: every count must be at least 2 (top-2 routing), got {experts}")
+    for overrides in STEP_MODELS.values():
+        try:
+            load(overrides, backend="cpu")
+        except ConfigError as err:
+            p.error(f"step model {' '.join(overrides)}: {err}")
     dtype = args.dtype or ("bfloat16" if jax.default_backend() in ("gpu", "tpu") else "float32")
     results = {"date": datetime.date.today().isoformat(), "machine": machine(),
                "peak_f32": matmul_peak(jnp.float32), "peak_bf16": matmul_peak(jnp.bfloat16),

@@ -9,13 +9,21 @@ from __future__ import annotations
 import json
 import sys
 
+from hydra.errors import HydraException
+from omegaconf.errors import OmegaConfBaseException
+
 from glam import accounting
+from glam.config import ConfigError
 from glam.resolve import load
 
 
 def main(argv: list[str] | None = None) -> None:
     """Print the counts of the model that `argv` (Hydra overrides) selects, as JSON."""
-    cfg = load(sys.argv[1:] if argv is None else argv, backend="cpu")  # dispatch: no count
+    try:
+        cfg = load(sys.argv[1:] if argv is None else argv, backend="cpu")  # dispatch: no count
+    except (ConfigError, HydraException, OmegaConfBaseException) as err:
+        print(f"glam-count: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
     m = cfg.model
     out = {"model": m.name, "family": m.family, "n_experts": m.n_experts, "top_k": m.top_k,
            **accounting.count(m).as_dict()}

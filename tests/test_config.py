@@ -208,3 +208,20 @@ def test_credentials_in_a_tracking_uri_are_never_logged():
     assert redact("http://user:pw@host:5000") == "http://user:***@host:5000"
     assert redact("postgresql+psycopg2://u:p%40ss@db/mlflow") == "postgresql+psycopg2://u:***@db/mlflow"
     assert redact("sqlite:///mlflow.db") == "sqlite:///mlflow.db"
+
+
+@pytest.mark.parametrize("cli,argv", [
+    ("glam.count", ["+model.n_expertz=3"]),
+    ("glam.count", ["model.top_k=9"]),
+    ("glam.study.plan", ["model.top_k=9"]),
+    ("glam.study.plan", ["+study=smoke", "train.seed=range(0,0)"]),
+    ("glam.bench", ["--experts", "1,8"]),
+])
+def test_every_cli_refuses_bad_input_with_the_message_alone(cli, argv, capsys):
+    import importlib
+
+    with pytest.raises(SystemExit) as exit_:
+        importlib.import_module(cli).main(argv)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.strip() and "Traceback" not in err

@@ -106,7 +106,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         rows = plan(overrides, args.hardware)
     except (ConfigError, KeyError, HydraException, OmegaConfBaseException) as err:
-        raise SystemExit(f"glam-plan: {err}")
+        print(f"glam-plan: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
     if args.json:
         print(json.dumps([dataclasses.asdict(r) for r in rows], indent=1))
         return
