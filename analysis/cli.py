@@ -33,7 +33,7 @@ def find_study_parent(client: MlflowClient, study: str) -> str:
         [exp.experiment_id], filter_string="tags.study_role = 'parent'",
         order_by=["attributes.start_time DESC"], max_results=1)
     if not runs:
-        raise SystemExit(f"glam-analyze: no parent run of study {study!r} at {client.tracking_uri}; "
+        raise SystemExit(f"glam-analyze: no parent run of study {study!r} at {tracking.redact(client.tracking_uri)}; "
                          f"run it first: glam-train -m +study={study}")
     return runs[0].info.run_id
 

@@ -23,7 +23,7 @@ def _experiment_ids(client: MlflowClient, experiment: str | None) -> list[str]:
         return [e.experiment_id for e in client.search_experiments()]
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
-        raise ValueError(f"no MLflow experiment named {experiment!r} at {client.tracking_uri}")
+        raise ValueError(f"no MLflow experiment named {experiment!r} at {tracking.redact(client.tracking_uri)}")
     return [exp.experiment_id]
 
 

@@ -126,7 +126,8 @@ def _in_unit_interval(obj: Any, prefix: str, names: tuple[str, ...]) -> None:
         check(0 <= value <= 1, f"{prefix}.{name}", f"must be in [0, 1], got {value}.")
 
 
-METRIC_NAME = r"[A-Za-z0-9_.\-]+"  # a name that becomes part of an MLflow metric key
+# A name that becomes part of an MLflow metric key: dot-separated words, no empty or dot-only part.
+METRIC_NAME = r"[A-Za-z0-9_\-]+(\.[A-Za-z0-9_\-]+)*"
 TRACKING_SCHEMES = ("sqlite", "http", "https", "file", "databricks", "postgresql", "mysql",
                     "mssql")
 
@@ -409,9 +410,11 @@ class TaskFileConfig(Section):
     train_path: Optional[str] = doc(None, "JSONL of demonstrations; null: the other examples")
 
     def check(self, prefix: str) -> None:
-        check(bool(re.fullmatch(METRIC_NAME, self.name)), f"{prefix}.name",
-              f"{self.name!r} becomes the metric key eval/{self.name}/...; use letters, digits, "
-              "'_', '-' and '.' only.")
+        check(bool(re.fullmatch(METRIC_NAME, self.name)) and len(self.name) <= 100,
+              f"{prefix}.name", f"{self.name!r} becomes the metric key eval/{self.name}/...; use "
+              "at most 100 letters, digits, '_', '-' and single '.' between words.")
+        check(not self.name.endswith("_avg"), f"{prefix}.name",
+              f"{self.name!r}: names ending in _avg are the group averages (eval/nlg_avg/...).")
         for name in ("path", "train_path"):
             path = getattr(self, name)
             if path is not None:
@@ -439,8 +442,12 @@ class EvalConfig(Section):
         _positive(self, prefix, ("max_examples", "max_answer_tokens", "batch_size"))
         check(all(k >= 0 for k in self.shots), f"{prefix}.shots",
               f"shot counts must be >= 0, got {list(self.shots)}.")
+        names = set()
         for i, task in enumerate(self.tasks):
             task.check(f"{prefix}.tasks[{i}]")
+            check(task.name not in names, f"{prefix}.tasks[{i}].name",
+                  f"{task.name!r} is used twice; their metrics would overwrite each other.")
+            names.add(task.name)
 
 
 @dataclass
@@ -457,10 +464,13 @@ class LoggerConfig(Section):
 
     def check(self, prefix: str = "logger") -> None:
         _positive(self, prefix, ("flush_every", "outage_timeout_s"))
+        check(0 < len(self.experiment) <= 500, f"{prefix}.experiment",
+              "an MLflow experiment name has 1 to 500 characters.")
         scheme = self.tracking_uri.partition("://")[0].split("+")[0] \
             if "://" in self.tracking_uri else ""
+        shown = re.sub(r"//[^/@]*@", "//***@", self.tracking_uri)  # never print a secret
         check(scheme in TRACKING_SCHEMES, f"{prefix}.tracking_uri",
-              f"{self.tracking_uri!r}: unknown scheme {scheme!r}; use one of "
+              f"{shown!r}: unknown scheme {scheme!r}; use one of "
               + ", ".join(f"{s}://" for s in TRACKING_SCHEMES)
               + " (e.g. sqlite:///mlflow.db or http://host:5000).")
 
@@ -529,6 +539,12 @@ class StudyConfig(Section):
     name: Optional[str] = doc(None, "study name: MLflow experiment, parent run, output folder")
     match_flops: bool = doc(False, "refuse points whose activated FLOPs differ from their "
                                    "dense counterpart's by more than plan.tolerance")
+
+    def check(self, prefix: str = "study") -> None:
+        if self.name is not None:
+            check(bool(re.fullmatch(METRIC_NAME, self.name)) and len(self.name) <= 100,
+                  f"{prefix}.name", f"{self.name!r} names a folder under outputs/studies/ and "
+                  "an MLflow experiment: use letters, digits, '_', '-' and single '.' only.")
 
 
 @dataclass

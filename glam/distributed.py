@@ -15,6 +15,7 @@ spans them all, and every jitted step is one SPMD program. What differs by proce
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import logging
 import os
 from collections.abc import Mapping
@@ -92,10 +93,20 @@ def initialize_args(cfg: DistributedConfig, environ: Mapping[str, str]) -> dict 
                 + " unset and no SLURM / Open MPI / TPU launch detected; give every process the "
                   "same coordinator_address (host:port of process 0) and its own process_id "
                   "(or $GLAM_COORDINATOR_ADDRESS / $GLAM_PROCESS_ID).")
-    if args["coordinator_address"] is not None:
+    address = args["coordinator_address"]
+    if address is not None and _is_ip(address.rpartition(":")[0]):
         # Process 0's coordinator listens where it was told (JAX's default: every interface).
-        args["coordinator_bind_address"] = args["coordinator_address"]
+        # A host name is left to that default: it may resolve to a loopback alias locally.
+        args["coordinator_bind_address"] = address
     return {k: v for k, v in args.items() if v is not None}
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+        return True
+    except ValueError:
+        return False
 
 
 def initialize(cfg: DistributedConfig) -> None:

@@ -46,9 +46,11 @@ class StopOnSignal:
             self._previous = {s: signal.signal(s, self._note) for s in SIGNALS}
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, exc, tb) -> None:
         for s, handler in self._previous.items():
             signal.signal(s, handler)
+        if exc_type is None:
+            self.check()  # a signal after the last check still stops the process
 
     def check(self) -> None:
         """Raise `Interrupted` if a stop signal arrived."""

@@ -8,8 +8,10 @@ A metric point reaches MLflow only once no rollback or crash can make its step b
   before they are published loses nothing); published once that checkpoint is known complete,
   i.e. when the next one is about to be written, or at the end.
 
-A rollback drops what is unchecked and verified and takes the checkpoint's own unpublished
-points as durable. Without checkpoints nothing can be rolled back to, and verified points are
+Publishing is asynchronous (a background writer rides out tracking outages), so points handed
+to the writer stay in every checkpoint record until the writer confirms them: a crash, or an
+outage longer than the writer waits, never loses them. A rollback drops what is unchecked and
+verified and takes the checkpoint's own unpublished points as durable. Without checkpoints nothing can be rolled back to, and verified points are
 published in batches. Pure Python: no JAX, no MLflow (`publish` is any callable).
 """
 
@@ -18,7 +20,8 @@ from __future__ import annotations
 from typing import Any, Callable
 
 Entries = list[tuple[int, dict]]  # (step, {name: value})
-Publish = Callable[[Entries], None]
+# Hands entries to the writer; returns its ticket: they are stored once `confirmed` >= it.
+Publish = Callable[[Entries], int]
 
 
 class MetricLedger:
@@ -28,6 +31,7 @@ class MetricLedger:
         self.unchecked: list[tuple[int, Any]] = []
         self.verified: Entries = []
         self.durable: Entries = []
+        self.in_flight: list[tuple[int, Entries]] = []  # (writer ticket, entries)
 
     def record(self, step: int, metrics: Any) -> None:
         """A step's metrics as the step returned them (device arrays allowed)."""
@@ -46,14 +50,18 @@ class MetricLedger:
         """After restoring a checkpoint: its unpublished points become durable; everything
         newer is forgotten (it will be recomputed)."""
         self.unchecked, self.verified, self.durable = [], [], list(unpublished)
+        self.in_flight = []
 
-    def checkpoint(self, publish: Publish) -> Entries:
+    def checkpoint(self, publish: Publish, confirmed: int) -> Entries:
         """Call once the previous checkpoint is complete and a new one is about to be written:
-        publishes the durable points, makes the verified ones durable, and returns them for the
-        new checkpoint's record."""
-        publish(self.durable)
+        publishes the durable points, makes the verified ones durable, and returns what the new
+        checkpoint's record must carry: those, and every point handed to the writer whose
+        ticket is above `confirmed` (the writer's last stored ticket)."""
+        ticket = publish(self.durable)
+        self.in_flight = [(t, e) for t, e in self.in_flight if t > confirmed] + \
+            [(ticket, self.durable)]
         self.durable, self.verified = self.verified, []
-        return self.durable
+        return [point for _, entries in self.in_flight for point in entries] + self.durable
 
     def publish_verified(self, publish: Publish) -> None:
         """Without checkpoints: publish the verified points now."""

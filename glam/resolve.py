@@ -29,7 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from glam.config import (Config, ConfigError, DataKind, Dispatch, ModelConfig, Placement, Section,
                          check, doc, freeze)
-from glam.data.world import ATTRIBUTES, world_vocab_size
+from glam.data.world import ATTRIBUTES, WORLD_TASKS, world_vocab_size
 from glam.placement import expert_width
 
 
@@ -219,6 +219,10 @@ def resolve(cfg: Config, backend: str | None = None) -> ResolvedConfig:
     check(d.kind == DataKind.world, "data.kind", f"unknown corpus kind {d.kind!r}.")
     check(d.n_attributes <= len(ATTRIBUTES), "data.n_attributes",
           f"at most {len(ATTRIBUTES)} (the attribute catalogue), got {d.n_attributes}.")
+    if cfg.eval.builtin:
+        for i, task in enumerate(cfg.eval.tasks):
+            check(task.name not in WORLD_TASKS, f"eval.tasks[{i}].name",
+                  f"{task.name!r} is a built-in task's name; rename it (or eval.builtin=false).")
     data_vocab = world_vocab_size(d)
     filled: list[str] = []
     model = _fill_shape(cfg.model, cfg.plan.placement, data_vocab, filled)

@@ -7,6 +7,7 @@ a multi-host run hold a `SilentTracker` with the same run id and write nothing.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 from importlib import metadata
@@ -19,6 +20,8 @@ from glam.identity import config_hash
 from glam.ledger import Entries
 from glam.resolve import CONF_DIR, ResolvedConfig, to_container
 from glam.tracking import SilentTracker, Tracker, redact
+
+log = logging.getLogger("glam.run_logger")
 
 
 def git_sha() -> str:
@@ -61,9 +64,13 @@ def previous_run_id(output_dir: Path, config_hash_: str) -> str | None:
       ConfigError: that run was opened for another config.
     """
     path = output_dir / RUN_FILE
-    if not path.exists():
+    try:
+        saved = json.loads(path.read_text())
+    except FileNotFoundError:
         return None
-    saved = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        log.warning("%s is unreadable (%s): a new MLflow run is opened", path, err)
+        return None
     if saved["config_hash"] != config_hash_:
         raise ConfigError(f"{output_dir} holds MLflow run {saved['run_id']} of another config "
                           f"(config hash {saved['config_hash']}, now {config_hash_}); use a new "
@@ -116,8 +123,10 @@ class RunLogger:
             tracker = Tracker(lg.tracking_uri, lg.experiment, name, params, tags, run_id=previous,
                               outage_timeout_s=lg.outage_timeout_s)
             opened.append(tracker)
-            (output_dir / RUN_FILE).write_text(json.dumps(
-                {"run_id": tracker.run_id, "config_hash": tags["config_hash"]}))
+            tmp = output_dir / f".{RUN_FILE}.tmp"
+            tmp.write_text(json.dumps({"run_id": tracker.run_id,
+                                       "config_hash": tags["config_hash"]}))
+            tmp.replace(output_dir / RUN_FILE)  # whole or not at all
             if tracker.recovered:
                 tracker.set_tag("recovered", tracker.recovered)
             return tracker.run_id
@@ -126,11 +135,17 @@ class RunLogger:
         self.tracker = opened[0] if opened else SilentTracker(shared_id)
         self.run_id = self.tracker.run_id
 
-    def publish(self, entries: Entries) -> None:
-        """Write metric points (step, {name: value}) and flush them to MLflow."""
+    def publish(self, entries: Entries) -> int:
+        """Hand metric points (step, {name: value}) to the writer; returns its ticket (stored
+        once `confirmed` reaches it)."""
         for step, metrics in entries:
             self.tracker.log_metrics(step, metrics)
-        self.tracker.flush()
+        return self.tracker.flush()
+
+    @property
+    def confirmed(self) -> int:
+        """The writer's last stored ticket."""
+        return self.tracker.confirmed
 
     def set_tag(self, key: str, value: str) -> None:
         """Set a run tag now (rollbacks are recorded this way)."""

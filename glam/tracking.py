@@ -6,12 +6,14 @@ one per point, ~80x faster).
 
 from __future__ import annotations
 
+import base64
 import fcntl
 import logging
 import os
 import queue
 import threading
 import time
+import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
@@ -36,25 +38,41 @@ _MAX_PARAM_VALUE = 6000  # characters; MLflow refuses longer values
 
 
 def redact(uri: str) -> str:
-    """`uri` without the password of its user-info part (`http://user:***@host`)."""
-    parts = urllib.parse.urlsplit(uri)
-    if parts.password is None:
+    """`uri` without the secret of its user-info part: the password (`http://user:***@host`),
+    or a lone token (`https://***@host`)."""
+    parts = urllib.parse.urlsplit(uri) if "://" in uri else None
+    if parts is None or "@" not in parts.netloc:
         return uri
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+    userinfo, _, host = parts.netloc.rpartition("@")
+    user, colon, _ = userinfo.partition(":")
+    safe = f"{user}:***" if colon else "***"
+    return urllib.parse.urlunsplit(parts._replace(netloc=f"{safe}@{host}"))
+
+
+def scrub(text: str, uri: str) -> str:
+    """`text` with every appearance of `uri`'s secret (`redact`) replaced by ***."""
+    parts = urllib.parse.urlsplit(uri) if "://" in uri else None
+    if parts is None or "@" not in parts.netloc:
+        return text
+    userinfo = parts.netloc.rpartition("@")[0]
+    secret = userinfo.partition(":")[2] or userinfo
+    return text.replace(uri, redact(uri)).replace(secret, "***") if secret else text
 
 
 def scrub_password(uri: str, *paths: Path) -> None:
     """Replace the password of `uri` by *** in the files at `paths` (files, or folders of YAML
     files: what Hydra writes before glam runs); a URI without a password changes nothing."""
-    password = urllib.parse.urlsplit(uri).password if "://" in uri else None
-    if not password:
+    if redact(uri) == uri:
         return
-    files = [f for p in paths if p.exists() for f in ([p] if p.is_file() else p.rglob("*.yaml"))]
+    files = [f for p in paths if p is not None and p.exists()
+             for f in ([p] if p.is_file() else p.rglob("*.yaml"))]
     for file in files:
         text = file.read_text()
-        if password in text:
-            file.write_text(text.replace(uri, redact(uri)).replace(f":{password}@", ":***@"))
+        clean = scrub(text, uri)
+        if clean != text:  # replaced whole (parallel jobs may scrub the same multirun.yaml)
+            tmp = file.with_name(f".{file.name}.{os.getpid()}")
+            tmp.write_text(clean)
+            tmp.replace(file)
 
 
 def check_reachable(uri: str, timeout: float = 5.0) -> None:
@@ -66,11 +84,20 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
     """
     scheme = uri.partition("://")[0]
     if scheme in ("http", "https"):
+        parts = urllib.parse.urlsplit(uri)
+        bare = urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+        request = urllib.request.Request(f"{bare.rstrip('/')}/health")
+        if parts.username is not None:  # urllib does not take credentials from the URL
+            token = base64.b64encode(f"{parts.username}:{parts.password or ''}".encode())
+            request.add_header("Authorization", f"Basic {token.decode()}")
         try:
-            urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout).close()
+            urllib.request.urlopen(request, timeout=timeout).close()
+        except urllib.error.HTTPError:
+            pass  # the server answered (a 401 or 404 is still a server there)
         except (OSError, ValueError) as err:
             raise ConfigError(f"logger.tracking_uri: no MLflow server answers at {redact(uri)} "
-                              f"within {timeout:.0f} s ({err}); start it, or fix the URI.") from None
+                              f"within {timeout:.0f} s ({scrub(str(err), uri)}); start it, or fix "
+                              "the URI.") from None
     elif scheme == "sqlite":
         folder = (Path.cwd() / uri[len("sqlite:///"):]).parent  # an absolute path replaces cwd
         if not folder.is_dir():
@@ -125,7 +152,12 @@ _PERMANENT = {"INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST", "INVALID_STA
 
 
 def _permanent(err: Exception) -> bool:
-    return isinstance(err, MlflowException) and err.error_code in _PERMANENT
+    """An error that retrying cannot fix: MLflow refusing the write, or a local fault (a
+    missing or unreadable artifact file, a bad value); network errors are not among them."""
+    if isinstance(err, MlflowException):
+        return err.error_code in _PERMANENT
+    return isinstance(err, (FileNotFoundError, PermissionError, IsADirectoryError, TypeError,
+                            ValueError))
 
 
 class TrackingError(RuntimeError):
@@ -159,7 +191,9 @@ class Tracker:
         if run_id is not None:
             try:
                 stage = self.client.get_run(run_id).info.lifecycle_stage
-            except MlflowException:
+            except MlflowException as err:
+                if err.error_code != "RESOURCE_DOES_NOT_EXIST":
+                    raise  # an outage is not a missing run: never open a second one for it
                 stage = None
             if stage == "deleted":
                 self.client.restore_run(run_id)
@@ -186,6 +220,8 @@ class Tracker:
             self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
         self._queue: queue.Queue = queue.Queue()
         self._error: TrackingError | None = None
+        self._tickets = 0  # metric batches handed to the writer
+        self.confirmed = 0  # the last of them stored (batches are written in order)
         self._writer = threading.Thread(target=self._write_forever, name="mlflow-writer",
                                         daemon=True)
         self._writer.start()
@@ -193,14 +229,17 @@ class Tracker:
     def log_metrics(self, step: int, metrics: Mapping[str, float]) -> None:
         """Buffer points of `step` (skipping keys the run already holds at this step)."""
         now = int(time.time() * 1000)
-        self._buffer.extend(Metric(k, float(v), now, step) for k, v in metrics.items()
-                            if step > self._logged_until.get(k, -1))
+        for k, v in metrics.items():
+            if step > self._logged_until.get(k, -1):  # each step once, whatever republishes it
+                self._buffer.append(Metric(k, float(v), now, step))
+                self._logged_until[k] = step
 
     def set_tag(self, key: str, value: str) -> None:
-        self._queue.put((self.client.set_tag, (self.run_id, key, value)))
+        self._queue.put((self.client.set_tag, (self.run_id, key, value), 0))
 
-    def flush(self) -> None:
-        """Hand the buffered points to the writer (returns at once).
+    def flush(self) -> int:
+        """Hand the buffered points to the writer (returns at once); returns the ticket of the
+        last batch handed over: they are stored once `confirmed` reaches it.
 
         Raises:
           TrackingError: an earlier write failed for good.
@@ -208,29 +247,34 @@ class Tracker:
         if self._error is not None:
             raise self._error
         for i in range(0, len(self._buffer), _MAX_METRICS_PER_CALL):
+            self._tickets += 1
             batch = self._buffer[i : i + _MAX_METRICS_PER_CALL]
-            self._queue.put((self._log_metrics, (batch,)))
+            self._queue.put((self._log_metrics, (batch,), self._tickets))
         self._buffer.clear()
+        return self._tickets
 
     def _log_metrics(self, batch: list[Metric]) -> None:
         self.client.log_batch(self.run_id, metrics=batch)
 
     def log_artifact(self, path: str | Path) -> None:
-        self._queue.put((self.client.log_artifact, (self.run_id, str(path))))
+        self._queue.put((self.client.log_artifact, (self.run_id, str(path)), 0))
 
     def _write_forever(self) -> None:
         while (item := self._queue.get()) is not None:
-            if self._error is None:  # after a lasting failure, later writes are dropped
-                self._with_retries(*item)
+            call, args, ticket = item
+            if self._error is None and self._with_retries(call, args) and ticket:
+                self.confirmed = ticket  # after a lasting failure, later writes are dropped
 
-    def _with_retries(self, call, args) -> None:
+    def _with_retries(self, call, args) -> bool:
+        """Call until it succeeds (True), or until a permanent error or the outage timeout
+        (False, with `_error` set)."""
         first_failure, delay, warned = None, 1.0, False
         while True:
             try:
                 call(*args)
                 if warned:
                     log.warning("MLflow reachable again: the held-back records are published")
-                return
+                return True
             except Exception as err:
                 now = time.monotonic()
                 first_failure = first_failure or now
@@ -239,12 +283,14 @@ class Tracker:
                         f"MLflow at {redact(self.tracking_uri)} refused a write of run "
                         f"{self.run_id}" + ("" if _permanent(err) else
                                             f" for {now - first_failure:.0f} s "
-                                            "(logger.outage_timeout_s)") + f": {err}")
+                                            "(logger.outage_timeout_s)")
+                        + f": {scrub(str(err), self.tracking_uri)}")
                     log.error("%s", self._error)
-                    return
+                    return False
                 if not warned:
                     log.warning("MLflow unreachable (%s); training goes on, its records are "
-                                "kept and retried", str(err).splitlines()[0][:200])
+                                "kept and retried",
+                                scrub(str(err), self.tracking_uri).splitlines()[0][:200])
                     warned = True
                 time.sleep(delay)
                 delay = min(2 * delay, 30.0)
@@ -263,7 +309,10 @@ class Tracker:
         except TrackingError:
             pass
         self._queue.put(None)
-        self._writer.join()
+        # A stop signal leaves a scheduler's grace period (often 30 s) to finish in; what
+        # is not written by then is in the last checkpoint's record.
+        interrupted = exc_type is not None and issubclass(exc_type, KeyboardInterrupt)
+        self._writer.join(timeout=20 if interrupted else None)
         if self._error is not None:
             status = "FAILED" if status == "FINISHED" else status
         self._error, error = None, self._error
@@ -284,11 +333,13 @@ class SilentTracker:
     def log_metrics(self, step: int, metrics: Mapping[str, float]) -> None:
         pass
 
+    confirmed = 0
+
     def set_tag(self, key: str, value: str) -> None:
         pass
 
-    def flush(self) -> None:
-        pass
+    def flush(self) -> int:
+        return 0
 
     def log_artifact(self, path: str | Path) -> None:
         pass

@@ -38,7 +38,7 @@ def run(cfg: Config, output_dir: str | Path, extra_tags: dict | None = None) -> 
 
     Raises:
       ConfigError: a bad value, an impossible mesh, a checkpoint of another config.
-      glam.checkpoint.CheckpointError: an unreadable checkpoint.
+      glam.checkpoint.CheckpointError: two checkpoints in a row unreadable.
       glam.stability.TrainingDiverged: rollbacks did not get past a failure.
     """
     output_dir = Path(output_dir)
@@ -56,7 +56,7 @@ def main(dcfg: DictConfig) -> float:
         print(f"glam-train: {err}", file=sys.stderr)
         raise SystemExit(2) from None
     except Interrupted as stop:  # the MLflow run is KILLED, its healthy points published
-        log.warning("%s: MLflow run marked KILLED; run the same command again to resume", stop)
+        log.warning("%s; run the same command again to resume", stop)
         raise SystemExit(stop.exit_code) from None
 
 
@@ -66,7 +66,7 @@ def _main(dcfg: DictConfig) -> float:
     hc = HydraConfig.get()
     uri = str(OmegaConf.select(dcfg, "logger.tracking_uri", default=""))
     # Hydra has written the overrides and config (a password in the URI with them) already.
-    scrub_password(uri, Path(hc.runtime.output_dir) / hc.output_subdir,
+    scrub_password(uri, hc.output_subdir and Path(hc.runtime.output_dir) / hc.output_subdir,
                    Path(hc.sweep.dir) / "multirun.yaml")
     raw_cfg = raw(dcfg)
     resolve(raw_cfg, backend="cpu")  # every check, before joining other processes or starting JAX

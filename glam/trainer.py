@@ -111,7 +111,8 @@ class Trainer:
     Raises (on construction):
       ConfigError: an impossible mesh, `train.resume=never` over checkpoints, or a checkpoint
         written for another config.
-      glam.checkpoint.CheckpointError: the newest checkpoint cannot be read.
+      glam.checkpoint.CheckpointError: two checkpoints in a row cannot be read (one damaged
+        newest checkpoint is set aside and the previous one used).
     """
 
     def __init__(self, cfg: ResolvedConfig, output_dir: Path, extra_tags: dict | None = None):
@@ -172,25 +173,38 @@ class Trainer:
         self.reported_set_aside = len(self.set_aside)
 
     def _newest_record(self) -> dict | None:
-        """The record of the newest checkpoint whose record reads; unreadable ones are set
-        aside (GLaM's practice: restart from the last healthy checkpoint)."""
-        while (step := self.ckpt.latest_step()) is not None:
-            try:
-                return self.ckpt.read_record(step, self.identity)
-            except CheckpointError as err:
-                self._set_aside(step, err)
-        return None
+        """The record of the newest checkpoint, or of the one before when the newest is
+        unreadable (set aside: GLaM's practice is to restart from the last healthy checkpoint).
+
+        Raises:
+          CheckpointError: two checkpoints in a row are unreadable; that is no longer a damaged
+            file but a fault to look at (only the newest was set aside).
+        """
+        return self._with_one_set_aside(lambda step: self.ckpt.read_record(step, self.identity))
 
     def _restore_newest(self) -> None:
-        """Restore the newest checkpoint that restores whole, setting damaged ones aside; with
-        none left the run starts from step 0 (its initial state)."""
+        """Restore the newest checkpoint, or the one before when the newest does not restore
+        (set aside); with none left the run starts from step 0 (its initial state).
+
+        Raises:
+          CheckpointError: two checkpoints in a row do not restore.
+        """
+        if self._with_one_set_aside(self._restore) is None:
+            self.record = None
+
+    def _with_one_set_aside(self, use):
+        damaged = None
         while (step := self.ckpt.latest_step()) is not None:
             try:
-                self._restore(step)
-                return
+                return use(step) or True
             except CheckpointError as err:
+                if damaged is not None:
+                    raise CheckpointError(f"{err}; the checkpoint after it was unreadable too "
+                                          f"(set aside: {damaged}). Look at the storage before "
+                                          "resuming.") from err
                 self._set_aside(step, err)
-        self.record = None
+                damaged = step
+        return None
 
     def _restore(self, step: int) -> None:
         record = self.ckpt.read_record(step, self.identity)
@@ -325,7 +339,8 @@ class Trainer:
                                 tok_s=f"{tokens_per_second:,.0f}")
             if checkpoint_due:
                 self.ckpt.wait()  # the previous checkpoint is complete: its points can go out
-                self._save(logger.run_id, self.ledger.checkpoint(logger.publish))
+                self._save(logger.run_id,
+                           self.ledger.checkpoint(logger.publish, logger.confirmed))
             elif not every and len(self.ledger.verified) >= cfg.logger.flush_every:
                 self.ledger.publish_verified(logger.publish)
         bar.close()
@@ -337,8 +352,9 @@ class Trainer:
 
     def _salvage(self, logger: RunLogger) -> None:
         """On any failure, before the run is marked FAILED or KILLED: publish every healthy
-        point held back, the unchecked ones up to the first unhealthy step included. (A resumed
-        run recomputes the same values for those steps, and the tracker writes no step twice.)"""
+        point held back, the unchecked ones up to (not including) the first unhealthy step.
+        (A resumed run recomputes the same values for those steps, and the tracker writes no
+        step twice.)"""
         try:
             self._check()
         except Exception as err:  # e.g. the device itself failed: keep what was verified

@@ -25,6 +25,12 @@ from glam.data import World
     # evaluation's 64 x 32 = 2048 do not
     (("model.router.group_size=48", "train.batch_size=3"), "model.router.group_size"),
     ("+eval.tasks=[{name: 'trivia(qa)', kind: nlg, path: /etc/hostname}]", "eval.tasks[0].name"),
+    ("+eval.tasks=[{name: nlg_avg, kind: nlg, path: /etc/hostname}]", "eval.tasks[0].name"),
+    ("+eval.tasks=[{name: world_qa, kind: nlg, path: /etc/hostname}]", "eval.tasks[0].name"),
+    ("+eval.tasks=[{name: '..', kind: nlg, path: /etc/hostname}]", "eval.tasks[0].name"),
+    ("+eval.tasks=[{name: t, kind: nlg, path: /etc/hostname}, {name: t, kind: nlu, "
+     "path: /etc/hostname}]", "eval.tasks[1].name"),
+    ("study.name=../elsewhere", "study.name"),
     ("logger.tracking_uri=foo://bar", "logger.tracking_uri"),
     ("logger.tracking_uri=mlflow.db", "logger.tracking_uri"),
     ("+model.n_expertz=8", "model.n_expertz"),
@@ -225,3 +231,45 @@ def test_every_cli_refuses_bad_input_with_the_message_alone(cli, argv, capsys):
     assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert err.strip() and "Traceback" not in err
+
+
+def test_a_server_that_needs_credentials_is_reachable_with_them():
+    """urllib does not take credentials from a URL: they go in a header, and a server that
+    answers at all (even 401) is there."""
+    import http.server
+    import threading
+
+    from glam.tracking import check_reachable
+
+    seen = []
+
+    class Health(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            seen.append(self.headers.get("Authorization"))
+            self.send_response(200 if self.headers.get("Authorization") else 401)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Health)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        port = server.server_address[1]
+        check_reachable(f"http://ann:s3cret@127.0.0.1:{port}", timeout=5)
+        check_reachable(f"http://127.0.0.1:{port}", timeout=5)  # 401: a server is there
+    finally:
+        server.shutdown()
+    assert seen[0].startswith("Basic ") and seen[1] is None
+
+
+def test_a_stop_signal_after_the_last_check_still_stops():
+    import os
+    import signal
+
+    from glam.interrupts import Interrupted, StopOnSignal
+
+    with pytest.raises(Interrupted) as stop:
+        with StopOnSignal():
+            os.kill(os.getpid(), signal.SIGTERM)
+    assert stop.value.exit_code == 128 + signal.SIGTERM

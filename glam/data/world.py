@@ -64,6 +64,7 @@ FILLER = {
 SYLLABLES = ["ka", "ro", "vin", "del", "mar", "to", "zel", "qua", "bri", "sen", "lo", "dra",
              "mi", "fen", "gar", "tho", "ula", "pex", "nor", "wyn", "sab", "ith", "cor", "vek"]
 QUESTION, ANSWER, END = "q:", "a:", "<eos>"
+WORLD_TASKS = ("world_qa", "world_qa_seen", "world_facts")  # glam.eval.world_tasks, by name
 
 
 def _pseudo_words(rng: np.random.Generator, n: int, syllables: int, taken: set[str]) -> list[str]:

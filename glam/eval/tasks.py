@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from glam.data.world import ANSWER, END, QUESTION, World
+from glam.data.world import ANSWER, END, QUESTION, WORLD_TASKS, World
 
 
 @dataclass(frozen=True)
@@ -136,7 +136,7 @@ def world_tasks(world: World, max_examples: int, seed: int) -> list[Task]:
 
     seen, held_out = world.qa_people, world.bio_only_people
     return [
-        Task("world_qa", "nlg", sample(qa(held_out)), train=qa(seen)),
-        Task("world_qa_seen", "nlg", sample(qa(seen)), train=qa(seen)),
-        Task("world_facts", "nlu", sample(facts(held_out)), train=facts(seen)),
+        Task(WORLD_TASKS[0], "nlg", sample(qa(held_out)), train=qa(seen)),
+        Task(WORLD_TASKS[1], "nlg", sample(qa(seen)), train=qa(seen)),
+        Task(WORLD_TASKS[2], "nlu", sample(facts(held_out)), train=facts(seen)),
     ]

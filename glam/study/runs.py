@@ -30,7 +30,7 @@ from glam.run_logger import RUN_FILE
 from glam.study.plan import plan
 from glam.study.points import expand
 from glam import distributed, tracking
-from glam.tracking import check_reachable, experiment_id, redact
+from glam.tracking import check_reachable, experiment_id, redact, scrub
 
 log = logging.getLogger("glam.study")
 PARENT_FILE = "mlflow_parent.json"
@@ -81,7 +81,8 @@ class StudyCallback(MultirunCheck):
                                     tags={"study": study, "study_role": "parent",
                                           "study_dir": str(study_dir.resolve())})
             parent = run.info.run_id
-            client.log_param(parent, "overrides", " ".join(config.hydra.overrides.task))
+            client.log_param(parent, "overrides", scrub(" ".join(config.hydra.overrides.task),
+                                                        config.logger.tracking_uri))
             parent_file.write_text(json.dumps({"run_id": parent, **identity}))
             log.info("MLflow parent run %s for study %s", parent, study)
 
