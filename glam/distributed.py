@@ -168,6 +168,14 @@ def on_primary(fn: Callable[[], str]) -> str:
     return broadcast(result)
 
 
+def any_process(value: int) -> int:
+    """The largest of every process's `value`, on every process (a collective: all processes
+    call it at the same point). Used to share a stop signal."""
+    if jax.process_count() == 1:
+        return value
+    return int(np.max(multihost_utils.process_allgather(np.int32(value))))
+
+
 def fetch(tree: Any) -> Any:
     """`jax.device_get` for arrays that may span processes: every process gets the global
     value of each array (other leaves pass through)."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import signal
 import threading
+from typing import Callable
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -50,9 +51,14 @@ class StopOnSignal:
         for s, handler in self._previous.items():
             signal.signal(s, handler)
         if exc_type is None:
-            self.check()  # a signal after the last check still stops the process
+            self.check()  # a signal after the last check still stops this process
 
-    def check(self) -> None:
-        """Raise `Interrupted` if a stop signal arrived."""
-        if self.signum is not None:
-            raise Interrupted(self.signum)
+    def check(self, shared: Callable[[int], int] | None = None) -> None:
+        """Raise `Interrupted` if a stop signal arrived. With `shared` (a collective every
+        process calls at the same point, returning the largest of their values), every process
+        raises when any of them got one."""
+        signum = self.signum or 0
+        if shared is not None:
+            signum = shared(signum)
+        if signum:
+            raise Interrupted(signum)

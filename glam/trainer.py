@@ -156,6 +156,7 @@ class Trainer:
         self.monitor = HealthMonitor(cfg.stability)
         self.ledger = MetricLedger()
         self.stop = StopOnSignal()
+        self.single_process = jax.process_count() == 1
         if self.record is not None:
             self._restore_newest()
 
@@ -314,7 +315,8 @@ class Trainer:
                    mininterval=0.5 if sys.stderr.isatty() else 30)
         timer = Throughput(self.tokens_per_step)
         while self.step < t.steps:
-            self.stop.check()
+            if self.single_process:
+                self.stop.check()
             metrics = self._train_step()
             timer.first_step(metrics)
             bar.update(1)
@@ -323,6 +325,9 @@ class Trainer:
             # (the final evaluation comes after the loop)
             eval_due = bool(cfg.eval.every) and self.step % cfg.eval.every == 0 and not last
             if self.step % t.log_every == 0 or last or checkpoint_due or eval_due:
+                # Several processes stop together, at the same step, or one would wait forever
+                # in the next step's collectives: the signal is shared at each health check.
+                self.stop.check(shared=distributed.any_process)
                 n_new = len(self.ledger.unchecked)
                 reason = self._check()
                 tokens_per_second = timer.checked(n_new)
@@ -347,7 +352,7 @@ class Trainer:
         if self.ckpt:
             self.ckpt.wait()
         self.ledger.publish_all(logger.publish)
-        self.stop.check()  # before the final evaluation
+        self.stop.check(shared=distributed.any_process)  # before the final evaluation
         return timer.as_dict()
 
     def _salvage(self, logger: RunLogger) -> None:

@@ -5,6 +5,7 @@ import re
 import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -184,3 +185,40 @@ def test_hydra_submitit_tasks_form_one_run(tmp_path):
     [run] = client.search_runs([client.get_experiment_by_name("glam").experiment_id])
     assert run.info.status == "FINISHED"
     assert _losses(client, run.info.run_id)[0] == [0, 1, 2, 3]
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_a_stop_signal_to_one_process_stops_both_at_the_same_step(tmp_path):
+    """SIGTERM reaches process 1 only: the signal is shared at the next health check, so both
+    processes stop together (neither waits forever in a collective) and the run is KILLED."""
+    import signal
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    port = _free_port()
+    args = ["model=tiny_moe", "train.steps=5000", "train.batch_size=8", "train.log_every=10",
+            "train.progress=false", "train.eval_batches=1", "checkpoint.every=100",
+            "data.train_tokens=20000", "data.val_tokens=2048", "eval.max_examples=8",
+            "eval.shots=[0]", f"logger.tracking_uri={uri}", f"hydra.run.dir={tmp_path / 'run'}",
+            f"distributed.coordinator_address=127.0.0.1:{port}", "distributed.num_processes=2"]
+    base = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    logs = [tmp_path / f"process{i}.log" for i in range(2)]
+    procs = []
+    for i in range(2):
+        with open(logs[i], "w") as out:
+            procs.append(subprocess.Popen(
+                [sys.executable, "-m", "glam.train", *args, f"distributed.process_id={i}"],
+                env={**base, "JAX_PLATFORMS": "cpu",
+                     "XLA_FLAGS": "--xla_force_host_platform_device_count=1"},
+                stdout=out, stderr=subprocess.STDOUT, text=True))
+    deadline = time.monotonic() + 240
+    while not (tmp_path / "run" / "checkpoints" / "100").exists():
+        assert all(p.poll() is None for p in procs) and time.monotonic() < deadline, \
+            logs[0].read_text()[-3000:]
+        time.sleep(0.2)
+    procs[1].send_signal(signal.SIGTERM)
+    codes, texts = _wait(procs, logs, timeout=120)
+    assert codes == [128 + signal.SIGTERM] * 2, texts[0][-3000:]
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("glam").experiment_id])
+    assert run.info.status == "KILLED"
