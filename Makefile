@@ -17,7 +17,7 @@ install: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -n 2 -q
 
-# The tests not marked slow (no CLI training, multirun or multi-process run): under a minute.
+# The tests not marked slow (no CLI training, multirun or multi-process run): about a minute.
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -n 2 -q -m "not slow"
 

@@ -84,7 +84,7 @@ def test_adamw_clips_global_norm():
     assert np.all(np.isfinite(updates["w"]))
 
 
-@pytest.mark.parametrize("name", ["adamw", "adafactor"])
+@pytest.mark.parametrize("name", ["adamw", pytest.param("adafactor", marks=pytest.mark.slow)])
 def test_an_update_that_makes_the_weights_non_finite_is_skipped(name):
     """An infinite learning rate: the loss and gradients of step 0 are finite, but the update
     is not. The step is skipped and the state (weights, moments, step count) stays as it was."""

@@ -302,6 +302,7 @@ def test_the_issue_example_padding_takes_nothing_from_real_tokens():
     assert placed[4:6].all() and not placed[6:].any()  # the first two real tokens fill 0 and 1
 
 
+@pytest.mark.slow  # 13 compilations; the issue's example above stays in make test-fast
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c)))
 def test_padding_has_no_effect_on_anything_routing_computes(case):
     """Left padding (as evaluation batches have) around a group of real tokens: positions,

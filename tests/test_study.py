@@ -214,6 +214,7 @@ def test_stale_checkpoints_of_an_edited_point_are_set_aside(tmp_path):
     assert (tmp_path / "config_hash.txt").read_text().strip() == "bbb"
 
 
+@pytest.mark.slow
 def test_an_empty_multirun_is_refused_before_launch(tmp_path):
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
     for study in ([], ["+study=smoke"]):
