@@ -171,15 +171,12 @@ def test_every_field_has_a_one_line_doc():
     walk(Config)
 
 
-def test_an_unreachable_tracking_server_is_refused_within_seconds():
-    import socket
+def test_an_unreachable_tracking_server_is_refused_within_seconds(free_port):
     import time
 
     from glam.tracking import check_reachable
 
-    with socket.socket() as s:  # a port nothing listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     start = time.monotonic()
     with pytest.raises(ConfigError, match=rf"logger.tracking_uri: no MLflow server answers at "
                                           rf"http://u:\*\*\*@127.0.0.1:{port}"):

@@ -2,7 +2,6 @@
 
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -64,12 +63,6 @@ def test_single_process_helpers():
     assert isinstance(out["x"], np.ndarray) and out["step"] == 7
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _train(run_dir, uri, *overrides, log, env=None, multirun=False):
     args = ["model=tiny_moe", "train.steps=8", "train.batch_size=8", "train.log_every=1",
             "train.progress=false", "train.eval_batches=1", "checkpoint.every=2",
@@ -101,13 +94,14 @@ def _losses(client, run_id):
 @pytest.mark.slow
 @pytest.mark.multiprocess
 @pytest.mark.parametrize("devices", [1, 2])  # 1: the usual layout of one process per GPU
-def test_two_processes_match_one_and_their_checkpoint_restores_in_one(tmp_path, devices):
+def test_two_processes_match_one_and_their_checkpoint_restores_in_one(tmp_path, free_port,
+                                                                     devices):
     """Two processes on localhost (`devices` fake CPU devices each) train a tiny MoE expert
     parallel (2-way, and 2-way data parallel with 2 devices each) and are killed after step 6;
     one process (one device) resumes their checkpoint and finishes. Every loss equals an
     uninterrupted one-process run's."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    port = _free_port()
+    port = free_port()
     logs = [tmp_path / f"process{i}.log" for i in range(2)]
     procs = [_train(tmp_path / "shared", uri, "mesh.data=-1", "mesh.expert=2",
                     "faults.crash_at_step=6", f"distributed.coordinator_address=127.0.0.1:{port}",
@@ -148,8 +142,8 @@ def test_two_processes_match_one_and_their_checkpoint_restores_in_one(tmp_path, 
 
 @pytest.mark.slow
 @pytest.mark.multiprocess
-def test_different_run_directories_are_refused_on_every_process(tmp_path):
-    port = _free_port()
+def test_different_run_directories_are_refused_on_every_process(tmp_path, free_port):
+    port = free_port()
     logs = [tmp_path / f"process{i}.log" for i in range(2)]
     procs = [_train(tmp_path / f"dir{i}", f"sqlite:///{tmp_path / 'mlflow.db'}",
                     f"distributed.coordinator_address=127.0.0.1:{port}",
@@ -189,13 +183,13 @@ def test_hydra_submitit_tasks_form_one_run(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.multiprocess
-def test_a_stop_signal_to_one_process_stops_both_at_the_same_step(tmp_path):
+def test_a_stop_signal_to_one_process_stops_both_at_the_same_step(tmp_path, free_port):
     """SIGTERM reaches process 1 only: the signal is shared at the next health check, so both
     processes stop together (neither waits forever in a collective) and the run is KILLED."""
     import signal
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    port = _free_port()
+    port = free_port()
     args = ["model=tiny_moe", "train.steps=5000", "train.batch_size=8", "train.log_every=10",
             "train.progress=false", "train.eval_batches=1", "checkpoint.every=100",
             "data.train_tokens=20000", "data.val_tokens=2048", "eval.max_examples=8",

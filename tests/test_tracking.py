@@ -37,14 +37,6 @@ def test_parallel_first_use_of_a_new_sqlite_database(tmp_path):
     client.create_run(exp.experiment_id)  # still usable
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _start_server(tmp_path, port):
     import os
     import signal
@@ -79,12 +71,12 @@ def _stop_server(server):
 
 @pytest.mark.slow
 @pytest.mark.multiprocess
-def test_training_goes_on_through_a_tracking_outage_and_loses_nothing(tmp_path):
+def test_training_goes_on_through_a_tracking_outage_and_loses_nothing(tmp_path, free_port):
     """The tracking server goes away after the first checkpoint and comes back later: training
     keeps its pace meanwhile, and in the end every step's point is in MLflow."""
     import os
 
-    port = _free_port()
+    port = free_port()
     server = _start_server(tmp_path, port)
     steps = 3000
     args = ["model=tiny_moe", f"train.steps={steps}", "train.batch_size=4", "train.log_every=20",
