@@ -24,7 +24,8 @@ def doc_files() -> list[Path]:
 
 def named_paths(text: str) -> set[str]:
     """Repository paths in inline code spans and link targets, cleaned of trailing punctuation,
-    `:line` suffixes and anything after whitespace; placeholders and patterns are skipped."""
+    `:line` suffixes, `#anchors` and anything after whitespace; tokens that are placeholders or
+    glob patterns (`<name>`, `*`) are skipped."""
     tokens = re.findall(r"`([^`\n]+)`", text) + re.findall(r"\]\(([^)\s]+)\)", text)
     paths = set()
     for token in tokens:
