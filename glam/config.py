@@ -66,6 +66,27 @@ class Dispatch(StrEnum):
 
 class DataKind(StrEnum):
     world = "world"
+    text = "text"
+
+
+class TokenizerModel(StrEnum):
+    unigram = "unigram"
+    bpe = "bpe"
+
+
+class Malformed(StrEnum):
+    stop = "stop"
+    skip = "skip"
+
+
+class TextUnit(StrEnum):
+    file = "file"
+    line = "line"
+
+
+class BuiltinText(StrEnum):
+    reference = "reference"
+    docstrings = "docstrings"
 
 
 class OptimizerName(StrEnum):
@@ -214,6 +235,8 @@ class ModelConfig(Section):
     rel_pos_buckets: int = doc(32, "T5 relative-position buckets")
     rel_pos_max_distance: int = doc(128, "distance (tokens) beyond which buckets saturate")
     dtype: DType = doc(DType.float32, "activation dtype; parameters and router stay float32")
+    output_z_loss_weight: float = doc(0.0, "weight of the output z-loss, mean over tokens of "
+                                           "logsumexp(logits)^2 (GLaM reference code: 1e-4)")
     router: RouterConfig = doc(RouterConfig, "MoE routing", factory=True)
 
     @property
@@ -240,6 +263,7 @@ class ModelConfig(Section):
         return "moe" if self.moe_layers else "dense"
 
     def check(self, prefix: str = "model") -> None:
+        _non_negative(self, prefix, ("output_z_loss_weight",))
         _positive(self, prefix, ("vocab_size", "seq_len", "d_model", "n_layers", "n_heads",
                                  "d_head", "attn_width", "d_ff", "expert_d_ff", "top_k",
                                  "moe_every", "rel_pos_buckets", "rel_pos_max_distance"))
@@ -266,19 +290,90 @@ class ModelConfig(Section):
 
 
 @dataclass
-class DataConfig(Section):
-    """The seeded synthetic world (`glam.data.world`): people with facts, QA lines, filler."""
+class SourceConfig(Section):
+    """One source of a text corpus (`data.kind=text`); GLaM mixes six (Du et al. 2021, Table 3)."""
 
-    kind: DataKind = doc(DataKind.world, "corpus kind")
-    n_entities: int = doc(400, "people in the world")
-    n_attributes: int = doc(4, "facts per person (at most the attribute catalogue's 6)")
-    templates_per_attribute: int = doc(3, "sentence forms per fact, 1..4")
-    filler_share: float = doc(0.1, "share of documents that are grammar filler, in [0, 1]")
-    qa_share: float = doc(0.2, "share of documents that are QA lines, in [0, 1]")
-    qa_entity_fraction: float = doc(0.5, "share of people whose QA lines are in training")
-    train_tokens: int = doc(2_000_000, "training stream length (tokens)")
-    val_tokens: int = doc(65_536, "validation stream length (tokens)")
-    seed: int = doc(1234, "seed of the world and its streams")
+    name: str = doc("web", "source name: metric keys val_loss/<name>, shard folders")
+    paths: list[str] = doc(list, "files or globs (.jsonl, .jsonl.gz, .parquet, .txt, .txt.gz); "
+                                 "fsspec URLs (gs://, s3://) need their filesystem package",
+                           factory=True)
+    builtin: Optional[BuiltinText] = doc(None, "text shipped with Python instead of paths: "
+                                               "reference (pydoc topics) or docstrings")
+    text_field: str = doc("text", "JSONL key / parquet column holding a document's text")
+    txt_unit: TextUnit = doc(TextUnit.file, ".txt files: one document per file or per line")
+    weight: float = doc(1.0, "mixture weight: share of training tokens drawn from this source")
+    val_share: float = doc(0.01, "share of documents held out for validation, in [0, 1)")
+
+    def check(self, prefix: str) -> None:
+        check(bool(re.fullmatch(r"[A-Za-z0-9_\-]+", self.name)) and len(self.name) <= 64,
+              f"{prefix}.name", f"{self.name!r} names metrics (val_loss/<name>) and folders: "
+              "use at most 64 letters, digits, '_' and '-'.")
+        check(bool(self.paths) != (self.builtin is not None), f"{prefix}.paths",
+              "give at least one file or glob" if self.builtin is None else
+              f"a builtin source ({self.builtin}) takes no paths; remove them.")
+        check(bool(self.text_field), f"{prefix}.text_field", "must not be empty.")
+        check(self.weight >= 0, f"{prefix}.weight",
+              f"must be >= 0 (a share of the mixture), got {self.weight}.")
+        check(0 <= self.val_share < 1, f"{prefix}.val_share",
+              f"must be in [0, 1), got {self.val_share}.")
+
+
+@dataclass
+class TokenizerConfig(Section):
+    """The SentencePiece tokenizer of a text corpus: trained by `glam-data prepare`, or given."""
+
+    path: Optional[str] = doc(None, "an existing SentencePiece .model; null: train one")
+    model_type: TokenizerModel = doc(TokenizerModel.unigram, "unigram or bpe (trained only)")
+    vocab_size: int = doc(8000, "pieces of a trained tokenizer (GLaM: 256K)")
+    byte_fallback: bool = doc(True, "unknown characters as UTF-8 bytes, never <unk>")
+    character_coverage: float = doc(0.9995, "share of characters covered by pieces")
+    sample_chars: int = doc(5_000_000, "characters of the training sample, drawn from every "
+                                       "source in proportion to its weight")
+
+    def check(self, prefix: str = "data.tokenizer") -> None:
+        _positive(self, prefix, ("vocab_size", "sample_chars"))
+        check(0 < self.character_coverage <= 1, f"{prefix}.character_coverage",
+              f"must be in (0, 1], got {self.character_coverage}.")
+
+
+@dataclass
+class EngineConfig(Section):
+    """The Dask cluster `glam-data prepare` runs on."""
+
+    address: Optional[str] = doc(None, "scheduler address (tcp://host:8786); null: local "
+                                       "worker processes on this machine")
+    workers: int = doc(0, "local worker processes; 0: one per CPU core")
+
+    def check(self, prefix: str = "data.engine") -> None:
+        _non_negative(self, prefix, ("workers",))
+
+
+@dataclass
+class DataConfig(Section):
+    """The corpus: the seeded synthetic world (`glam.data.world`), or prepared text
+    (`glam.data.text`, prepared by `glam-data prepare`)."""
+
+    kind: DataKind = doc(DataKind.world, "corpus kind: world (generated) or text (prepared)")
+    n_entities: int = doc(400, "world: people in the world")
+    n_attributes: int = doc(4, "world: facts per person (at most the attribute catalogue's 6)")
+    templates_per_attribute: int = doc(3, "world: sentence forms per fact, 1..4")
+    filler_share: float = doc(0.1, "world: share of documents that are grammar filler")
+    qa_share: float = doc(0.2, "world: share of documents that are QA lines, in [0, 1]")
+    qa_entity_fraction: float = doc(0.5, "world: share of people whose QA lines are in training")
+    train_tokens: int = doc(2_000_000, "world: training stream length (tokens)")
+    val_tokens: int = doc(65_536, "world: validation stream length (tokens)")
+    seed: int = doc(1234, "seed of the world and its streams; text: of the tokenizer sample, "
+                          "the validation split and the shuffling")
+    sources: list[SourceConfig] = doc(list, "text: the sources and their mixture weights",
+                                      factory=True)
+    prepared_dir: str = doc("data/prepared", "text: folder of the token shards and manifest "
+                                             "(relative: to the working directory)")
+    tokenizer: TokenizerConfig = doc(TokenizerConfig, "text: the SentencePiece tokenizer",
+                                     factory=True)
+    malformed: Malformed = doc(Malformed.stop, "text: a malformed input line stops the "
+                                               "preparation, or is counted and skipped")
+    segment_ids: bool = doc(False, "text: attention stays within each packed document")
+    engine: EngineConfig = doc(EngineConfig, "text: where glam-data prepare runs", factory=True)
 
     def check(self, prefix: str = "data") -> None:
         _positive(self, prefix, ("n_entities", "n_attributes", "templates_per_attribute",
@@ -288,6 +383,21 @@ class DataConfig(Section):
         _in_unit_interval(self, prefix, ("filler_share", "qa_share", "qa_entity_fraction"))
         check(self.filler_share + self.qa_share <= 1, f"{prefix}.qa_share",
               "filler_share + qa_share must be <= 1.")
+        self.tokenizer.check(f"{prefix}.tokenizer")
+        self.engine.check(f"{prefix}.engine")
+        if self.kind != DataKind.text:
+            return
+        check(bool(self.sources), f"{prefix}.sources",
+              "data.kind=text needs at least one source (name, paths, weight).")
+        names = set()
+        for i, source in enumerate(self.sources):
+            source.check(f"{prefix}.sources[{i}]")
+            check(source.name not in names, f"{prefix}.sources[{i}].name",
+                  f"{source.name!r} is used twice; source names must be distinct.")
+            names.add(source.name)
+        check(sum(s.weight for s in self.sources) > 0, f"{prefix}.sources",
+              "the mixture weights are all zero; give at least one source a positive weight.")
+        check(bool(self.prepared_dir), f"{prefix}.prepared_dir", "must not be empty.")
 
 
 @dataclass

@@ -39,11 +39,13 @@ _TABLE: dict[Role, dict[str, str]] = {
     Role.STATE: {
         "model": "name vocab_size seq_len d_model n_layers n_heads d_head attn_width d_ff "
                  "ffn_kind n_experts expert_d_ff top_k moe_every moe_offset tie_embeddings "
-                 "rel_pos_buckets rel_pos_max_distance dtype",
+                 "rel_pos_buckets rel_pos_max_distance dtype output_z_loss_weight",
         "model.router": "capacity_factor capacity_multiple group_size second_expert_policy "
                         "gate_norm jitter aux_loss_weight z_loss_weight dispatch",
         "data": "kind n_entities n_attributes templates_per_attribute filler_share qa_share "
-                "qa_entity_fraction train_tokens val_tokens seed",
+                "qa_entity_fraction train_tokens val_tokens seed sources malformed segment_ids",
+        "data.tokenizer": "path model_type vocab_size byte_fallback character_coverage "
+                          "sample_chars",
         "optimizer": "name b1 b2 weight_decay grad_clip_norm decay_rate beta2_cap "
                      "update_clipping factored min_dim_size_to_factor "
                      "multiply_by_parameter_scale",
@@ -70,6 +72,8 @@ _TABLE: dict[Role, dict[str, str]] = {
         "checkpoint": "every keep async_save",
         "plan": "tolerance",
         "study": "name match_flops",
+        "data": "prepared_dir",
+        "data.engine": "address workers",
         "logger": "tracking_uri experiment run_name flush_every outage_timeout_s",
         "derived": "filled",
     },

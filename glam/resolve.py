@@ -29,6 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from glam.config import (Config, ConfigError, DataKind, Dispatch, ModelConfig, Placement, Section,
                          check, doc, freeze)
+from glam.data.tokenizer import planned_vocab_size
 from glam.data.world import ATTRIBUTES, WORLD_TASKS, world_vocab_size
 from glam.placement import expert_width
 
@@ -216,23 +217,34 @@ def resolve(cfg: Config, backend: str | None = None) -> ResolvedConfig:
         return cfg
     cfg.check()
     d, t = cfg.data, cfg.train
-    check(d.kind == DataKind.world, "data.kind", f"unknown corpus kind {d.kind!r}.")
-    check(d.n_attributes <= len(ATTRIBUTES), "data.n_attributes",
-          f"at most {len(ATTRIBUTES)} (the attribute catalogue), got {d.n_attributes}.")
-    if cfg.eval.builtin:
-        for i, task in enumerate(cfg.eval.tasks):
-            check(task.name not in WORLD_TASKS, f"eval.tasks[{i}].name",
-                  f"{task.name!r} is a built-in task's name; rename it (or eval.builtin=false).")
-    data_vocab = world_vocab_size(d)
     filled: list[str] = []
-    model = _fill_shape(cfg.model, cfg.plan.placement, data_vocab, filled)
-    check(data_vocab <= model.vocab_size, "model.vocab_size",
-          f"{model.vocab_size} is smaller than the corpus vocabulary ({data_vocab} words); "
-          "raise it or leave it unset (null) to take the corpus's.")
-    window = model.seq_len + 1
-    for split in ("train_tokens", "val_tokens"):
-        check(getattr(d, split) >= t.batch_size * window, f"data.{split}",
-              f"must hold at least one batch ({t.batch_size} x {window} tokens).")
+    if d.kind == DataKind.world:
+        check(d.n_attributes <= len(ATTRIBUTES), "data.n_attributes",
+              f"at most {len(ATTRIBUTES)} (the attribute catalogue), got {d.n_attributes}.")
+        if cfg.eval.builtin:
+            for i, task in enumerate(cfg.eval.tasks):
+                check(task.name not in WORLD_TASKS, f"eval.tasks[{i}].name",
+                      f"{task.name!r} is a built-in task's name; rename it (or "
+                      "eval.builtin=false).")
+        data_vocab = world_vocab_size(d)
+        model = _fill_shape(cfg.model, cfg.plan.placement, data_vocab, filled)
+        check(data_vocab <= model.vocab_size, "model.vocab_size",
+              f"{model.vocab_size} is smaller than the corpus vocabulary ({data_vocab} words); "
+              "raise it or leave it unset (null) to take the corpus's.")
+        window = model.seq_len + 1
+        for split in ("train_tokens", "val_tokens"):
+            check(getattr(d, split) >= t.batch_size * window, f"data.{split}",
+                  f"must hold at least one batch ({t.batch_size} x {window} tokens).")
+    else:
+        try:
+            data_vocab = planned_vocab_size(d.tokenizer.path, d.tokenizer.vocab_size)
+        except (OSError, RuntimeError, ValueError) as err:
+            raise ConfigError(f"data.tokenizer.path: cannot use the SentencePiece model at "
+                              f"{d.tokenizer.path!r} ({err}).") from err
+        model = _fill_shape(cfg.model, cfg.plan.placement, data_vocab, filled)
+        check(model.vocab_size == data_vocab, "model.vocab_size",
+              f"{model.vocab_size}, but the tokenizer has {data_vocab} pieces; set "
+              f"model.vocab_size=null (take the tokenizer's) or {data_vocab}.")
     if model.moe_layers:
         group = model.router.group_size
         for what, rows in (("train.batch_size", t.batch_size),

@@ -1,18 +1,44 @@
-"""Word-level tokenizer over a closed vocabulary (the synthetic world's words).
+"""Tokenizers behind one interface: the world's closed word vocabulary, and SentencePiece.
 
-Ids: 0 <pad>, 1 <unk>, 2 <eos>, then the words in the order given. Text is lower-cased and
-split on whitespace; a word outside the vocabulary becomes <unk>.
+Both use the same special ids, so padding, document ends and evaluation work alike with either:
+0 <pad>, 1 <unk>, 2 <eos> (end of document); no <bos>.
 """
 
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+import hashlib
+from typing import Iterable, Iterator, Protocol, Sequence
+
+import sentencepiece as spm
 
 SPECIALS = ("<pad>", "<unk>", "<eos>")
 PAD, UNK, EOS = 0, 1, 2
 
 
+class Tokenizer(Protocol):
+    """What training and evaluation need from a tokenizer."""
+
+    pad_id: int
+    unk_id: int
+    eos_id: int
+
+    @property
+    def vocab_size(self) -> int: ...
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, ids: Sequence[int]) -> str: ...
+
+
 class WordTokenizer:
+    """Word-level tokenizer over a closed vocabulary (the synthetic world's words).
+
+    Ids: the specials, then the words in the order given. Text is lower-cased and split on
+    whitespace; a word outside the vocabulary becomes <unk>.
+    """
+
+    pad_id, unk_id, eos_id = PAD, UNK, EOS
+
     def __init__(self, words: Iterable[str]):
         self.vocab = list(SPECIALS) + [w for w in words if w not in SPECIALS]
         self.index = {w: i for i, w in enumerate(self.vocab)}
@@ -28,3 +54,82 @@ class WordTokenizer:
 
     def decode(self, ids: Sequence[int]) -> str:
         return " ".join(self.vocab[i] for i in ids if i != PAD)
+
+
+class SentencePieceTokenizer:
+    """A SentencePiece model (Kudo & Richardson 2018) with glam's special ids.
+
+    Raises (on construction):
+      ValueError: the model's <pad>/<unk>/<eos> ids are not 0/1/2 (it was trained elsewhere
+        with other ids; glam pads with 0 and ends documents with 2).
+    """
+
+    def __init__(self, model: bytes):
+        self.model_bytes = model
+        self.sp = spm.SentencePieceProcessor(model_proto=model)
+        ids = (self.sp.pad_id(), self.sp.unk_id(), self.sp.eos_id())
+        if ids != (PAD, UNK, EOS):
+            raise ValueError(f"SentencePiece model has <pad>, <unk>, <eos> ids {ids}; glam needs "
+                             f"{(PAD, UNK, EOS)} (train it with pad_id=0 unk_id=1 eos_id=2 "
+                             "bos_id=-1, or let glam-data prepare train one).")
+        self.pad_id, self.unk_id, self.eos_id = PAD, UNK, EOS
+
+    @classmethod
+    def load(cls, path: str) -> "SentencePieceTokenizer":
+        """Read a .model file (local path or fsspec URL)."""
+        import fsspec
+
+        with fsspec.open(path, "rb") as f:
+            return cls(f.read())
+
+    @classmethod
+    def train(cls, sentences: Iterator[str], *, vocab_size: int, model_type: str,
+              byte_fallback: bool, character_coverage: float, seed: int) -> "SentencePieceTokenizer":
+        """Train on `sentences` (one document each). `seed` makes the result reproducible
+        (SentencePiece shuffles its input sentences with it).
+
+        Raises:
+          RuntimeError: SentencePiece cannot reach `vocab_size` on this sample (too little text
+            for that many pieces); the message says so.
+        """
+        import io
+
+        spm.set_random_generator_seed(seed)
+        out = io.BytesIO()
+        try:
+            spm.SentencePieceTrainer.train(
+                sentence_iterator=sentences, model_writer=out, vocab_size=vocab_size,
+                model_type=model_type, byte_fallback=byte_fallback,
+                character_coverage=character_coverage, pad_id=PAD, unk_id=UNK, eos_id=EOS,
+                bos_id=-1, max_sentence_length=1 << 16, num_threads=1,
+                split_digits=True, allow_whitespace_only_pieces=True, remove_extra_whitespaces=False,
+                normalization_rule_name="identity", minloglevel=2)
+        except RuntimeError as err:
+            raise RuntimeError(f"SentencePiece training failed: {err}. With a small sample, "
+                               "lower data.tokenizer.vocab_size or raise "
+                               "data.tokenizer.sample_chars.") from err
+        return cls(out.getvalue())
+
+    @property
+    def vocab_size(self) -> int:
+        return self.sp.get_piece_size()
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(self.model_bytes).hexdigest()
+
+    def encode(self, text: str) -> list[int]:
+        return self.sp.encode(text)
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return self.sp.encode(texts)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.sp.decode([int(i) for i in ids if i != PAD])
+
+
+def planned_vocab_size(path: str | None, vocab_size: int) -> int:
+    """The vocabulary of a text corpus's tokenizer without preparing it: the given model's size
+    (`data.tokenizer.path`, read: cheap), else `vocab_size` (SentencePiece trains exactly that
+    many pieces, or fails)."""
+    return SentencePieceTokenizer.load(path).vocab_size if path else vocab_size

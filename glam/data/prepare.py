@@ -1,0 +1,354 @@
+"""`glam-data prepare`: text sources -> a SentencePiece tokenizer, token shards and a manifest.
+
+Stages, each on a Dask cluster (local worker processes by default, `data.engine.address` for a
+running cluster; the same code either way):
+
+1. sample: every input file contributes documents chosen by a seeded hash, about
+   `tokenizer.sample_chars x weight` characters per source; SentencePiece trains on them
+   (skipped when `tokenizer.path` names a model, or the trained one is still valid).
+2. tokenize: one task per input file. Each document becomes token ids plus <eos>, goes to the
+   train or the validation split by a seeded hash of its text (`val_share`), and is written as
+   one ArrayRecord record (int32 ids) of `shards/<source>/<file>.<split>.array_record`.
+3. manifest: documents and tokens per source and split, skipped lines, the tokenizer hash and a
+   fingerprint of inputs (path, size, modification time) and settings.
+
+Output files appear whole (written under a temporary name, then renamed); a file's shards are
+done when its `.done.json` (holding the settings it was made with) exists. So a re-run skips
+finished files: an interrupted run completes by running it again, and a run with the same inputs
+and settings does nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from glam.config import ConfigError, DataConfig, DataKind, Malformed, SourceConfig
+from glam.data import pydocs
+from glam.data.sources import DataError, ReadStats, documents, expand, file_identity
+from glam.data.tokenizer import SentencePieceTokenizer
+
+log = logging.getLogger("glam.data")
+
+MANIFEST = "manifest.json"
+TOKENIZER = "tokenizer.model"
+SPLITS = ("train", "val")
+FORMAT_VERSION = 1
+
+
+def _hash(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _unit_hash(seed: int, salt: str, text: str) -> float:
+    """A uniform draw in [0, 1) fixed by (seed, salt, text): the same on every worker."""
+    digest = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8,
+                             key=f"{seed}:{salt}".encode()[:64]).digest()
+    return int.from_bytes(digest, "little") / 2.0**64
+
+
+def shard_settings(d: DataConfig) -> dict:
+    """The settings that decide the shards' contents (mixture weights do not: they are read
+    when training, and reach the shards only through a trained tokenizer's sample)."""
+    return {"sources": [{k: v for k, v in asdict(s).items() if k != "weight"}
+                        for s in d.sources],
+            "malformed": str(d.malformed), "seed": d.seed, "format": FORMAT_VERSION}
+
+
+def tokenizer_settings(d: DataConfig) -> dict:
+    t = d.tokenizer
+    return {**asdict(t), "weights": {s.name: s.weight for s in d.sources}, "seed": d.seed}
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """`path` holds `data` whole, or keeps what it held: written aside, then renamed."""
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+# -- work done on the engine's workers (plain functions of picklable arguments) -----------------
+def sample_file(url: str, source: SourceConfig, policy: Malformed, seed: int,
+                keep: float) -> tuple[str, list[str]]:
+    """(url, lines of at most 4096 characters) of the documents of one file that a seeded hash
+    keeps with probability `keep`: its part of the tokenizer's training sample."""
+    out = []
+    for _, text in documents(url, source, policy, ReadStats()):
+        if _unit_hash(seed, "sample", text) < keep:
+            out += [line[:4096] for line in text.splitlines() if line.strip()]
+    return url, out
+
+
+def tokenize_file(url: str, source: SourceConfig, policy: Malformed, seed: int,
+                  model: bytes, stem: str, done: dict) -> dict:
+    """Tokenize one input file into `stem.train.array_record` and `stem.val.array_record`;
+    write `stem.done.json` (`done` plus the counts) last, and return it."""
+    from array_record.python.array_record_module import ArrayRecordWriter
+
+    tokenizer = SentencePieceTokenizer(model)
+    stats = ReadStats()
+    counts = {split: {"documents": 0, "tokens": 0} for split in SPLITS}
+    paths = {split: Path(f"{stem}.{split}.array_record") for split in SPLITS}
+    tmps = {split: p.with_name(f"{p.name}.tmp{os.getpid()}") for split, p in paths.items()}
+    writers = {split: ArrayRecordWriter(str(tmps[split]), "group_size:1") for split in SPLITS}
+    try:
+        batch: list[str] = []
+
+        def flush():
+            for text, ids in zip(batch, tokenizer.encode_batch(batch)):
+                split = "val" if _unit_hash(seed, source.name, text) < source.val_share \
+                    else "train"
+                record = np.asarray(ids + [tokenizer.eos_id], np.int32)
+                writers[split].write(record.tobytes())
+                counts[split]["documents"] += 1
+                counts[split]["tokens"] += len(record)
+            batch.clear()
+
+        for _, text in documents(url, source, policy, stats):
+            batch.append(text)
+            if len(batch) == 256:
+                flush()
+        flush()
+    finally:
+        for w in writers.values():
+            w.close()
+    for split in SPLITS:
+        os.replace(tmps[split], paths[split])
+    result = {**done, "stem": stem, "splits": counts, "skipped": dict(stats.skipped),
+              "first_skipped": stats.first}
+    write_atomic(Path(f"{stem}.done.json"), json.dumps(result, indent=1).encode())
+    return result
+
+
+# -- the driver --------------------------------------------------------------------------------
+@dataclass
+class Plan:
+    """Every input file of every source, before any work."""
+
+    files: dict[str, list[str]]  # source name -> file URLs
+    identities: dict[str, list[dict]]  # source name -> file identities
+
+
+def plan(d: DataConfig) -> Plan:
+    """Expand every source's paths (export the built-in texts first).
+
+    Raises:
+      DataError: a missing file, an empty glob or an unsupported type, naming the field.
+    """
+    files, identities = {}, {}
+    for i, source in enumerate(d.sources):
+        if source.builtin is not None:
+            files[source.name] = pydocs.export(str(source.builtin),
+                                               Path(d.prepared_dir) / "raw")
+        else:
+            files[source.name] = expand(source, f"data.sources[{i}]")
+        identities[source.name] = [file_identity(u) for u in files[source.name]]
+    return Plan(files, identities)
+
+
+class Engine:
+    """A Dask client: local worker processes, or the cluster at `address`."""
+
+    def __init__(self, address: str | None, workers: int):
+        # Dask logs every worker start and stop at INFO, here and in the workers it spawns.
+        os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "error")
+        from dask.distributed import Client, LocalCluster
+
+        logging.getLogger("distributed").setLevel(logging.ERROR)
+        self.cluster = None
+        if address:
+            self.client = Client(address)
+        else:
+            self.cluster = LocalCluster(n_workers=workers or os.cpu_count() or 1,
+                                        threads_per_worker=1, processes=True,
+                                        dashboard_address=None)
+            self.client = Client(self.cluster)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.client.close()
+        if self.cluster is not None:
+            self.cluster.close()
+
+    def map(self, fn, jobs: list[tuple]):
+        """Submit fn(*job) for every job; yields results as they complete (an error passes on
+        once the tasks already running are cancelled)."""
+        from dask.distributed import as_completed
+
+        futures = [self.client.submit(fn, *job, pure=False) for job in jobs]
+        try:
+            for future in as_completed(futures):
+                yield future.result()
+        finally:
+            self.client.cancel(futures)
+
+
+def train_tokenizer(d: DataConfig, p: Plan, engine: Engine) -> SentencePieceTokenizer:
+    """SentencePiece trained on a seeded sample of every source, in proportion to its weight.
+
+    Raises:
+      DataError: the sample is empty.
+      RuntimeError: SentencePiece cannot reach `tokenizer.vocab_size` on the sample.
+    """
+    t = d.tokenizer
+    total = sum(s.weight for s in d.sources)
+    jobs = []
+    for source in d.sources:
+        size = sum(int(i.get("size", 0)) for i in p.identities[source.name]) or 1
+        keep = min(1.0, t.sample_chars * source.weight / total / size)
+        if keep > 0:
+            jobs += [(u, source, d.malformed, d.seed, keep) for u in p.files[source.name]]
+    sampled = dict(engine.map(sample_file, jobs))
+    lines = [line for job in jobs for line in sampled[job[0]]]  # in a fixed order
+    if not lines:
+        raise DataError("the tokenizer sample is empty: every source's weight is 0 or its files "
+                        "hold no text.")
+    log.info("training a %s tokenizer (%d pieces) on %d lines, %d characters", t.model_type,
+             t.vocab_size, len(lines), sum(map(len, lines)))
+    return SentencePieceTokenizer.train(iter(lines), vocab_size=t.vocab_size,
+                                        model_type=str(t.model_type),
+                                        byte_fallback=t.byte_fallback,
+                                        character_coverage=t.character_coverage, seed=d.seed)
+
+
+def _tokenizer(d: DataConfig, p: Plan, out: Path, engine_factory) -> SentencePieceTokenizer:
+    """The given tokenizer, the one trained before with the same settings and inputs, or a
+    newly trained one (written to `out/tokenizer.model`)."""
+    model, stamp = out / TOKENIZER, out / f"{TOKENIZER}.json"
+    if d.tokenizer.path:
+        try:
+            given = SentencePieceTokenizer.load(d.tokenizer.path)
+        except (OSError, RuntimeError, ValueError) as err:
+            raise DataError(f"data.tokenizer.path: cannot use the SentencePiece model at "
+                            f"{d.tokenizer.path!r} ({err}).") from err
+        if not model.is_file() or model.read_bytes() != given.model_bytes:
+            write_atomic(model, given.model_bytes)  # training reads the copy beside the shards
+        return given
+    key = _hash({"settings": tokenizer_settings(d), "inputs": p.identities})
+    if model.is_file() and stamp.is_file() and json.loads(stamp.read_text())["key"] == key:
+        return SentencePieceTokenizer(model.read_bytes())
+    tokenizer = train_tokenizer(d, p, engine_factory())
+    write_atomic(model, tokenizer.model_bytes)
+    write_atomic(stamp, json.dumps({"key": key, "settings": tokenizer_settings(d)},
+                                   indent=1, default=str).encode())
+    return tokenizer
+
+
+def check_vocab(tokenizer_vocab: int, model_vocab: int | None) -> None:
+    """Raises ConfigError when `model.vocab_size` is set and differs from the tokenizer's."""
+    if model_vocab is not None and model_vocab != tokenizer_vocab:
+        raise ConfigError(f"model.vocab_size: {model_vocab}, but the tokenizer has "
+                          f"{tokenizer_vocab} pieces; set model.vocab_size=null (take the "
+                          f"tokenizer's) or {tokenizer_vocab}.")
+
+
+def prepare(d: DataConfig, model_vocab: int | None = None, progress: bool = True) -> dict:
+    """Prepare the text corpus of `d` under `d.prepared_dir`; returns the manifest.
+
+    Raises:
+      ConfigError: `d.kind` is not text, or `model_vocab` differs from the tokenizer's size.
+      DataError: bad input (missing file, empty glob, malformed line with `malformed=stop`,
+        missing text field, not UTF-8), naming the file and line. Shards already finished stay.
+    """
+    if d.kind != DataKind.text:
+        raise ConfigError("data.kind: glam-data prepare reads text sources; pick a text data "
+                          "config (data=pydocs, data=glam_mixture, or your own).")
+    out = Path(d.prepared_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    p = plan(d)
+    engine: Engine | None = None
+
+    def engine_factory() -> Engine:
+        nonlocal engine
+        engine = engine or Engine(d.engine.address, d.engine.workers)
+        return engine
+
+    try:
+        tokenizer = _tokenizer(d, p, out, engine_factory)
+        check_vocab(tokenizer.vocab_size, model_vocab)
+        settings = shard_settings(d)
+        fingerprint = _hash({"settings": settings, "inputs": p.identities,
+                             "tokenizer": tokenizer.sha256})[:16]
+        manifest_path = out / MANIFEST
+        if manifest_path.is_file():
+            manifest = json.loads(manifest_path.read_text())
+            if manifest.get("fingerprint") == fingerprint:
+                log.info("%s is up to date (fingerprint %s): nothing to do", out, fingerprint)
+                return manifest
+        results, jobs = {}, []
+        for source in d.sources:
+            folder = out / "shards" / source.name
+            folder.mkdir(parents=True, exist_ok=True)
+            for j, (url, identity) in enumerate(zip(p.files[source.name],
+                                                    p.identities[source.name])):
+                stem = str(folder / f"{j:05d}")
+                done = {"source": source.name, "input": identity,
+                        "key": _hash({"settings": settings, "input": identity,
+                                      "tokenizer": tokenizer.sha256})}
+                stamp = Path(f"{stem}.done.json")
+                if stamp.is_file() and json.loads(stamp.read_text()).get("key") == done["key"]:
+                    results[stem] = json.loads(stamp.read_text())
+                else:
+                    jobs.append((url, source, d.malformed, d.seed, tokenizer.model_bytes, stem,
+                                 done))
+        if jobs:
+            log.info("tokenizing %d files (%d already done) on %s", len(jobs), len(results),
+                     d.engine.address or "local Dask workers")
+            _run_tokenize(engine_factory(), jobs, results, progress)
+    finally:
+        if engine is not None:
+            engine.__exit__(None, None, None)
+    manifest = _manifest(d, p, out, tokenizer, fingerprint, results)
+    write_atomic(out / MANIFEST, json.dumps(manifest, indent=1).encode())
+    return manifest
+
+
+def _run_tokenize(engine: Engine, jobs: list, results: dict, progress: bool) -> None:
+    bar = tqdm(unit="doc", unit_scale=True, dynamic_ncols=True, disable=not progress,
+               desc="tokenize")
+    start, tokens, files = time.perf_counter(), 0, 0
+    try:
+        for result in engine.map(tokenize_file, jobs):
+            results[result["stem"]] = result
+            files += 1
+            docs = sum(s["documents"] for s in result["splits"].values())
+            tokens += sum(s["tokens"] for s in result["splits"].values())
+            bar.update(docs)
+            bar.set_postfix(files=f"{files}/{len(jobs)}",
+                            tok_s=f"{tokens / (time.perf_counter() - start):,.0f}")
+    finally:
+        bar.close()
+
+
+def _manifest(d: DataConfig, p: Plan, out: Path, tokenizer, fingerprint: str,
+              results: dict) -> dict:
+    sources = {}
+    for source in d.sources:
+        stems = sorted(k for k, r in results.items() if r["source"] == source.name)
+        splits = {split: {"documents": sum(results[k]["splits"][split]["documents"]
+                                          for k in stems),
+                          "tokens": sum(results[k]["splits"][split]["tokens"] for k in stems),
+                          "shards": [str(Path(f"{k}.{split}.array_record").relative_to(out))
+                                     for k in stems]}
+                  for split in SPLITS}
+        skipped: dict[str, int] = {}
+        for k in stems:
+            for reason, n in results[k]["skipped"].items():
+                skipped[reason] = skipped.get(reason, 0) + n
+        sources[source.name] = {"files": p.identities[source.name], "splits": splits,
+                                "skipped_lines": skipped}
+    return {"format": FORMAT_VERSION, "fingerprint": fingerprint,
+            "settings": shard_settings(d),
+            "tokenizer": {"file": TOKENIZER, "from": d.tokenizer.path or "trained",
+                          "sha256": tokenizer.sha256, "vocab_size": tokenizer.vocab_size},
+            "sources": sources}

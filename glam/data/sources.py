@@ -1,0 +1,197 @@
+"""Reading a text source's files: globs to files, files to documents, bad input to errors that
+name the file and line.
+
+Formats, by file name: `.jsonl` (one JSON object per line, the text under `text_field`),
+`.parquet` (the `text_field` column), `.txt` (the whole file, or each line, is a document); any
+of them gzip-compressed with a further `.gz` (`.jsonl.gz`). Paths are local or fsspec URLs
+(`gs://`, `s3://`, ... when that filesystem's package is installed).
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import fsspec
+
+from glam.config import Malformed, SourceConfig, TextUnit
+
+FORMATS = (".jsonl", ".parquet", ".txt")
+_GLOB_CHARS = set("*?[")
+
+
+class DataError(ValueError):
+    """Bad input data; the message names the file (and line) and the fix."""
+
+
+def file_format(path: str) -> str:
+    """`.jsonl`, `.parquet` or `.txt` from the file name (a trailing `.gz` aside).
+
+    Raises:
+      DataError: another extension.
+    """
+    name = path[:-3] if path.endswith(".gz") else path
+    for ext in FORMATS:
+        if name.endswith(ext):
+            return ext
+    raise DataError(f"{path}: unsupported file type; use .jsonl, .jsonl.gz, .parquet, .txt or "
+                    ".txt.gz (or narrow the glob).")
+
+
+def expand(source: SourceConfig, prefix: str) -> list[str]:
+    """The files of `source`, sorted, as URLs fsspec can open (local paths stay paths).
+
+    Raises:
+      DataError: a path that does not exist, a glob that matches nothing, an unsupported type;
+        named with its config field (`prefix.paths[i]`).
+    """
+    files: list[str] = []
+    for i, pattern in enumerate(source.paths):
+        where = f"{prefix}.paths[{i}]"
+        try:
+            fs, path = fsspec.core.url_to_fs(pattern)
+        except (ImportError, ValueError) as err:
+            raise DataError(f"{where}: cannot open {pattern!r} ({err}); install the filesystem "
+                            "package for its URL scheme (gcsfs for gs://, s3fs for s3://).") from err
+        if _GLOB_CHARS & set(pattern):
+            found = sorted(p for p in fs.glob(path) if fs.isfile(p))
+            if not found:
+                raise DataError(f"{where}: the glob {pattern!r} matches no file; check the path "
+                                "(relative paths start at the working directory).")
+        else:
+            if not fs.isfile(path):
+                raise DataError(f"{where}: no file at {pattern!r}; check the path (relative "
+                                "paths start at the working directory).")
+            found = [path]
+        for p in found:
+            url = fs.unstrip_protocol(p) if "://" in pattern else p
+            file_format(url)
+            files.append(url)
+    return sorted(dict.fromkeys(files))
+
+
+def file_identity(url: str) -> dict:
+    """What identifies a file's contents without reading it: path, size and modification time
+    (or the store's checksum / ETag when it gives one)."""
+    fs, path = fsspec.core.url_to_fs(url)
+    info = fs.info(path)
+    keys = ("size", "mtime", "LastModified", "updated", "ETag", "etag", "md5Hash", "crc32c")
+    return {"path": url, **{k: str(info[k]) for k in keys if k in info}}
+
+
+@dataclass
+class ReadStats:
+    """What reading a file skipped, by reason (`Malformed.skip`) and where the first was."""
+
+    skipped: Counter = field(default_factory=Counter)
+    first: dict = field(default_factory=dict)
+
+    def skip(self, reason: str, where: str) -> None:
+        self.skipped[reason] += 1
+        self.first.setdefault(reason, where)
+
+
+def _bad(policy: Malformed, stats: ReadStats, reason: str, where: str, message: str) -> None:
+    if policy == Malformed.stop:
+        raise DataError(f"{where}: {message} (data.malformed=skip counts and skips such lines)")
+    stats.skip(reason, where)
+
+
+def _decode(raw: bytes, policy, stats, where: str) -> str | None:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        _bad(policy, stats, "not_utf8", where,
+             f"not UTF-8 (byte {raw[err.start]:#04x} at offset {err.start}); re-encode the file "
+             "as UTF-8")
+        return None
+
+
+def documents(url: str, source: SourceConfig, policy: Malformed,
+              stats: ReadStats) -> Iterator[tuple[int, str]]:
+    """(line or row number from 1, text) of every non-empty document of one file, streamed.
+
+    Raises:
+      DataError: with `policy=stop`, the first malformed line (invalid JSON, not an object,
+        missing or non-string `text_field`, not UTF-8), naming file and line; with either policy,
+        a parquet file without the `text_field` column. With `policy=skip` such lines are
+        counted in `stats` instead.
+    """
+    kind = file_format(url)
+    with fsspec.open(url, "rb", compression="infer") as f:
+        if kind == ".parquet":
+            yield from _parquet(f, url, source, policy, stats)
+            return
+        if kind == ".txt" and source.txt_unit == TextUnit.file:
+            text = _txt_file(f.read(), url, policy, stats)
+            if text and text.strip():
+                yield 1, text
+            return
+        for n, raw in enumerate(f, start=1):
+            where = f"{url}:{n}"
+            line = _decode(raw, policy, stats, where)
+            if line is None or not line.strip():
+                continue
+            if kind == ".txt":
+                yield n, line.rstrip("\n")
+                continue
+            text = _json_text(line, source.text_field, policy, stats, where)
+            if text:
+                yield n, text
+
+
+def _txt_file(raw: bytes, url: str, policy, stats) -> str | None:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw[: err.start].count(b"\n") + 1
+        return _decode(raw, policy, stats, f"{url}:{line}")
+
+
+def _json_text(line: str, key: str, policy, stats, where: str) -> str | None:
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as err:
+        _bad(policy, stats, "invalid_json", where, f"invalid JSON ({err.msg} at column {err.colno})")
+        return None
+    if not isinstance(row, dict):
+        _bad(policy, stats, "not_an_object", where, f"a JSON {type(row).__name__}, not an object")
+        return None
+    if key not in row:
+        _bad(policy, stats, "missing_field", where,
+             f"no field {key!r} (fields: {', '.join(sorted(row)[:8])}); set the source's "
+             "text_field")
+        return None
+    text = row[key]
+    if not isinstance(text, str):
+        _bad(policy, stats, "not_a_string", where,
+             f"field {key!r} holds a {type(text).__name__}, not a string")
+        return None
+    return text
+
+
+def _parquet(f, url: str, source: SourceConfig, policy, stats) -> Iterator[tuple[int, str]]:
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(f)
+    except Exception as err:  # pyarrow raises ArrowInvalid and others for a damaged file
+        raise DataError(f"{url}: not a readable parquet file ({err})") from err
+    columns = pf.schema_arrow.names
+    if source.text_field not in columns:
+        raise DataError(f"{url}: no column {source.text_field!r} (columns: "
+                        f"{', '.join(columns[:8])}); set the source's text_field.")
+    row = 0
+    for batch in pf.iter_batches(columns=[source.text_field], batch_size=1024):
+        for text in batch.column(0).to_pylist():
+            row += 1
+            if text is None:
+                _bad(policy, stats, "missing_field", f"{url}:row {row}",
+                     f"{source.text_field!r} is null")
+            elif not isinstance(text, str):
+                _bad(policy, stats, "not_a_string", f"{url}:row {row}",
+                     f"{source.text_field!r} holds a {type(text).__name__}, not a string")
+            elif text.strip():
+                yield row, text
