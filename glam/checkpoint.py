@@ -1,5 +1,6 @@
 """Orbax checkpoints of a run: train state (model + optimizer) plus a JSON record of the step,
-data position, RNG seed, MLflow run id and the model config it was written for.
+data position, RNG seed, MLflow run id and the model config it was written for; for prepared
+text, the grain iterator's state too (one file per process: grain's orbax handler).
 
 The RNG needs no array of its own: every random draw of a step is a pure function of
 (train.seed, data order, step), all of which are in the record.
@@ -10,6 +11,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Optional
 
+import json
+
+import grain
 import jax
 import orbax.checkpoint as ocp
 from flax import nnx
@@ -43,11 +47,28 @@ class Checkpointer:
     def latest_step(self) -> Optional[int]:
         return self.manager.latest_step()
 
-    def save(self, step: int, state: Any, record: dict) -> None:
-        """Write asynchronously; `state` is an nnx.State, `record` plain JSON."""
-        self.manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(nnx.to_pure_dict(state)),
-            record=ocp.args.JsonSave(record)))
+    def save(self, step: int, state: Any, record: dict, data_state: dict | None = None) -> None:
+        """Write asynchronously; `state` is an nnx.State, `record` plain JSON, `data_state` the
+        grain iterator's state at this step (text data; None for the world)."""
+        items = {"state": ocp.args.StandardSave(nnx.to_pure_dict(state)),
+                 "record": ocp.args.JsonSave(record)}
+        if data_state is not None:
+            items["data"] = grain.checkpoint.CheckpointSave(_Snapshot(data_state))
+        self.manager.save(step, args=ocp.args.Composite(**items))
+
+    def restore_data(self, step: int, iterator) -> None:
+        """Set the grain `iterator` to its state at checkpoint `step`.
+
+        Raises:
+          CheckpointError: the checkpoint holds no data state for this process (written for
+            the world, or by another number of processes), or it is unreadable.
+        """
+        self.manager.wait_until_finished()
+        try:
+            self.manager.restore(step, args=ocp.args.Composite(
+                data=grain.checkpoint.CheckpointRestore(iterator)))
+        except Exception as err:
+            raise CheckpointError(self._unreadable(step, err)) from err
 
     def read_record(self, step: int, identity: dict) -> dict:
         """The JSON record of checkpoint `step`, refused unless it matches `identity` (the model,
@@ -119,3 +140,13 @@ class Checkpointer:
 
     def close(self) -> None:
         self.manager.close()
+
+
+class _Snapshot:
+    """An iterator state taken at save time (the save may complete after the iterator moved)."""
+
+    def __init__(self, state: dict):
+        self.text = json.dumps(state)
+
+    def get_state(self) -> bytes:
+        return self.text.encode()

@@ -151,6 +151,13 @@ class RunLogger:
         """Set a run tag now (rollbacks are recorded this way)."""
         self.tracker.set_tag(key, value)
 
+    def attach(self, paths: list[Path]) -> None:
+        """Process 0: attach existing files to the run as they are (the prepared data's
+        manifest and tokenizer)."""
+        if self.primary:
+            for path in paths:
+                self.tracker.log_artifact(path)
+
     def write_artifacts(self, files: dict[str, object], predictions: list[dict]) -> None:
         """Process 0: write `files` as JSON and `predictions` as JSONL into the run directory,
         and attach them and the resolved config to the MLflow run."""

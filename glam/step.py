@@ -40,14 +40,33 @@ def init_state(cfg: ModelConfig, tx: optax.GradientTransformation, seed: int, me
     return graphdef, model_graphdef, state, sharding
 
 
-def loss_fn(model: GLaM, tokens: jax.Array, key, cfg: ModelConfig, scale=1.0):
-    """Next-token cross-entropy + aux_loss_weight * aux + z_loss_weight * z, all float32.
-    `scale` multiplies the LM loss: 1 except under fault injection (NaN, or a spike)."""
-    logits, moe = model(tokens[:, :-1], key)
-    lm_loss = optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean() * scale
+def next_token_nll(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(negative log-likelihood [B, T], log-normaliser logsumexp(logits) [B, T]), float32."""
+    log_z = jax.nn.logsumexp(logits, axis=-1)
+    picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    return log_z - picked, log_z
+
+
+def inputs(tokens: jax.Array, segment_ids: jax.Array | None):
+    """The model's inputs of a [B, T+1] window batch: tokens[:, :-1] and their segment ids."""
+    return tokens[:, :-1], None if segment_ids is None else segment_ids[:, :-1]
+
+
+def loss_fn(model: GLaM, tokens: jax.Array, key, cfg: ModelConfig, scale=1.0,
+            segment_ids: jax.Array | None = None):
+    """Next-token cross-entropy + aux_loss_weight * aux + z_loss_weight * z (router) +
+    output_z_loss_weight * mean(logsumexp(logits)^2) (the output softmax's z-loss, GLaM's
+    reference code), all float32. `scale` multiplies the LM loss: 1 except under fault
+    injection (NaN, or a spike). `segment_ids` [B, T+1]: attention stays within documents."""
+    x, segments = inputs(tokens, segment_ids)
+    logits, moe = model(x, key, segment_ids=segments)
+    nll, log_z = next_token_nll(logits, tokens[:, 1:])
+    lm_loss = nll.mean() * scale
+    output_z = jnp.mean(jnp.square(log_z))
     r = cfg.router
-    total = lm_loss + r.aux_loss_weight * moe.aux_loss + r.z_loss_weight * moe.z_loss
-    return total, (lm_loss, moe)
+    total = (lm_loss + r.aux_loss_weight * moe.aux_loss + r.z_loss_weight * moe.z_loss
+             + cfg.output_z_loss_weight * output_z)
+    return total, (lm_loss, output_z, moe)
 
 
 def moe_metrics(moe: MoEOutputs) -> dict[str, jax.Array]:
@@ -72,41 +91,47 @@ def all_finite(tree) -> jax.Array:
 
 def make_train_step(graphdef: nnx.GraphDef, cfg: ModelConfig, schedule: optax.Schedule,
                     state_sharding=None, data_sharding=None) -> Callable:
-    """(state, tokens [B, T+1] int32, key, fault scale float32) -> (state, metrics), where
+    """(state, tokens [B, T+1] int32, key, fault scale float32, segment ids [B, T+1] int32 or
+    None) -> (state, metrics), where
     `state` is nnx.state((model, opt)). A step whose loss, gradients or resulting state
     (parameters and optimizer moments: an infinite learning rate turns finite gradients into
     non-finite weights) are not all finite leaves the state unchanged (`skipped` = 1), decided
     on device: no host synchronisation, and no non-finite weights ever reach a checkpoint."""
 
-    def train_step(state, tokens, key, scale):
+    def train_step(state, tokens, key, scale, segment_ids=None):
         # copy=True: without it the merged Variables alias `state`, and the update would
         # overwrite the values a skipped step must keep.
         model, opt = nnx.merge(graphdef, state, copy=True)
         grad_fn = nnx.value_and_grad(loss_fn, has_aux=True)
-        (loss, (lm_loss, moe)), grads = grad_fn(model, tokens, key, cfg, scale)
+        (loss, (lm_loss, output_z, moe)), grads = grad_fn(model, tokens, key, cfg, scale,
+                                                          segment_ids)
         grad_norm = optax.tree.norm(grads)
         learning_rate = schedule(opt.step[...])
         opt.update(model, grads)
         updated = nnx.state((model, opt))
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & all_finite(updated)
-        metrics = {"loss": loss, "lm_loss": lm_loss, "grad_norm": grad_norm,
+        metrics = {"loss": loss, "lm_loss": lm_loss, "output_z_loss": output_z,
+                   "grad_norm": grad_norm,
                    "learning_rate": learning_rate, "skipped": (~finite).astype(jnp.int32),
                    **moe_metrics(moe)}
         return jax.tree.map(lambda new, old: jnp.where(finite, new, old), updated, state), metrics
 
-    return jax.jit(train_step, donate_argnums=0,
-                   in_shardings=(state_sharding, data_sharding, None, None),
-                   out_shardings=(state_sharding, None))
+    jitted = jax.jit(train_step, donate_argnums=0,
+                     in_shardings=(state_sharding, data_sharding, None, None, data_sharding),
+                     out_shardings=(state_sharding, None))
+    return lambda state, tokens, key, scale, segment_ids=None: jitted(state, tokens, key, scale,
+                                                                      segment_ids)
 
 
 def make_eval_step(graphdef: nnx.GraphDef) -> Callable:
-    """(model state, tokens [B, T+1]) -> (summed next-token NLL, token count, expert load per
-    MoE layer); routing is deterministic."""
+    """(model state, tokens [B, T+1], segment ids [B, T+1] or None) -> (summed next-token NLL,
+    token count, expert load per MoE layer); routing is deterministic."""
 
-    def eval_step(state, tokens):
+    def eval_step(state, tokens, segment_ids=None):
         model = nnx.merge(graphdef, state)
-        logits, moe = model(tokens[:, :-1])
-        nll = optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:])
+        x, segments = inputs(tokens, segment_ids)
+        logits, moe = model(x, segment_ids=segments)
+        nll, _ = next_token_nll(logits, tokens[:, 1:])
         loads = {layer: stats["expert_load"] for layer, stats in moe.layer_stats.items()}
         return nll.sum(), jnp.asarray(nll.size, jnp.float32), loads
 

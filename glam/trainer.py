@@ -27,7 +27,10 @@ from tqdm.auto import tqdm
 from glam import accounting, distributed
 from glam.checkpoint import CheckpointError, Checkpointer
 from glam.config import ConfigError, Resume
+from glam.config import DataKind
 from glam.data import WorldCorpus
+from glam.data.feed import TextFeed, WorldFeed
+from glam.data.text import TextCorpus
 from glam.eval import Evaluator, Task, read_jsonl, world_tasks
 from glam.identity import checkpoint_identity
 from glam.interrupts import StopOnSignal
@@ -46,10 +49,11 @@ class SimulatedCrash(RuntimeError):
     """Raised by `faults.crash_at_step`, standing in for a killed job."""
 
 
-def build_tasks(cfg: ResolvedConfig, corpus: WorldCorpus) -> list[Task]:
-    """The world's own tasks (if `eval.builtin`) and the user's JSONL tasks."""
+def build_tasks(cfg: ResolvedConfig, corpus: WorldCorpus | TextCorpus) -> list[Task]:
+    """The world's own tasks (world data and `eval.builtin`) and the user's JSONL tasks."""
     e = cfg.eval
-    tasks = world_tasks(corpus.world, e.max_examples, e.seed) if e.builtin else []
+    builtin = e.builtin and isinstance(corpus, WorldCorpus)
+    tasks = world_tasks(corpus.world, e.max_examples, e.seed) if builtin else []
     for spec in e.tasks:
         examples = read_jsonl(spec.path, spec.kind)[: e.max_examples]
         train = read_jsonl(spec.train_path, spec.kind) if spec.train_path else []
@@ -57,20 +61,45 @@ def build_tasks(cfg: ResolvedConfig, corpus: WorldCorpus) -> list[Task]:
     return tasks
 
 
-def validation(eval_step, model_state, corpus: WorldCorpus,
+def validation_sets(corpus: WorldCorpus | TextCorpus, cfg: ResolvedConfig) -> dict:
+    """{set name: batches of (tokens [B, T+1], segment ids or None)}: the world's one stream
+    (name ""), or each text source's held-out windows (named by source)."""
+    n, b = cfg.train.eval_batches, cfg.train.batch_size
+    if isinstance(corpus, WorldCorpus):
+        return {"": ((x, None) for x in corpus.val_batches(n, b, cfg.model.seq_len + 1))}
+    seg = cfg.data.segment_ids
+    return {name: ((x["tokens"], x["tokens_segment_ids"] if seg else None)
+                   for x in corpus.val_batches(name, n, b))
+            for name in corpus.source_names}
+
+
+def validation(eval_step, model_state, corpus: WorldCorpus | TextCorpus,
                cfg: ResolvedConfig) -> tuple[dict[str, float], dict[str, list[float]]]:
     """Validation loss (nats/token) and perplexity, and each MoE layer's mean expert load
-    ([E] fractions of assignments) over `train.eval_batches` validation batches."""
-    nll, n, loads, batches = 0.0, 0.0, {}, 0
-    for batch in corpus.val_batches(cfg.train.eval_batches, cfg.train.batch_size,
-                                    cfg.model.seq_len + 1):
-        batch_nll, batch_n, batch_loads = distributed.fetch(eval_step(model_state, batch))
-        nll, n, batches = nll + float(batch_nll), n + float(batch_n), batches + 1
-        for layer, load in batch_loads.items():
-            loads[layer] = loads.get(layer, 0.0) + np.asarray(load)
-    loss = nll / max(n, 1.0)
+    ([E] fractions of assignments) over `train.eval_batches` validation batches (per source for
+    text: `val_loss/<source>`, and `val_loss` their mean weighted by the mixture weights)."""
+    losses, loads, batches = {}, {}, 0
+    for name, sets in validation_sets(corpus, cfg).items():
+        nll, n = 0.0, 0.0
+        for tokens, segments in sets:
+            batch_nll, batch_n, batch_loads = distributed.fetch(
+                eval_step(model_state, tokens, segments))
+            nll, n, batches = nll + float(batch_nll), n + float(batch_n), batches + 1
+            for layer, load in batch_loads.items():
+                loads[layer] = loads.get(layer, 0.0) + np.asarray(load)
+        if n:
+            losses[name] = nll / n
+    if "" in losses:
+        loss, metrics = losses[""], {}
+    else:
+        weights = {s.name: s.weight for s in cfg.data.sources if s.name in losses}
+        total = sum(weights.values())
+        loss = (sum(losses[k] * w for k, w in weights.items()) / total if total
+                else float(np.mean(list(losses.values()))))
+        metrics = {f"val_loss/{k}": v for k, v in losses.items()}
     expert_load = {f"layer{k}": (v / batches).tolist() for k, v in loads.items()}
-    return {"val_loss": loss, "val_perplexity": math.exp(min(loss, 50.0))}, expert_load
+    return ({"val_loss": loss, "val_perplexity": math.exp(min(loss, 50.0)), **metrics},
+            expert_load)
 
 
 class Throughput:
@@ -130,7 +159,9 @@ class Trainer:
             raise ConfigError(f"train.resume: 'never', but {self.ckpt.directory} holds checkpoints "
                               f"(newest: step {latest}); use train.resume=auto to continue them "
                               "or a new hydra.run.dir.")
-        self.corpus = WorldCorpus(cfg.data)
+        window = m.seq_len + 1
+        self.corpus = (TextCorpus(cfg.data, window, t.batch_size) if cfg.data.kind == DataKind.text
+                       else WorldCorpus(cfg.data))
         self.identity = checkpoint_identity(cfg, self.corpus.fingerprint)
         self.set_aside: list[str] = []  # damaged checkpoints moved away, reported on the run
         self.reported_set_aside = 0
@@ -141,6 +172,10 @@ class Trainer:
         self.graphdef, model_graphdef, self.state, state_sharding = init_state(
             m, make_optimizer(cfg.optimizer, self.schedule), t.seed, self.mesh, self.rules)
         self.batch_sharding = data_sharding(self.mesh, self.rules)
+        self.feed = (TextFeed(self.corpus, t.batch_size, t.seed, self.batch_sharding,
+                              cfg.data.segment_ids) if isinstance(self.corpus, TextCorpus)
+                     else WorldFeed(self.corpus, t.batch_size, window, t.seed,
+                                    self.batch_sharding))
         self.train_step = make_train_step(self.graphdef, m, self.schedule, state_sharding,
                                           self.batch_sharding)
         self.eval_step = make_eval_step(model_graphdef)
@@ -159,6 +194,10 @@ class Trainer:
         self.single_process = jax.process_count() == 1
         if self.record is not None:
             self._restore_newest()
+            if self.record is not None and isinstance(self.feed, TextFeed):
+                # Only here, on resuming: a rollback restores the model, not the data position.
+                self.ckpt.restore_data(self.record["step"], self.feed.iterator)
+                self.feed.tokens = np.asarray(self.record["tokens_drawn"], np.int64)
 
     # -- checkpoints ---------------------------------------------------------------------------
     def _set_aside(self, step: int, err: Exception) -> None:
@@ -221,8 +260,10 @@ class Trainer:
     def _save(self, run_id: str, unpublished: list) -> None:
         record = {"step": self.step, "data_order": self.data_order, "rollbacks": self.rollbacks,
                   "skipped_steps": self.skipped, "monitor": self.monitor.snapshot(),
-                  "unpublished_metrics": unpublished, "mlflow_run_id": run_id, **self.identity}
-        self.ckpt.save(self.step, self.state, record)
+                  "unpublished_metrics": unpublished, "mlflow_run_id": run_id,
+                  "tokens_drawn": getattr(self.feed, "tokens", np.zeros(0)).tolist(),
+                  **self.identity}
+        self.ckpt.save(self.step, self.state, record, self.feed.iterator_state())
 
     # -- health --------------------------------------------------------------------------------
     def _check(self) -> str | None:
@@ -275,10 +316,7 @@ class Trainer:
           SimulatedCrash: `faults.crash_at_step` was reached.
         """
         m, c = self.cfg.model, self.counts
-        world = self.corpus.world
-        facts = {"vocab_size": self.corpus.tokenizer.vocab_size,
-                 "knowledge_bits": round(world.knowledge_bits, 1),
-                 "train_tokens_per_entity": self.cfg.data.train_tokens / len(world.people)}
+        facts = {"vocab_size": self.corpus.tokenizer.vocab_size, **self.corpus.facts()}
         resumed_id = self.record["mlflow_run_id"] if self.record else None
         try:
             with self.stop, RunLogger(self.cfg, c, facts, self.corpus.fingerprint, self.output_dir,
@@ -290,6 +328,8 @@ class Trainer:
                     log.info("MLflow run %s (%s): %s params, %s activated, %.3g forward "
                              "FLOPs/token", logger.run_id, m.family, f"{c.total_params:,}",
                              f"{c.activated_params:,}", c.forward_flops_per_token)
+                    if isinstance(self.corpus, TextCorpus):
+                        logger.attach(self.corpus.artifacts())
                     if self.ckpt:
                         self._save(logger.run_id, [])  # step 0: a rollback target always exists
                 try:
@@ -377,18 +417,11 @@ class Trainer:
         key = jax.random.fold_in(jax.random.fold_in(self.base_key, self.data_order), step)
         scale = np.float32(fault_scale(cfg.faults, step, self.data_order))
         with activate(self.mesh, self.rules):  # activation layouts, read while tracing
-            self.state, metrics = self.train_step(self.state, self._batch(step), key, scale)
-        self.ledger.record(step, metrics)
+            tokens, segment_ids = self.feed.next(step, self.data_order)
+            self.state, metrics = self.train_step(self.state, tokens, key, scale, segment_ids)
+        self.ledger.record(step, {**metrics, **self.feed.drawn()})
         self.step += 1
         return metrics
-
-    def _batch(self, step: int) -> jax.Array:
-        """The global batch of `step`, each process building only the rows of its devices."""
-        t, window = self.cfg.train, self.cfg.model.seq_len + 1
-        return jax.make_array_from_callback(
-            (t.batch_size, window), self.batch_sharding,
-            lambda index: self.corpus.train_batch(step, t.batch_size, window, t.seed,
-                                                  self.data_order, rows=index[0]))
 
     def _evaluate(self) -> dict[str, float]:
         """Validation loss and every few-shot score of the current model; keeps the predictions

@@ -16,3 +16,19 @@ def free_port():
             return s.getsockname()[1]
 
     return pick
+
+
+# Prepared Python documentation (data=pydocs) with a small tokenizer, once per test process.
+PYDOCS = ["data=pydocs", "data.tokenizer.vocab_size=512", "data.tokenizer.sample_chars=300000",
+          "data.engine.workers=1"]
+
+
+@pytest.fixture(scope="session")
+def pydocs(tmp_path_factory):
+    """Overrides that train on data=pydocs, prepared once under a session temporary folder."""
+    from glam.data.prepare import prepare
+    from glam.resolve import load_raw
+
+    overrides = [*PYDOCS, f"data.prepared_dir={tmp_path_factory.mktemp('pydocs')}"]
+    prepare(load_raw(overrides).data, progress=False)
+    return overrides

@@ -31,7 +31,7 @@ def run(shape: tuple[int, int, int]):
 
     def logits_and_grads(state, tokens):
         model, _ = nnx.merge(graphdef, state, copy=True)
-        (_, (lm, _)), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model, tokens, None, CFG)
+        (_, (lm, _, _)), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model, tokens, None, CFG)
         logits, _ = model(tokens[:, :-1])
         return logits, nnx.to_pure_dict(grads)
 

@@ -33,26 +33,44 @@ def _history(client, run_id, key="lm_loss"):
     return steps, [p.value for p in points]
 
 
+def _trivia(tmp_path) -> str:
+    """A TriviaQA-form task about the Python docs (evaluated with the run's SentencePiece)."""
+    path = tmp_path / "trivia.jsonl"
+    rows = [{"Question": f"What does the keyword {k} do in Python?",
+             "Answer": {"Value": v, "Aliases": [v.upper()]}}
+            for k, v in (("return", "leaves a function"), ("yield", "makes a generator"),
+                         ("pass", "nothing"), ("del", "deletes a name"))]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return f"eval.tasks=[{{name: trivia, kind: nlg, path: {path}}}]"
+
+
+@pytest.mark.parametrize("data", ["world", "text"])
 @pytest.mark.parametrize("crash_at", [17, 20])  # between checkpoints; right after one
-def test_resume_reproduces_the_uninterrupted_run(tmp_path, crash_at):
-    straight, client = _run(tmp_path, "straight", "eval.every=10", "eval.max_examples=8",
-                            "faults.nonfinite_steps=[12]")
+def test_resume_reproduces_the_uninterrupted_run(tmp_path, crash_at, data, request):
+    """Also on prepared text, where the grain iterator's state is in the checkpoint."""
+    common = ["eval.every=10", "eval.max_examples=8", "faults.nonfinite_steps=[12]"]
+    keys = ["lm_loss", "aux_loss", "skipped_steps", "val_loss"]
+    if data == "text":
+        common += [*request.getfixturevalue("pydocs"), "data.segment_ids=true", _trivia(tmp_path)]
+        keys += ["val_loss/reference", "val_loss/docstrings", "data/tokens/reference",
+                 "eval/trivia/0shot"]
+    else:
+        keys += ["eval/world_facts/0shot"]
+    straight, client = _run(tmp_path, "straight", *common)
     with pytest.raises(SimulatedCrash):
-        _run(tmp_path, "crashed", "eval.every=10", "eval.max_examples=8",
-             "faults.nonfinite_steps=[12]", f"faults.crash_at_step={crash_at}")
+        _run(tmp_path, "crashed", *common, f"faults.crash_at_step={crash_at}")
     exp = client.get_experiment_by_name("glam")
     crashed = [r for r in client.search_runs([exp.experiment_id]) if r.info.run_id != straight["run_id"]]
     assert len(crashed) == 1 and crashed[0].info.status == "FAILED"
 
-    resumed, _ = _run(tmp_path, "crashed", "eval.every=10", "eval.max_examples=8",
-                      "faults.nonfinite_steps=[12]")  # same run directory, resume=auto
+    resumed, _ = _run(tmp_path, "crashed", *common)  # same run directory, resume=auto
     assert resumed["run_id"] == crashed[0].info.run_id  # the MLflow run continues
     assert len(client.search_runs([exp.experiment_id])) == 2  # no new run
     assert client.get_run(resumed["run_id"]).info.status == "FINISHED"
     a = client.get_run(straight["run_id"]).data.metrics
     b = client.get_run(resumed["run_id"]).data.metrics
     assert a.keys() == b.keys()
-    for key in ("lm_loss", "aux_loss", "skipped_steps", "eval/world_facts/0shot", "val_loss"):
+    for key in keys:
         steps_a, values_a = _history(client, straight["run_id"], key)
         steps_b, values_b = _history(client, resumed["run_id"], key)
         assert steps_a == steps_b, key

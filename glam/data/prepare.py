@@ -97,29 +97,34 @@ def tokenize_file(url: str, source: SourceConfig, policy: Malformed, seed: int,
     stats = ReadStats()
     counts = {split: {"documents": 0, "tokens": 0} for split in SPLITS}
     paths = {split: Path(f"{stem}.{split}.array_record") for split in SPLITS}
+    for leftover in Path(stem).parent.glob(f"{Path(stem).name}.*.tmp*"):  # of a killed run
+        leftover.unlink()
     tmps = {split: p.with_name(f"{p.name}.tmp{os.getpid()}") for split, p in paths.items()}
     writers = {split: ArrayRecordWriter(str(tmps[split]), "group_size:1") for split in SPLITS}
+    batch: list[str] = []
+
+    def flush():
+        for text, ids in zip(batch, tokenizer.encode_batch(batch)):
+            split = "val" if _unit_hash(seed, source.name, text) < source.val_share else "train"
+            record = np.asarray(ids + [tokenizer.eos_id], np.int32)
+            writers[split].write(record.tobytes())
+            counts[split]["documents"] += 1
+            counts[split]["tokens"] += len(record)
+        batch.clear()
+
     try:
-        batch: list[str] = []
-
-        def flush():
-            for text, ids in zip(batch, tokenizer.encode_batch(batch)):
-                split = "val" if _unit_hash(seed, source.name, text) < source.val_share \
-                    else "train"
-                record = np.asarray(ids + [tokenizer.eos_id], np.int32)
-                writers[split].write(record.tobytes())
-                counts[split]["documents"] += 1
-                counts[split]["tokens"] += len(record)
-            batch.clear()
-
         for _, text in documents(url, source, policy, stats):
             batch.append(text)
             if len(batch) == 256:
                 flush()
         flush()
-    finally:
-        for w in writers.values():
-            w.close()
+    except BaseException:
+        for split in SPLITS:
+            writers[split].close()
+            tmps[split].unlink(missing_ok=True)
+        raise
+    for w in writers.values():
+        w.close()
     for split in SPLITS:
         os.replace(tmps[split], paths[split])
     result = {**done, "stem": stem, "splits": counts, "skipped": dict(stats.skipped),
@@ -158,11 +163,12 @@ class Engine:
     """A Dask client: local worker processes, or the cluster at `address`."""
 
     def __init__(self, address: str | None, workers: int):
-        # Dask logs every worker start and stop at INFO, here and in the workers it spawns.
-        os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "error")
+        # Dask logs every worker start and stop, and a task error twice; the error reaches the
+        # caller anyway.
+        os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "critical")
         from dask.distributed import Client, LocalCluster
 
-        logging.getLogger("distributed").setLevel(logging.ERROR)
+        logging.getLogger("distributed").setLevel(logging.CRITICAL)
         self.cluster = None
         if address:
             self.client = Client(address)
@@ -198,7 +204,7 @@ def train_tokenizer(d: DataConfig, p: Plan, engine: Engine) -> SentencePieceToke
 
     Raises:
       DataError: the sample is empty.
-      RuntimeError: SentencePiece cannot reach `tokenizer.vocab_size` on the sample.
+      ConfigError: SentencePiece cannot train `tokenizer.vocab_size` pieces on the sample.
     """
     t = d.tokenizer
     total = sum(s.weight for s in d.sources)

@@ -11,6 +11,8 @@ from typing import Iterable, Iterator, Protocol, Sequence
 
 import sentencepiece as spm
 
+from glam.config import ConfigError
+
 SPECIALS = ("<pad>", "<unk>", "<eos>")
 PAD, UNK, EOS = 0, 1, 2
 
@@ -89,8 +91,8 @@ class SentencePieceTokenizer:
         (SentencePiece shuffles its input sentences with it).
 
         Raises:
-          RuntimeError: SentencePiece cannot reach `vocab_size` on this sample (too little text
-            for that many pieces); the message says so.
+          ConfigError: SentencePiece cannot train `vocab_size` pieces on this sample (too few for
+            its characters and the 256 byte pieces, or too many for so little text).
         """
         import io
 
@@ -105,9 +107,10 @@ class SentencePieceTokenizer:
                 split_digits=True, allow_whitespace_only_pieces=True, remove_extra_whitespaces=False,
                 normalization_rule_name="identity", minloglevel=2)
         except RuntimeError as err:
-            raise RuntimeError(f"SentencePiece training failed: {err}. With a small sample, "
-                               "lower data.tokenizer.vocab_size or raise "
-                               "data.tokenizer.sample_chars.") from err
+            raise ConfigError(f"data.tokenizer.vocab_size: SentencePiece cannot train {vocab_size} "
+                              f"pieces on this sample ({str(err).split('] ')[-1]}). Pick another "
+                              "vocab_size (byte fallback alone takes 256), or raise "
+                              "data.tokenizer.sample_chars.") from err
         return cls(out.getvalue())
 
     @property

@@ -211,6 +211,11 @@ class WorldCorpus:
         h.update(self.val.tobytes())
         return h.hexdigest()[:16]
 
+    def facts(self) -> dict:
+        """The world's knowledge load, for the run's parameters."""
+        return {"knowledge_bits": round(self.world.knowledge_bits, 1),
+                "train_tokens_per_entity": self.cfg.train_tokens / len(self.world.people)}
+
     def train_batch(self, step: int, batch_size: int, window: int, seed: int,
                     data_order: int = 0, rows: slice = slice(None)) -> np.ndarray:
         """Windows [batch_size, window] at random offsets; a pure function of

@@ -14,10 +14,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from glam.data.tokenizer import EOS, PAD, WordTokenizer
+from glam.data.tokenizer import Tokenizer
 from glam.distributed import fetch
 from glam.eval.scoring import exact_match, token_f1
-from glam.eval.tasks import Task
+from glam.eval.tasks import STOP_STRINGS, Task
 
 
 @dataclass
@@ -61,16 +61,28 @@ def make_score(graphdef: nnx.GraphDef):
     return jax.jit(score)
 
 
-def _left_pad(rows: list[list[int]], length: int) -> tuple[np.ndarray, np.ndarray]:
-    tokens = np.full((len(rows), length), PAD, np.int32)
+def _left_pad(rows: list[list[int]], length: int, pad: int) -> tuple[np.ndarray, np.ndarray]:
+    tokens = np.full((len(rows), length), pad, np.int32)
+    mask = np.zeros((len(rows), length), bool)
     for i, row in enumerate(rows):
         row = row[-length:]
         tokens[i, length - len(row):] = row
-    return tokens, tokens != PAD
+        mask[i, length - len(row):] = True
+    return tokens, mask
+
+
+def answer_text(tokenizer: Tokenizer, ids: list[int]) -> str:
+    """A generated answer: the text before <eos> (or padding), cut at the first stop string."""
+    cut = next((i for i, t in enumerate(ids) if t in (tokenizer.eos_id, tokenizer.pad_id)),
+               len(ids))
+    text = tokenizer.decode(ids[:cut])
+    for stop in STOP_STRINGS:
+        text = text.split(stop, 1)[0]
+    return text.strip()
 
 
 class Evaluator:
-    def __init__(self, graphdef: nnx.GraphDef, tokenizer: WordTokenizer, tasks: list[Task], *,
+    def __init__(self, graphdef: nnx.GraphDef, tokenizer: Tokenizer, tasks: list[Task], *,
                  seq_len: int, batch_size: int, shots: list[int], max_answer_tokens: int,
                  length_normalize: bool, seed: int):
         self.tokenizer, self.tasks = tokenizer, [t for t in tasks if t.examples]
@@ -79,7 +91,12 @@ class Evaluator:
                                                                     length_normalize, seed)
         self.generate = make_generate(graphdef, max_answer_tokens)
         self.score = make_score(graphdef)
-        self._stop = {EOS, *tokenizer.encode(". q:")}
+
+    def _encode(self, task: Task, index: int, shots: int) -> list[int]:
+        ids: list[int] = []
+        for part in task.parts(index, shots, self.seed):
+            ids += (ids and [self.tokenizer.eos_id]) + self.tokenizer.encode(part)
+        return ids
 
     def _batches(self, n: int):
         for start in range(0, n, self.batch_size):
@@ -91,21 +108,20 @@ class Evaluator:
         return [np.concatenate([a, np.repeat(a[:1], missing, axis=0)]) for a in arrays]
 
     def _nlg(self, state, task: Task, shots: int):
-        prompts = [self.tokenizer.encode(task.prompt(i, shots, self.seed))
-                   for i in range(len(task.examples))]
+        prompts = [self._encode(task, i, shots) for i in range(len(task.examples))]
+        pad = self.tokenizer.pad_id
         window = self.seq_len - self.max_answer_tokens
         outputs: list[list[int]] = []
         for lo, hi in self._batches(len(prompts)):
-            tokens, mask = self._pad_batch(list(_left_pad(prompts[lo:hi], window)))
-            tokens = np.concatenate([np.full((len(tokens), self.max_answer_tokens), PAD, np.int32),
+            tokens, mask = self._pad_batch(list(_left_pad(prompts[lo:hi], window, pad)))
+            tokens = np.concatenate([np.full((len(tokens), self.max_answer_tokens), pad, np.int32),
                                      tokens], axis=1)
             mask = np.concatenate([np.zeros((len(mask), self.max_answer_tokens), bool), mask], 1)
             out = fetch(self.generate(state, tokens, mask))[: hi - lo]
             outputs += out.tolist()
         em, f1, preds = [], [], []
         for ex, out in zip(task.examples, outputs):
-            cut = next((i for i, t in enumerate(out) if t in self._stop), len(out))
-            text = self.tokenizer.decode(out[:cut])
+            text = answer_text(self.tokenizer, out)
             em.append(exact_match(text, list(ex.answers)))
             f1.append(token_f1(text, list(ex.answers)))
             preds.append({"id": ex.id, "prediction": text, "gold": list(ex.answers),
@@ -115,7 +131,7 @@ class Evaluator:
     def _nlu(self, state, task: Task, shots: int):
         rows, targets, owners = [], [], []
         for i, ex in enumerate(task.examples):
-            context = self.tokenizer.encode(task.prompt(i, shots, self.seed))
+            context = self._encode(task, i, shots)
             for option in ex.options:
                 opt = self.tokenizer.encode(option)
                 rows.append(context + opt)
@@ -123,7 +139,7 @@ class Evaluator:
                 owners.append(i)
         totals, counts = [], []
         for lo, hi in self._batches(len(rows)):
-            tokens, mask = _left_pad(rows[lo:hi], self.seq_len)
+            tokens, mask = _left_pad(rows[lo:hi], self.seq_len, self.tokenizer.pad_id)
             target = np.zeros_like(mask)
             for j, n in enumerate(targets[lo:hi]):
                 target[j, self.seq_len - n:] = True

@@ -5,8 +5,9 @@ Two kinds, as in the paper:
   Prompt: "q: <question> a:" after k demonstrations "q: <question> a: <answer> .".
 - `nlu`: a context and options; the model picks the option of highest log-likelihood.
   Prompt: "<context>" after k demonstrations "<context> <correct option>".
-Demonstrations are separated by the corpus's document separator (<eos>), as documents are in
-training.
+Demonstrations are separated by the tokenizer's end-of-document id (<eos>), as documents are in
+training; a generated answer ends at <eos> or at the first of `STOP_STRINGS` in its text, so the
+rule holds for any tokenizer.
 
 JSONL schema (one example per line; extra fields ignored):
 - nlg: {"question": str, "answers": [str, ...]}; also "answer" as a string, and the TriviaQA
@@ -24,6 +25,9 @@ from pathlib import Path
 import numpy as np
 
 from glam.data.world import ANSWER, END, QUESTION, WORLD_TASKS, World
+
+
+STOP_STRINGS = ("\n", QUESTION)  # a generated answer ends before these (the next question)
 
 
 @dataclass(frozen=True)
@@ -48,15 +52,20 @@ class Task:
     train: list[Example] = field(default_factory=list)  # demonstrations come from here
 
     def prompt(self, index: int, shots: int, seed: int) -> str:
-        """The k-shot prompt of example `index`; demonstrations drawn with a fixed seed from the
-        train split, never the evaluated example itself (nor a copy of it)."""
+        """The k-shot prompt of example `index` as text, <eos> between its parts."""
+        return f" {END} ".join(self.parts(index, shots, seed))
+
+    def parts(self, index: int, shots: int, seed: int) -> list[str]:
+        """The demonstrations and the query of the k-shot prompt of example `index`;
+        demonstrations drawn with a fixed seed from the train split, never the evaluated example
+        itself (nor a copy of it). Tokenized apart and joined with the <eos> id."""
         ex = self.examples[index]
         pool = [d for d in (self.train or self.examples) if d.prompt != ex.prompt]
         rng = np.random.default_rng([seed, index, shots])
         picks = rng.choice(len(pool), size=min(shots, len(pool)), replace=False) if shots else []
         demos = [pool[i].demonstration(self.kind) for i in picks]
         query = f"{QUESTION} {ex.prompt} {ANSWER}" if self.kind == "nlg" else ex.prompt
-        return f" {END} ".join(demos + [query])
+        return demos + [query]
 
 
 def _nlg_example(row: dict, i: int) -> Example:

@@ -86,8 +86,11 @@ class Attention(nnx.Module):
         self.num_buckets = cfg.rel_pos_buckets
         self.max_distance = cfg.rel_pos_max_distance
 
-    def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
-        """x [B, T, M]; `mask` [B, T] marks real tokens: padding is never attended to."""
+    def __call__(self, x: jax.Array, mask: jax.Array | None = None,
+                 segment_ids: jax.Array | None = None) -> jax.Array:
+        """x [B, T, M]; `mask` [B, T] marks real tokens: padding is never attended to;
+        `segment_ids` [B, T] int: a token attends only within its own segment (packed
+        documents)."""
         dt = x.dtype
         t, d = x.shape[1], self.wq.shape[-1]
         q, k, v = (project(x, w[...].astype(dt)) for w in (self.wq, self.wk, self.wv))
@@ -97,6 +100,8 @@ class Attention(nnx.Module):
         allowed = np.tril(np.ones((t, t), bool))[None, None]
         if mask is not None:
             allowed = allowed & mask[:, None, None, :]
+        if segment_ids is not None:
+            allowed = allowed & (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
         scores = jnp.where(allowed, scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(dt)
         out = jnp.einsum("bntu,bund->btnd", probs, v)

@@ -30,8 +30,9 @@ class Block(nnx.Module):
         self.is_moe = cfg.is_moe_layer(layer)
         self.ffn = MoEFeedForward(cfg, rngs=rngs) if self.is_moe else FeedForward(cfg, rngs=rngs)
 
-    def __call__(self, x: jax.Array, key: Optional[jax.Array], mask: Optional[jax.Array]):
-        x = x + self.attn(self.attn_norm(x), mask)
+    def __call__(self, x: jax.Array, key: Optional[jax.Array], mask: Optional[jax.Array],
+                 segment_ids: Optional[jax.Array] = None):
+        x = x + self.attn(self.attn_norm(x), mask, segment_ids)
         h = self.ffn_norm(x)
         if self.is_moe:
             y, routing = self.ffn(h, key, mask)
@@ -55,14 +56,15 @@ class GLaM(nnx.Module):
                                  ("embed", "vocab"))
 
     def __call__(self, tokens: jax.Array, key: Optional[jax.Array] = None,
-                 mask: Optional[jax.Array] = None):
+                 mask: Optional[jax.Array] = None, segment_ids: Optional[jax.Array] = None):
         """`key` drives router jitter and second-expert sampling; None routes deterministically.
-        `mask` [B, T] marks real tokens when sequences are padded (evaluation)."""
+        `mask` [B, T] marks real tokens when sequences are padded (evaluation); `segment_ids`
+        [B, T] int keeps attention within each packed document."""
         x = self.embed[...][tokens].astype(self.dtype)
         aux, z, stats = jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), {}
         for i, block in enumerate(self.blocks):
             layer_key = None if key is None else jax.random.fold_in(key, i)
-            x, routing = block(x, layer_key, mask)
+            x, routing = block(x, layer_key, mask, segment_ids)
             if routing is not None:
                 aux, z = aux + routing.aux_loss, z + routing.z_loss
                 stats[i] = routing.stats

@@ -1,0 +1,134 @@
+"""Training on prepared text (`glam-data prepare`): a grain input pipeline with mixture weights.
+
+Per source (train split): the document records (ArrayRecord, int32 ids ending in <eos>), this
+process's share (every `process_count`-th document), shuffled by seed and repeated without end,
+packed into `seq_len + 1` windows (concatenated, then split: a document may continue into the
+next window; `tokens_segment_ids` number the documents of a window from 1). The sources' windows
+are then mixed by weight (grain's deterministic mix: the share of windows, hence of tokens, of
+each source follows the weights) and batched. The iterator's state goes into every checkpoint,
+so a resumed run reads exactly the batches an uninterrupted one would.
+
+Validation: each source's held-out documents, packed the same way without shuffling; the same
+windows every time.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterator
+
+import grain
+import numpy as np
+from grain.experimental import ConcatThenSplitIterDataset
+
+from glam.config import ConfigError, DataConfig
+from glam.data.prepare import MANIFEST, shard_settings
+from glam.data.tokenizer import SentencePieceTokenizer
+
+SOURCE_KEY = "source"  # the index of the source each window of a batch came from
+
+
+def _decode(record: bytes) -> dict:
+    return {"tokens": np.frombuffer(record, np.int32)}
+
+
+def _packed(ds: grain.MapDataset, window: int) -> grain.IterDataset:
+    return ConcatThenSplitIterDataset(ds.map(_decode).to_iter_dataset(),
+                                      length_struct={"tokens": window})
+
+
+def load_manifest(d: DataConfig) -> dict:
+    """The manifest of `d.prepared_dir`, checked against the config.
+
+    Raises:
+      ConfigError: no prepared data there, or data prepared with other settings (named), or a
+        source to draw from without training tokens.
+    """
+    path = Path(d.prepared_dir) / MANIFEST
+    if not path.is_file():
+        raise ConfigError(f"data.prepared_dir: no prepared data at {path.parent} (no "
+                          f"{MANIFEST}); run `glam-data prepare` with the same data overrides "
+                          "first.")
+    manifest = json.loads(path.read_text())
+    settings = json.loads(json.dumps(shard_settings(d), default=str))
+    if manifest["settings"] != settings:
+        diffs = [k for k in settings if manifest["settings"].get(k) != settings.get(k)]
+        raise ConfigError(f"data: {path.parent} was prepared with other settings (differing: "
+                          f"{', '.join(diffs)}); run `glam-data prepare` with this config, or "
+                          "point data.prepared_dir elsewhere.")
+    for i, source in enumerate(d.sources):
+        if source.weight > 0 and not manifest["sources"][source.name]["splits"]["train"]["tokens"]:
+            raise ConfigError(f"data.sources[{i}].weight: {source.name!r} has no training "
+                              "documents to draw from; give it weight 0 or some text.")
+    return manifest
+
+
+class TextCorpus:
+    """Prepared text: its tokenizer, fingerprint, training iterator and validation windows.
+
+    Raises (on construction):
+      ConfigError: see `load_manifest`; or a validation split smaller than one batch.
+    """
+
+    def __init__(self, d: DataConfig, window: int, batch_size: int):
+        self.cfg = d
+        self.root = Path(d.prepared_dir)
+        self.manifest = load_manifest(d)
+        self.tokenizer = SentencePieceTokenizer((self.root / self.manifest["tokenizer"]["file"])
+                                                .read_bytes())
+        self.fingerprint = self.manifest["fingerprint"]
+        self.window = window  # model.seq_len + 1
+        self.source_names = [s.name for s in d.sources]
+        for i, s in enumerate(d.sources):
+            tokens = self.manifest["sources"][s.name]["splits"]["val"]["tokens"]
+            if s.val_share > 0 and tokens < batch_size * self.window:
+                raise ConfigError(
+                    f"data.sources[{i}].val_share: {s.name!r} holds out {tokens} tokens, fewer "
+                    f"than one validation batch ({batch_size} x {self.window}); raise val_share "
+                    "(and prepare again) or lower train.batch_size.")
+
+    def _shards(self, source: str, split: str) -> list[str]:
+        return [str(self.root / p)
+                for p in self.manifest["sources"][source]["splits"][split]["shards"]]
+
+    def artifacts(self) -> list[Path]:
+        """The manifest and the tokenizer model, attached to every run trained on them."""
+        return [self.root / MANIFEST, self.root / self.manifest["tokenizer"]["file"]]
+
+    def facts(self) -> dict:
+        """Tokens per source and split, for the run's parameters."""
+        out = {"tokenizer_vocab": self.tokenizer.vocab_size}
+        for name, s in self.manifest["sources"].items():
+            for split, counts in s["splits"].items():
+                out[f"{name}_{split}_tokens"] = counts["tokens"]
+        return out
+
+    def train_dataset(self, rows: int, seed: int, process_index: int = 0,
+                      process_count: int = 1) -> grain.IterDataset:
+        """Batches {tokens, tokens_segment_ids, source} of `rows` windows for one process."""
+        parts, weights = [], []
+        for i, s in enumerate(self.cfg.sources):
+            if s.weight <= 0:
+                continue
+            docs = grain.MapDataset.source(
+                grain.sources.ArrayRecordDataSource(self._shards(s.name, "train")))
+            docs = docs[process_index::process_count].shuffle(seed=seed * 1009 + i).repeat(None)
+            parts.append(_packed(docs, self.window).map(
+                lambda x, i=i: {**x, SOURCE_KEY: np.int32(i)}))
+            weights.append(s.weight)
+        return grain.IterDataset.mix(parts, weights).batch(rows, drop_remainder=True)
+
+    def val_batches(self, source: str, n_batches: int,
+                    batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+        """Up to `n_batches` full batches of `source`'s validation windows."""
+        shards = self._shards(source, "val")
+        if not shards or not n_batches:
+            return
+        docs = grain.MapDataset.source(grain.sources.ArrayRecordDataSource(shards))
+        it = iter(_packed(docs, self.window).batch(batch_size, drop_remainder=True))
+        for _ in range(n_batches):
+            batch = next(it, None)
+            if batch is None:
+                return
+            yield batch

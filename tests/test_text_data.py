@@ -1,0 +1,327 @@
+"""Real text: source files, glam-data prepare, SentencePiece, the grain pipeline and its mixture."""
+
+import gzip
+import json
+import os
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from flax import nnx
+
+from glam.config import ConfigError, DataConfig, Malformed, SourceConfig, TokenizerConfig
+from glam.data.prepare import MANIFEST, prepare
+from glam.data.sources import DataError, ReadStats, documents, expand
+from glam.data.text import SOURCE_KEY, TextCorpus
+from glam.data.tokenizer import EOS, SentencePieceTokenizer
+from glam.model import GLaM
+from glam.resolve import load, load_raw, model_config
+
+_SYLLABLES = "ka ro vin del mar to zel qua bri sen lo dra mi fen gar tho ula pex".split()
+WORDS = [a + b + c for a in _SYLLABLES for b in _SYLLABLES[::2] for c in ("", "s", "ing")]
+
+
+def _docs(n, seed, words=WORDS):
+    rng = np.random.default_rng(seed)
+    return [" ".join(rng.choice(words, int(rng.integers(20, 80)))).capitalize() + "."
+            for _ in range(n)]
+
+
+def _jsonl(path: Path, docs, key="text"):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "wt", encoding="utf-8") as f:
+        for d in docs:
+            f.write(json.dumps({key: d, "url": "x"}) + "\n")
+    return path
+
+
+def _config(tmp_path, sources, **kw) -> DataConfig:
+    d = DataConfig(kind="text", sources=[SourceConfig(**s) for s in sources],
+                   prepared_dir=str(tmp_path / "prepared"),
+                   tokenizer=TokenizerConfig(vocab_size=kw.pop("vocab", 400), sample_chars=200_000),
+                   **kw)
+    d.engine.workers = 1
+    d.check()
+    return d
+
+
+def _two_sources(tmp_path, n=300):
+    _jsonl(tmp_path / "a" / "part-0.jsonl", _docs(n, 0))
+    _jsonl(tmp_path / "a" / "part-1.jsonl.gz", _docs(n, 1))
+    _jsonl(tmp_path / "b" / "one.jsonl", _docs(n, 2))
+    return [{"name": "a", "paths": [str(tmp_path / "a" / "*")], "weight": 0.3, "val_share": 0.1},
+            {"name": "b", "paths": [str(tmp_path / "b" / "one.jsonl")], "weight": 0.7,
+             "val_share": 0.1}]
+
+
+# -- reading sources ---------------------------------------------------------------------------
+def test_every_format_reads_its_documents(tmp_path):
+    docs = _docs(5, 0)
+    _jsonl(tmp_path / "x.jsonl", docs)
+    _jsonl(tmp_path / "x.jsonl.gz", docs, key="body")
+    pq.write_table(pa.table({"content": docs}), tmp_path / "x.parquet")
+    (tmp_path / "x.txt").write_text("\n".join(docs) + "\n")
+    for name, extra in (("x.jsonl", {}), ("x.jsonl.gz", {"text_field": "body"}),
+                        ("x.parquet", {"text_field": "content"}),
+                        ("x.txt", {"txt_unit": "line"})):
+        source = SourceConfig(name="s", paths=[str(tmp_path / name)], **extra)
+        got = [t for _, t in documents(str(tmp_path / name), source, Malformed.stop, ReadStats())]
+        assert got == docs, name
+    whole = SourceConfig(name="s", paths=[str(tmp_path / "x.txt")])  # txt_unit=file
+    got = list(documents(str(tmp_path / "x.txt"), whole, Malformed.stop, ReadStats()))
+    assert got == [(1, "\n".join(docs) + "\n")]
+
+
+def test_globs_expand_sorted_and_bad_paths_are_named(tmp_path):
+    for name in ("b.jsonl", "a.jsonl", "c.parquet"):
+        (tmp_path / name).write_text("")
+    source = SourceConfig(name="s", paths=[str(tmp_path / "*.jsonl"), str(tmp_path / "c.parquet")])
+    assert [Path(p).name for p in expand(source, "data.sources[0]")] == \
+        ["a.jsonl", "b.jsonl", "c.parquet"]
+    with pytest.raises(DataError, match=r"data.sources\[1\].paths\[0\]: the glob .* matches no"):
+        expand(SourceConfig(name="s", paths=[str(tmp_path / "*.json")]), "data.sources[1]")
+    with pytest.raises(DataError, match=r"data.sources\[0\].paths\[1\]: no file at"):
+        expand(SourceConfig(name="s", paths=[str(tmp_path / "a.jsonl"), str(tmp_path / "zz.jsonl")]),
+               "data.sources[0]")
+    (tmp_path / "d.csv").write_text("")
+    with pytest.raises(DataError, match="d.csv: unsupported file type"):
+        expand(SourceConfig(name="s", paths=[str(tmp_path / "d.csv")]), "data.sources[0]")
+
+
+@pytest.mark.parametrize("line,reason,message", [
+    (b'{"text": "ok", \n', "invalid_json", "invalid JSON"),
+    (b'["a list"]\n', "not_an_object", "a JSON list, not an object"),
+    (b'{"body": "no text field"}\n', "missing_field", "no field 'text' .fields: body.; set the source's text_field"),
+    (b'{"text": 42}\n', "not_a_string", "field 'text' holds a int, not a string"),
+    (b'{"text": "caf\xe9"}\n', "not_utf8", "not UTF-8"),
+])
+def test_a_bad_line_stops_naming_file_and_line_or_is_counted(tmp_path, line, reason, message):
+    path = tmp_path / "bad.jsonl"
+    path.write_bytes(b'{"text": "first"}\n\n' + line + b'{"text": "last"}\n')
+    source = SourceConfig(name="s", paths=[str(path)])
+    with pytest.raises(DataError, match=rf"bad.jsonl:3: {message}.*data.malformed=skip"):
+        list(documents(str(path), source, Malformed.stop, ReadStats()))
+    stats = ReadStats()
+    got = [t for _, t in documents(str(path), source, Malformed.skip, stats)]
+    assert got == ["first", "last"]
+    assert stats.skipped == {reason: 1} and stats.first[reason].endswith("bad.jsonl:3")
+
+
+def test_parquet_without_the_text_column_and_non_utf8_txt_are_named(tmp_path):
+    pq.write_table(pa.table({"body": ["x"]}), tmp_path / "p.parquet")
+    source = SourceConfig(name="s", paths=[str(tmp_path / "p.parquet")])
+    with pytest.raises(DataError, match="p.parquet: no column 'text' .*columns: body"):
+        list(documents(str(tmp_path / "p.parquet"), source, Malformed.skip, ReadStats()))
+    (tmp_path / "t.txt").write_bytes(b"line one\nline two \xff\n")
+    source = SourceConfig(name="s", paths=[str(tmp_path / "t.txt")])
+    with pytest.raises(DataError, match=r"t.txt:2: not UTF-8 \(byte 0xff"):
+        list(documents(str(tmp_path / "t.txt"), source, Malformed.stop, ReadStats()))
+
+
+@pytest.mark.parametrize("weights,message", [
+    ((-0.1, 1.0), r"data.sources\[0\].weight: must be >= 0"),
+    ((0.0, 0.0), "the mixture weights are all zero"),
+])
+def test_negative_or_all_zero_weights_are_refused(weights, message):
+    sources = [f"{{name: s{i}, paths: [x.jsonl], weight: {w}}}" for i, w in enumerate(weights)]
+    with pytest.raises(ConfigError, match=message):
+        load_raw(["data=pydocs", f"data.sources=[{','.join(sources)}]"])
+
+
+# -- the tokenizer -----------------------------------------------------------------------------
+def test_sentencepiece_round_trips_any_text_and_knows_ordinary_words(pydocs):
+    cfg = load(pydocs, backend="cpu")
+    tok = TextCorpus(cfg.data, 33, 4).tokenizer
+    assert tok.vocab_size == cfg.model.vocab_size == 512
+    assert (tok.pad_id, tok.unk_id, tok.eos_id) == (0, 1, 2)
+    for text in ["Return the value of the named attribute of object.",
+                 "  indented\n\tcode(x) -> 'ünïcödé' ☃ 漢字 1234", ""]:
+        ids = tok.encode(text)
+        assert tok.decode(ids) == text
+        assert tok.unk_id not in ids  # byte fallback: no <unk> at all
+    with pytest.raises(ValueError, match="ids"):
+        import sentencepiece as spm
+        import io
+        out = io.BytesIO()
+        spm.SentencePieceTrainer.train(sentence_iterator=iter(_docs(50, 0)), model_writer=out,
+                                       vocab_size=60, minloglevel=2)
+        SentencePieceTokenizer(out.getvalue())  # default ids: <unk> 0, <s> 1, </s> 2
+
+
+def test_the_vocabulary_comes_from_the_tokenizer_and_a_mismatch_is_refused(pydocs):
+    prepared = Path([o for o in pydocs if o.startswith("data.prepared_dir=")][0].split("=", 1)[1])
+    model = prepared / "tokenizer.model"
+    given = load(["data=pydocs", f"data.tokenizer.path={model}"], backend="cpu")
+    assert given.model.vocab_size == 512  # read from the model file, not the shards
+    assert load(["data=pydocs"], backend="cpu").model.vocab_size == 4096  # the planned size
+    with pytest.raises(ConfigError, match=r"model.vocab_size: 1000, but the tokenizer has 512"):
+        load(["data=pydocs", f"data.tokenizer.path={model}", "model.vocab_size=1000"],
+             backend="cpu")
+
+
+# -- glam-data prepare ------------------------------------------------------------------------
+def _mtimes(folder: Path) -> dict:
+    return {p: p.stat().st_mtime_ns for p in sorted((folder / "shards").rglob("*"))}
+
+
+def test_prepare_writes_a_manifest_and_a_rerun_does_nothing(tmp_path):
+    d = _config(tmp_path, _two_sources(tmp_path))
+    manifest = prepare(d, progress=False)
+    out = Path(d.prepared_dir)
+    assert json.loads((out / MANIFEST).read_text()) == manifest
+    a, b = manifest["sources"]["a"], manifest["sources"]["b"]
+    assert a["splits"]["train"]["documents"] + a["splits"]["val"]["documents"] == 600
+    assert 0.05 < a["splits"]["val"]["documents"] / 600 < 0.15  # val_share 0.1
+    assert len(a["files"]) == 2 and len(b["files"]) == 1
+    tok = SentencePieceTokenizer((out / "tokenizer.model").read_bytes())
+    assert manifest["tokenizer"] == {"file": "tokenizer.model", "from": "trained",
+                                     "sha256": tok.sha256, "vocab_size": 400}
+    before, manifest_time = _mtimes(out), (out / MANIFEST).stat().st_mtime_ns
+    assert prepare(d, progress=False) == manifest
+    assert _mtimes(out) == before and (out / MANIFEST).stat().st_mtime_ns == manifest_time
+    d.sources[1].val_share = 0.2  # a settings change makes a new fingerprint
+    assert prepare(d, progress=False)["fingerprint"] != manifest["fingerprint"]
+
+
+def test_a_failed_prepare_keeps_finished_files_and_completes_when_run_again(tmp_path):
+    sources = _two_sources(tmp_path)
+    first = _config(tmp_path / "first", sources, vocab=400)
+    prepare(first, progress=False)
+    bad = tmp_path / "a" / "part-2.jsonl"
+    bad.write_text('{"text": "fine"}\n{"text": broken\n')
+    d = _config(tmp_path, sources, vocab=400)
+    d.tokenizer.path = str(Path(first.prepared_dir) / "tokenizer.model")  # trained once, reused
+    with pytest.raises(DataError, match=r"part-2.jsonl:2: invalid JSON"):
+        prepare(d, progress=False)
+    out = Path(d.prepared_dir)
+    kept = {p: p.stat().st_mtime_ns for p in (out / "shards").rglob("*.done.json")}
+    assert not (out / MANIFEST).exists() and len(kept) >= 1  # finished files stay
+    assert not list((out / "shards").rglob("*.tmp*"))  # no half-written shard left as done
+    bad.write_text('{"text": "fine"}\n{"text": "mended"}\n')
+    manifest = prepare(d, progress=False)
+    for p, t in kept.items():
+        assert p.stat().st_mtime_ns == t, p  # not redone
+    a = manifest["sources"]["a"]["splits"]
+    assert a["train"]["documents"] + a["val"]["documents"] == 602
+    assert manifest["tokenizer"]["from"] == d.tokenizer.path
+
+
+def test_skipped_lines_are_counted_in_the_manifest(tmp_path):
+    sources = _two_sources(tmp_path)
+    (tmp_path / "b" / "one.jsonl").open("a").write('not json\n{"text": 3}\n')
+    d = _config(tmp_path, sources, malformed="skip")
+    manifest = prepare(d, progress=False)
+    assert manifest["sources"]["b"]["skipped_lines"] == {"invalid_json": 1, "not_a_string": 1}
+
+
+def test_prepare_refuses_a_tokenizer_of_another_vocabulary(tmp_path):
+    d = _config(tmp_path, _two_sources(tmp_path, n=100), vocab=350)
+    with pytest.raises(ConfigError, match="model.vocab_size: 64, but the tokenizer has 350"):
+        prepare(d, model_vocab=64, progress=False)
+    assert (Path(d.prepared_dir) / "tokenizer.model").is_file()  # kept for the next try
+
+
+# -- the grain pipeline ------------------------------------------------------------------------
+def test_the_mixture_drawn_follows_the_weights(tmp_path):
+    d = _config(tmp_path, _two_sources(tmp_path), vocab=400)
+    prepare(d, progress=False)
+    corpus = TextCorpus(d, 17, 4)
+    it = iter(corpus.train_dataset(rows=8, seed=0))
+    sources = np.concatenate([next(it)[SOURCE_KEY] for _ in range(250)])
+    assert abs(np.mean(sources == 0) - 0.3) < 0.02 and abs(np.mean(sources == 1) - 0.7) < 0.02
+    d.sources[0].weight = 0.0  # a source of weight 0 is never drawn
+    it = iter(TextCorpus(d, 17, 4).train_dataset(rows=8, seed=0))
+    assert all((next(it)[SOURCE_KEY] == 1).all() for _ in range(20))
+
+
+def test_packing_concatenates_documents_with_eos_and_numbers_segments(tmp_path):
+    d = _config(tmp_path, _two_sources(tmp_path, n=100), vocab=400)
+    prepare(d, progress=False)
+    corpus = TextCorpus(d, 513, 4)
+    batch = next(iter(corpus.train_dataset(rows=4, seed=3)))
+    tokens, segments = batch["tokens"], batch["tokens_segment_ids"]
+    assert tokens.shape == segments.shape == (4, 513) and tokens.dtype == np.int32
+    for row, seg in zip(tokens, segments):
+        ends = np.flatnonzero(row == EOS)
+        assert len(ends) >= 1  # documents are 20-80 words: several per window
+        # a new segment starts right after each <eos>
+        for e in ends[ends < 512]:
+            assert seg[e + 1] == seg[e] + 1
+        assert (np.diff(seg) >= 0).all() and seg[0] == 1
+
+
+def test_processes_read_disjoint_documents(tmp_path):
+    d = _config(tmp_path, _two_sources(tmp_path, n=100), vocab=400)
+    prepare(d, progress=False)
+    corpus = TextCorpus(d, 2049, 1)  # one window holds many documents
+    seen = []
+    for index in range(2):
+        batch = next(iter(corpus.train_dataset(rows=1, seed=0, process_index=index,
+                                               process_count=2)))
+        row = batch["tokens"][0]
+        docs = np.split(row, np.flatnonzero(row == EOS) + 1)[1:-1]  # whole documents only
+        seen.append({tuple(x) for x in docs})
+    assert seen[0] and seen[1] and not seen[0] & seen[1]
+
+
+def test_segment_ids_keep_attention_within_documents():
+    """A document packed after another gives the logits it has alone (relative positions only),
+    with segment ids; without them, the first document leaks into it."""
+    cfg = model_config(vocab_size=50, seq_len=16, d_model=32, n_layers=2, n_heads=2, d_ff=64)
+    model = GLaM(cfg, rngs=nnx.Rngs(0))
+    first = jax.random.randint(jax.random.key(0), (1, 6), 3, 50)
+    second = jax.random.randint(jax.random.key(1), (1, 10), 3, 50)
+    packed = jnp.concatenate([first, second], axis=1)
+    segments = jnp.asarray([[1] * 6 + [2] * 10])
+    alone, _ = model(second)
+    with_ids, _ = model(packed, segment_ids=segments)
+    without, _ = model(packed)
+    np.testing.assert_allclose(with_ids[:, 6:], alone, atol=1e-5)
+    assert np.abs(without[:, 6:] - alone).max() > 1e-3
+
+
+# -- evaluation with either tokenizer; the output z-loss -----------------------------------------
+def test_user_tasks_use_the_runs_sentencepiece_and_answers_stop_alike(pydocs):
+    from glam.data.tokenizer import WordTokenizer
+    from glam.eval.harness import Evaluator, answer_text
+    from glam.eval.tasks import Example, Task
+
+    cfg = load(pydocs, backend="cpu")
+    sp = TextCorpus(cfg.data, 33, 4).tokenizer
+    examples = [Example(prompt=f"What does the built-in function {f} return?", answers=(a,))
+                for f, a in (("len", "the length"), ("abs", "the absolute value"),
+                             ("repr", "a printable representation"))]
+    task = Task("trivia", "nlg", examples)
+    graphdef = nnx.graphdef(GLaM(cfg.model, rngs=nnx.Rngs(0)))
+    ev = Evaluator(graphdef, sp, [task], seq_len=32, batch_size=4, shots=[1],
+                   max_answer_tokens=4, length_normalize=False, seed=0)
+    ids = ev._encode(task, 0, 1)
+    assert sp.unk_id not in ids and ids.count(sp.eos_id) == 1  # demonstration <eos> query
+    assert sp.decode(ids).startswith("q: What does the built-in function")
+    for tok in (sp, WordTokenizer("paris is q: a: where".split())):
+        for generated in ("paris", "paris\nq: where", "paris q: where is"):
+            assert answer_text(tok, tok.encode(generated)) == "paris", (tok, generated)
+        assert answer_text(tok, tok.encode("paris") + [tok.eos_id] + tok.encode("is")) == "paris"
+
+
+def test_the_output_z_loss_is_added_with_its_weight():
+    from glam.step import loss_fn
+
+    tokens = jax.random.randint(jax.random.key(0), (2, 17), 0, 50)
+    losses = {}
+    for weight in (0.0, 0.5):
+        cfg = model_config(vocab_size=50, seq_len=16, d_model=32, n_layers=2, n_heads=2,
+                           d_ff=64, output_z_loss_weight=weight)
+        model = GLaM(cfg, rngs=nnx.Rngs(0))
+        total, (lm, output_z, _) = loss_fn(model, tokens, None, cfg)
+        logits, _ = model(tokens[:, :-1])
+        np.testing.assert_allclose(output_z, jnp.mean(jax.nn.logsumexp(logits, -1) ** 2),
+                                   rtol=1e-6)
+        losses[weight] = (float(total), float(lm), float(output_z))
+    assert losses[0.0][0] == pytest.approx(losses[0.0][1])
+    assert losses[0.5][0] == pytest.approx(losses[0.5][1] + 0.5 * losses[0.5][2], rel=1e-6)
