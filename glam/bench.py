@@ -7,7 +7,9 @@
 3. a whole training step, MoE (GLaM placement) vs the dense model it extends and vs a
    FLOP-matched MoE: step time ratio, tokens/s, model FLOPs utilisation, peak memory;
 4. the expert-parallel step on 8 fake CPU devices vs 1 device (overhead, not speed; run in a
-   child process, since the device count is fixed when JAX starts).
+   child process, since the device count is fixed when JAX starts);
+5. data (`glam.data.bench`): `glam-data prepare` throughput with 1 and 2 workers, its peak
+   memory at two corpus sizes, and the input pipeline's time per batch vs the step.
 
 Times are medians of repeated runs after a warm-up call; ratios come from the same run.
 """
@@ -32,6 +34,8 @@ import optax
 
 from glam import accounting
 from glam.config import ConfigError
+from glam.data.bench import data_bench
+from glam.data.bench import render as render_data
 from glam.model.layers import project
 from glam.model.moe import DISPATCH
 from glam.model.routing import expert_capacity, top_k_gating
@@ -118,8 +122,9 @@ def train_step_bench(overrides: list[str], steps: int = 10, n_devices: int | Non
 
 
 # The whole-step bench shape: the CPU presets widened until their matmuls fill the device.
-STEP_SHAPE = ["model.d_model=512", "model.d_ff=2048", "model.n_heads=8", "model.seq_len=128",
-              "train.batch_size=8"]
+STEP_BATCH, STEP_SEQ_LEN = 8, 128
+STEP_SHAPE = ["model.d_model=512", "model.d_ff=2048", "model.n_heads=8",
+              f"model.seq_len={STEP_SEQ_LEN}", f"train.batch_size={STEP_BATCH}"]
 STEP_MODELS = {
     "dense": ["model=cpu_dense", *STEP_SHAPE],
     "moe_glam": ["model=cpu_moe", *STEP_SHAPE],
@@ -188,6 +193,8 @@ def render(results: dict, command: str) -> str:
                       f"(1,8,1): {ep['eight_devices_s']:.3f} s vs {ep['one_device_s']:.3f} s on "
                       f"one device ({ep['overhead']:.2f}x: all_to_all and partitioning overhead "
                       "on 2 real cores, not a speed-up)."]
+    if "data" in results:
+        lines += render_data(results["data"])
     return "\n".join(lines) + "\n"
 
 
@@ -222,6 +229,7 @@ def main(argv: list[str] | None = None) -> None:
     results["steps"] = {name: train_step_bench(o + [f"model.dtype={dtype}"], n_devices=1)
                         for name, o in STEP_MODELS.items()}  # one device: MFU of one peak
     results["expert_parallel"] = expert_parallel()
+    results["data"] = data_bench(results["steps"]["dense"]["seconds"], STEP_BATCH, STEP_SEQ_LEN)
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(results, indent=1))
     text = render(results, "make bench")

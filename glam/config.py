@@ -309,7 +309,7 @@ class SourceConfig(Section):
               f"{prefix}.name", f"{self.name!r} names metrics (val_loss/<name>) and folders: "
               "use at most 64 letters, digits, '_' and '-'.")
         check(bool(self.paths) != (self.builtin is not None), f"{prefix}.paths",
-              "give at least one file or glob" if self.builtin is None else
+              "give at least one file or glob." if self.builtin is None else
               f"a builtin source ({self.builtin}) takes no paths; remove them.")
         check(bool(self.text_field), f"{prefix}.text_field", "must not be empty.")
         check(self.weight >= 0, f"{prefix}.weight",

@@ -175,7 +175,7 @@ class Engine:
         else:
             self.cluster = LocalCluster(n_workers=workers or os.cpu_count() or 1,
                                         threads_per_worker=1, processes=True,
-                                        dashboard_address=None)
+                                        dashboard_address=":0")  # any free port
             self.client = Client(self.cluster)
 
     def __enter__(self):

@@ -27,7 +27,9 @@ import numpy as np
 from glam.data.world import ANSWER, END, QUESTION, WORLD_TASKS, World
 
 
-STOP_STRINGS = ("\n", QUESTION)  # a generated answer ends before these (the next question)
+# A generated answer ends before the first of these: the end of a demonstration's answer (" ."),
+# a new line, the next question.
+STOP_STRINGS = (" .", "\n", QUESTION)
 
 
 @dataclass(frozen=True)
