@@ -261,7 +261,7 @@ class Trainer:
         record = {"step": self.step, "data_order": self.data_order, "rollbacks": self.rollbacks,
                   "skipped_steps": self.skipped, "monitor": self.monitor.snapshot(),
                   "unpublished_metrics": unpublished, "mlflow_run_id": run_id,
-                  "tokens_drawn": getattr(self.feed, "tokens", np.zeros(0)).tolist(),
+                  "tokens_drawn": self.feed.tokens.tolist(),
                   **self.identity}
         self.ckpt.save(self.step, self.state, record, self.feed.iterator_state())
 

@@ -1,5 +1,6 @@
 """Multi-host: initialisation from config and cluster environments, and a real 2-process run."""
 
+import json
 import os
 import re
 import subprocess
@@ -216,3 +217,37 @@ def test_a_stop_signal_to_one_process_stops_both_at_the_same_step(tmp_path, free
     client = MlflowClient(uri)
     (run,) = client.search_runs([client.get_experiment_by_name("glam").experiment_id])
     assert run.info.status == "KILLED"
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_two_processes_train_on_prepared_text_with_one_iterator_state_each(tmp_path, free_port,
+                                                                          pydocs):
+    """Each process reads its own share of the documents (grain, every 2nd document) and
+    builds its rows of the global batch; each saves its iterator's state in the checkpoint and
+    a resumed pair continues from it."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    logs = [tmp_path / f"process{i}.log" for i in range(2)]
+
+    def pair(*overrides):
+        port = free_port()
+        return _wait([_train(tmp_path / "shared", uri, *pydocs, "mesh.data=-1", *overrides,
+                             f"distributed.coordinator_address=127.0.0.1:{port}",
+                             "distributed.num_processes=2", f"distributed.process_id={i}",
+                             env={"XLA_FLAGS": "--xla_force_host_platform_device_count=1"},
+                             log=logs[i])
+                      for i in range(2)], logs)
+
+    codes, texts = pair("faults.crash_at_step=5")
+    assert codes == [1, 1], texts[0][-3000:]
+    data = tmp_path / "shared" / "checkpoints" / "4" / "data"
+    states = [json.loads((data / f"process_{i}-of-2.json").read_text()) for i in range(2)]
+    assert states[0] != states[1]  # two iterators, each at its own position
+    codes, texts = pair()
+    assert codes == [0, 0], texts[0][-3000:]
+    assert "resuming MLflow run" in texts[0] and "from step 4" in texts[0]
+    client = MlflowClient(uri)
+    [run] = client.search_runs([client.get_experiment_by_name("glam").experiment_id])
+    steps, losses = _losses(client, run.info.run_id)
+    assert steps == list(range(8)) and np.isfinite(losses).all()
+    assert {"val_loss/reference", "val_loss/docstrings"} <= run.data.metrics.keys()

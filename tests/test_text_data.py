@@ -188,6 +188,22 @@ def test_prepare_writes_a_manifest_and_a_rerun_does_nothing(tmp_path):
     assert prepare(d, progress=False)["fingerprint"] != manifest["fingerprint"]
 
 
+def test_a_manifest_never_describes_shards_being_rewritten(tmp_path):
+    """A preparation with new settings that fails halfway leaves no manifest (training refuses
+    to start) rather than the old one over partly rewritten shards."""
+    sources = _two_sources(tmp_path)
+    d = _config(tmp_path, sources)
+    prepare(d, progress=False)
+    (tmp_path / "b" / "one.jsonl").open("a").write("not json\n")
+    d.tokenizer.path = str(Path(d.prepared_dir) / "tokenizer.model")
+    with pytest.raises(DataError, match="one.jsonl:301: invalid JSON"):
+        prepare(d, progress=False)
+    assert not (Path(d.prepared_dir) / MANIFEST).exists()
+    assert (Path(d.prepared_dir) / f"{MANIFEST}.previous").exists()
+    with pytest.raises(ConfigError, match="no prepared data"):
+        TextCorpus(d, 17, 4)
+
+
 def test_a_failed_prepare_keeps_finished_files_and_completes_when_run_again(tmp_path):
     sources = _two_sources(tmp_path)
     first = _config(tmp_path / "first", sources, vocab=400)

@@ -21,6 +21,7 @@ class WorldFeed:
     def __init__(self, corpus: WorldCorpus, batch_size: int, window: int, seed: int, sharding):
         self.corpus, self.batch_size, self.window, self.seed = corpus, batch_size, window, seed
         self.sharding = sharding
+        self.tokens = np.zeros(0, np.int64)  # one stream: no per-source counts
 
     def next(self, step: int, data_order: int) -> tuple[jax.Array, None]:
         """(tokens [B, window] int32, no segment ids) of `step`."""

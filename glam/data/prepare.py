@@ -291,6 +291,8 @@ def prepare(d: DataConfig, model_vocab: int | None = None, progress: bool = True
             if manifest.get("fingerprint") == fingerprint:
                 log.info("%s is up to date (fingerprint %s): nothing to do", out, fingerprint)
                 return manifest
+            # Shards are about to change: no manifest may describe them until they all have.
+            os.replace(manifest_path, out / f"{MANIFEST}.previous")
         results, jobs = {}, []
         for source in d.sources:
             folder = out / "shards" / source.name

@@ -125,7 +125,8 @@ class SentencePieceTokenizer:
         return self.sp.encode(text)
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return self.sp.encode(texts)
+        """One thread: parallelism is the data engine's (one worker per core)."""
+        return self.sp.encode(texts, num_threads=1)
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.sp.decode([int(i) for i in ids if i != PAD])
