@@ -35,7 +35,7 @@ def test_an_interruption_before_the_first_checkpoint_opens_no_second_run(tmp_pat
     cfg = load([*BASE, f"logger.tracking_uri={uri}"])
     save = Checkpointer.save
 
-    def interrupted_save(self, step, state, record):
+    def interrupted_save(self, step, state, record, data_state=None):
         raise Interrupted(signal.SIGINT)
 
     monkeypatch.setattr(Checkpointer, "save", interrupted_save)
