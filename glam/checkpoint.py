@@ -66,7 +66,7 @@ class Checkpointer:
         self.manager.wait_until_finished()
         try:
             self.manager.restore(step, args=ocp.args.Composite(
-                data=grain.checkpoint.CheckpointRestore(iterator)))
+                data=grain.checkpoint.CheckpointRestore(_Restoring(iterator))))
         except Exception as err:
             raise CheckpointError(self._unreadable(step, err)) from err
 
@@ -150,3 +150,27 @@ class _Snapshot:
 
     def get_state(self) -> bytes:
         return self.text.encode()
+
+
+class _Restoring:
+    """Hands a grain iterator its saved state as it was before JSON: grain's packing marks "no
+    partial document" with the tuple (-1, -1), which JSON returns as a list that compares
+    unequal, so a document would be dropped."""
+
+    def __init__(self, iterator):
+        self.iterator = iterator
+
+    def set_state(self, raw: bytes) -> None:
+        self.iterator.set_state(_with_slice_tuples(json.loads(raw)))
+
+    def start_prefetch(self) -> None:
+        self.iterator.start_prefetch()
+
+
+def _with_slice_tuples(state):
+    if isinstance(state, dict):
+        return {k: ({f: tuple(v) for f, v in value.items()} if k == "remainder_slices"
+                    else _with_slice_tuples(value)) for k, value in state.items()}
+    if isinstance(state, list):
+        return [_with_slice_tuples(x) for x in state]
+    return state

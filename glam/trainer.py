@@ -160,8 +160,8 @@ class Trainer:
                               f"(newest: step {latest}); use train.resume=auto to continue them "
                               "or a new hydra.run.dir.")
         window = m.seq_len + 1
-        self.corpus = (TextCorpus(cfg.data, window, t.batch_size) if cfg.data.kind == DataKind.text
-                       else WorldCorpus(cfg.data))
+        self.corpus = (TextCorpus(cfg.data, window, t.batch_size, m.vocab_size)
+                       if cfg.data.kind == DataKind.text else WorldCorpus(cfg.data))
         self.identity = checkpoint_identity(cfg, self.corpus.fingerprint)
         self.set_aside: list[str] = []  # damaged checkpoints moved away, reported on the run
         self.reported_set_aside = 0

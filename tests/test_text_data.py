@@ -258,7 +258,7 @@ def test_the_mixture_drawn_follows_the_weights(tmp_path):
 def test_packing_concatenates_documents_with_eos_and_numbers_segments(tmp_path):
     d = _config(tmp_path, _two_sources(tmp_path, n=100), vocab=400)
     prepare(d, progress=False)
-    corpus = TextCorpus(d, 513, 4)
+    corpus = TextCorpus(d, 513, 1)
     batch = next(iter(corpus.train_dataset(rows=4, seed=3)))
     tokens, segments = batch["tokens"], batch["tokens_segment_ids"]
     assert tokens.shape == segments.shape == (4, 513) and tokens.dtype == np.int32
@@ -272,13 +272,13 @@ def test_packing_concatenates_documents_with_eos_and_numbers_segments(tmp_path):
 
 
 def test_processes_read_disjoint_documents(tmp_path):
-    d = _config(tmp_path, _two_sources(tmp_path, n=100), vocab=400)
+    d = _config(tmp_path, _two_sources(tmp_path), vocab=400)
     prepare(d, progress=False)
     corpus = TextCorpus(d, 2049, 1)  # one window holds many documents
     seen = []
     for index in range(2):
-        batch = next(iter(corpus.train_dataset(rows=1, seed=0, process_index=index,
-                                               process_count=2)))
+        batch = next(iter(corpus.train_dataset(rows=1, seed=0, shard_index=index,
+                                               shard_count=2)))
         row = batch["tokens"][0]
         docs = np.split(row, np.flatnonzero(row == EOS) + 1)[1:-1]  # whole documents only
         seen.append({tuple(x) for x in docs})
@@ -341,3 +341,28 @@ def test_the_output_z_loss_is_added_with_its_weight():
         losses[weight] = (float(total), float(lm), float(output_z))
     assert losses[0.0][0] == pytest.approx(losses[0.0][1])
     assert losses[0.5][0] == pytest.approx(losses[0.5][1] + 0.5 * losses[0.5][2], rel=1e-6)
+
+
+def test_an_iterator_restored_from_any_checkpoint_reads_what_it_would_have(tmp_path, pydocs):
+    """Also from the step-0 state, where no document is partly packed (a state JSON changes)."""
+    from glam.checkpoint import Checkpointer
+    from glam.config import CheckpointConfig
+
+    cfg = load(pydocs, backend="cpu")
+    corpus = TextCorpus(cfg.data, 33, 4)
+    ckpt = Checkpointer(tmp_path / "ckpt", CheckpointConfig(every=1, keep=5, async_save=False))
+    straight = iter(corpus.train_dataset(rows=4, seed=0))
+    for step in range(6):
+        if step in (0, 3):
+            ckpt.save(step, nnx.State({"w": jnp.zeros(2)}), {"step": step}, straight.get_state())
+        next(straight)
+    expected = [next(straight)["tokens"] for _ in range(3)]
+    for step, skip in ((0, 6), (3, 3)):
+        resumed = iter(corpus.train_dataset(rows=4, seed=0))
+        ckpt.restore_data(step, resumed)
+        for _ in range(skip):
+            next(resumed)
+        got = [next(resumed)["tokens"] for _ in range(3)]
+        for a, b in zip(got, expected):
+            np.testing.assert_array_equal(a, b)
+    ckpt.close()

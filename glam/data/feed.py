@@ -46,25 +46,24 @@ class TextFeed:
     to the checkpoint's state (`restore`).
 
     Raises (on construction):
-      ValueError: `batch_size` not divisible by the number of processes.
+      ValueError: this process's rows of the batch are not one block of equal blocks.
+      glam.config.ConfigError: a source with fewer documents than blocks.
     """
 
     def __init__(self, corpus: TextCorpus, batch_size: int, seed: int, sharding,
                  segment_ids: bool):
-        count, index = jax.process_count(), jax.process_index()
-        if batch_size % count:
-            raise ValueError(f"train.batch_size {batch_size} is not divisible by the "
-                             f"{count} processes")
         self.names = corpus.source_names
         self.global_shape = (batch_size, corpus.window)
-        self.sharding, self.segment_ids, self.processes = sharding, segment_ids, count
-        self.iterator = iter(corpus.train_dataset(batch_size // count, seed, index, count))
-        self.tokens = np.zeros(len(self.names), np.int64)  # drawn by this process, per source
+        self.sharding, self.segment_ids = sharding, segment_ids
+        block, self.blocks = row_block(sharding, self.global_shape)
+        self.iterator = iter(corpus.train_dataset(batch_size // self.blocks, seed, block,
+                                                  self.blocks))
+        self.tokens = np.zeros(len(self.names), np.int64)  # trained on by these rows, per source
 
     def next(self, step: int, data_order: int) -> tuple[jax.Array, Optional[jax.Array]]:
         """(tokens [B, window] int32, segment ids [B, window] int32 or None): the next batch."""
         batch = next(self.iterator)
-        np.add.at(self.tokens, batch[SOURCE_KEY], self.global_shape[1])
+        np.add.at(self.tokens, batch[SOURCE_KEY], self.global_shape[1] - 1)  # targets
 
         def global_array(local):
             return jax.make_array_from_process_local_data(self.sharding,
@@ -79,12 +78,34 @@ class TextFeed:
         return self.iterator.get_state()
 
     def drawn(self) -> dict[str, float]:
-        """Training tokens drawn per source so far (`data/tokens/<source>`; with several
-        processes, this process's count times their number) and their shares
+        """Training tokens (targets) drawn per source so far (`data/tokens/<source>`; with
+        several row blocks, this process's count times their number) and their shares
         (`data/mixture/<source>`)."""
         total = max(int(self.tokens.sum()), 1)
         out = {}
         for name, n in zip(self.names, self.tokens):
-            out[f"data/tokens/{name}"] = float(n * self.processes)
+            out[f"data/tokens/{name}"] = float(n * self.blocks)
             out[f"data/mixture/{name}"] = float(n / total)
         return out
+
+
+def row_block(sharding, global_shape: tuple[int, int]) -> tuple[int, int]:
+    """(index, count) of this process's block of batch rows: the rows its devices hold form one
+    of `count` equal blocks (processes that hold the same rows, along a model axis across
+    hosts, read the same block).
+
+    Raises:
+      ValueError: the rows are not one such block.
+    """
+    starts, stops = set(), set()
+    for index in sharding.addressable_devices_indices_map(global_shape).values():
+        rows = index[0]
+        starts.add(rows.start or 0)
+        stops.add(global_shape[0] if rows.stop is None else rows.stop)
+    lo, hi = min(starts), max(stops)
+    size = hi - lo
+    if global_shape[0] % size or lo % size:
+        raise ValueError(f"this process holds batch rows {lo}..{hi} of {global_shape[0]}, not "
+                         "one of equal blocks; choose a mesh whose data axis splits the batch "
+                         "evenly between processes")
+    return lo // size, global_shape[0] // size

@@ -77,23 +77,26 @@ def write_atomic(path: Path, data: bytes) -> None:
 
 # -- work done on the engine's workers (plain functions of picklable arguments) -----------------
 def sample_file(url: str, source: SourceConfig, policy: Malformed, seed: int,
-                keep: float) -> tuple[str, list[str]]:
-    """(url, lines of at most 4096 characters) of the documents of one file that a seeded hash
-    keeps with probability `keep`: its part of the tokenizer's training sample."""
+                keep: float) -> list[tuple[float, list[str]]]:
+    """(hash, lines of at most 4096 characters) of the documents of one file whose seeded hash
+    is below `keep`: candidates for the tokenizer's training sample (the driver keeps the
+    lowest hashes up to its character budget)."""
     out = []
     for _, text in documents(url, source, policy, ReadStats()):
-        if _unit_hash(seed, "sample", text) < keep:
-            out += [line[:4096] for line in text.splitlines() if line.strip()]
-    return url, out
+        u = _unit_hash(seed, "sample", text)
+        if u < keep:
+            out.append((u, [line[:4096] for line in text.splitlines() if line.strip()]))
+    return out
 
 
 def tokenize_file(url: str, source: SourceConfig, policy: Malformed, seed: int,
-                  model: bytes, stem: str, done: dict) -> dict:
-    """Tokenize one input file into `stem.train.array_record` and `stem.val.array_record`;
-    write `stem.done.json` (`done` plus the counts) last, and return it."""
+                  model: str, stem: str, done: dict) -> dict:
+    """Tokenize one input file with the SentencePiece model at `model` into
+    `stem.train.array_record` and `stem.val.array_record`; write `stem.done.json` (`done` plus
+    the counts) last, and return it."""
     from array_record.python.array_record_module import ArrayRecordWriter
 
-    tokenizer = SentencePieceTokenizer(model)
+    tokenizer = SentencePieceTokenizer.load(model)
     stats = ReadStats()
     counts = {split: {"documents": 0, "tokens": 0} for split in SPLITS}
     paths = {split: Path(f"{stem}.{split}.array_record") for split in SPLITS}
@@ -105,7 +108,8 @@ def tokenize_file(url: str, source: SourceConfig, policy: Malformed, seed: int,
 
     def flush():
         for text, ids in zip(batch, tokenizer.encode_batch(batch)):
-            split = "val" if _unit_hash(seed, source.name, text) < source.val_share else "train"
+            held_out = _unit_hash(seed, f"split:{source.name}", text) < source.val_share
+            split = "val" if held_out else "train"
             record = np.asarray(ids + [tokenizer.eos_id], np.int32)
             writers[split].write(record.tobytes())
             counts[split]["documents"] += 1
@@ -152,7 +156,7 @@ def plan(d: DataConfig) -> Plan:
     for i, source in enumerate(d.sources):
         if source.builtin is not None:
             files[source.name] = pydocs.export(str(source.builtin),
-                                               Path(d.prepared_dir) / "raw")
+                                               Path(d.prepared_dir).resolve() / "raw")
         else:
             files[source.name] = expand(source, f"data.sources[{i}]")
         identities[source.name] = [file_identity(u) for u in files[source.name]]
@@ -208,14 +212,24 @@ def train_tokenizer(d: DataConfig, p: Plan, engine: Engine) -> SentencePieceToke
     """
     t = d.tokenizer
     total = sum(s.weight for s in d.sources)
-    jobs = []
+    lines: list[str] = []
     for source in d.sources:
+        budget = t.sample_chars * source.weight / total
+        # File sizes are compressed bytes for .gz and parquet: the hash threshold overshoots
+        # there, and the budget is met below by keeping the lowest hashes.
         size = sum(int(i.get("size", 0)) for i in p.identities[source.name]) or 1
-        keep = min(1.0, t.sample_chars * source.weight / total / size)
-        if keep > 0:
-            jobs += [(u, source, d.malformed, d.seed, keep) for u in p.files[source.name]]
-    sampled = dict(engine.map(sample_file, jobs))
-    lines = [line for job in jobs for line in sampled[job[0]]]  # in a fixed order
+        keep = min(1.0, budget / size)
+        if keep <= 0:
+            continue
+        jobs = [(u, source, d.malformed, d.seed, keep) for u in p.files[source.name]]
+        candidates = sorted((c for found in engine.map(sample_file, jobs) for c in found),
+                            key=lambda c: c[0])
+        chars = 0
+        for _, doc_lines in candidates:
+            if chars >= budget:
+                break
+            lines += doc_lines
+            chars += sum(map(len, doc_lines))
     if not lines:
         raise DataError("the tokenizer sample is empty: every source's weight is 0 or its files "
                         "hold no text.")
@@ -238,14 +252,19 @@ def _tokenizer(d: DataConfig, p: Plan, out: Path, engine_factory) -> SentencePie
             raise DataError(f"data.tokenizer.path: cannot use the SentencePiece model at "
                             f"{d.tokenizer.path!r} ({err}).") from err
         if not model.is_file() or model.read_bytes() != given.model_bytes:
+            stamp.unlink(missing_ok=True)  # the copy is not the trained model the stamp names
             write_atomic(model, given.model_bytes)  # training reads the copy beside the shards
         return given
     key = _hash({"settings": tokenizer_settings(d), "inputs": p.identities})
-    if model.is_file() and stamp.is_file() and json.loads(stamp.read_text())["key"] == key:
-        return SentencePieceTokenizer(model.read_bytes())
+    if model.is_file() and stamp.is_file():
+        previous = json.loads(stamp.read_text())
+        trained = SentencePieceTokenizer(model.read_bytes())
+        if previous["key"] == key and previous.get("sha256") == trained.sha256:
+            return trained
     tokenizer = train_tokenizer(d, p, engine_factory())
     write_atomic(model, tokenizer.model_bytes)
-    write_atomic(stamp, json.dumps({"key": key, "settings": tokenizer_settings(d)},
+    write_atomic(stamp, json.dumps({"key": key, "sha256": tokenizer.sha256,
+                                    "settings": tokenizer_settings(d)},
                                    indent=1, default=str).encode())
     return tokenizer
 
@@ -269,7 +288,7 @@ def prepare(d: DataConfig, model_vocab: int | None = None, progress: bool = True
     if d.kind != DataKind.text:
         raise ConfigError("data.kind: glam-data prepare reads text sources; pick a text data "
                           "config (data=pydocs, data=glam_mixture, or your own).")
-    out = Path(d.prepared_dir)
+    out = Path(d.prepared_dir).resolve()  # remote workers write here too: no relative paths
     out.mkdir(parents=True, exist_ok=True)
     p = plan(d)
     engine: Engine | None = None
@@ -288,26 +307,30 @@ def prepare(d: DataConfig, model_vocab: int | None = None, progress: bool = True
         manifest_path = out / MANIFEST
         if manifest_path.is_file():
             manifest = json.loads(manifest_path.read_text())
-            if manifest.get("fingerprint") == fingerprint:
+            if manifest.get("fingerprint") == fingerprint and _shards_exist(out, manifest):
                 log.info("%s is up to date (fingerprint %s): nothing to do", out, fingerprint)
                 return manifest
             # Shards are about to change: no manifest may describe them until they all have.
             os.replace(manifest_path, out / f"{MANIFEST}.previous")
         results, jobs = {}, []
-        for source in d.sources:
+        for source, source_settings in zip(d.sources, settings["sources"]):
             folder = out / "shards" / source.name
             folder.mkdir(parents=True, exist_ok=True)
-            for j, (url, identity) in enumerate(zip(p.files[source.name],
-                                                    p.identities[source.name])):
-                stem = str(folder / f"{j:05d}")
+            for url, identity in zip(p.files[source.name], p.identities[source.name]):
+                # Named by the input's path, so adding a file redoes no other; done when the
+                # stamp holds this source's settings, the input's identity and the tokenizer.
+                stem = str(folder / _hash(url)[:16])
                 done = {"source": source.name, "input": identity,
-                        "key": _hash({"settings": settings, "input": identity,
-                                      "tokenizer": tokenizer.sha256})}
+                        "key": _hash({"source": source_settings, "malformed": settings["malformed"],
+                                      "seed": d.seed, "format": FORMAT_VERSION,
+                                      "input": identity, "tokenizer": tokenizer.sha256})}
                 stamp = Path(f"{stem}.done.json")
-                if stamp.is_file() and json.loads(stamp.read_text()).get("key") == done["key"]:
+                finished = stamp.is_file() and all(
+                    Path(f"{stem}.{split}.array_record").is_file() for split in SPLITS)
+                if finished and json.loads(stamp.read_text()).get("key") == done["key"]:
                     results[stem] = json.loads(stamp.read_text())
                 else:
-                    jobs.append((url, source, d.malformed, d.seed, tokenizer.model_bytes, stem,
+                    jobs.append((url, source, d.malformed, d.seed, str(out / TOKENIZER), stem,
                                  done))
         if jobs:
             log.info("tokenizing %d files (%d already done) on %s", len(jobs), len(results),
@@ -319,6 +342,11 @@ def prepare(d: DataConfig, model_vocab: int | None = None, progress: bool = True
     manifest = _manifest(d, p, out, tokenizer, fingerprint, results)
     write_atomic(out / MANIFEST, json.dumps(manifest, indent=1).encode())
     return manifest
+
+
+def _shards_exist(out: Path, manifest: dict) -> bool:
+    return all((out / shard).is_file() for source in manifest["sources"].values()
+               for split in source["splits"].values() for shard in split["shards"])
 
 
 def _run_tokenize(engine: Engine, jobs: list, results: dict, progress: bool) -> None:

@@ -33,6 +33,9 @@ def file_format(path: str) -> str:
       DataError: another extension.
     """
     name = path[:-3] if path.endswith(".gz") else path
+    if name != path and name.endswith(".parquet"):
+        raise DataError(f"{path}: a gzipped parquet file cannot be read in place; parquet "
+                        "compresses its own pages, so store it as .parquet.")
     for ext in FORMATS:
         if name.endswith(ext):
             return ext
@@ -111,35 +114,50 @@ def _decode(raw: bytes, policy, stats, where: str) -> str | None:
 
 def documents(url: str, source: SourceConfig, policy: Malformed,
               stats: ReadStats) -> Iterator[tuple[int, str]]:
-    """(line or row number from 1, text) of every non-empty document of one file, streamed.
+    """(line or row number from 1, text) of every document of one file that holds more than
+    whitespace, streamed.
 
     Raises:
       DataError: with `policy=stop`, the first malformed line (invalid JSON, not an object,
         missing or non-string `text_field`, not UTF-8), naming file and line; with either policy,
-        a parquet file without the `text_field` column. With `policy=skip` such lines are
-        counted in `stats` instead.
+        a parquet file without the `text_field` column, or a file that cannot be read to its end
+        (a truncated .gz, a damaged parquet page), naming file and line. With `policy=skip`
+        malformed lines are counted in `stats` instead.
     """
+    import pyarrow as pa
+    import zlib
+
     kind = file_format(url)
-    with fsspec.open(url, "rb", compression="infer") as f:
-        if kind == ".parquet":
-            yield from _parquet(f, url, source, policy, stats)
-            return
-        if kind == ".txt" and source.txt_unit == TextUnit.file:
-            text = _txt_file(f.read(), url, policy, stats)
-            if text and text.strip():
-                yield 1, text
-            return
-        for n, raw in enumerate(f, start=1):
-            where = f"{url}:{n}"
-            line = _decode(raw, policy, stats, where)
-            if line is None or not line.strip():
-                continue
-            if kind == ".txt":
-                yield n, line.rstrip("\n")
-                continue
-            text = _json_text(line, source.text_field, policy, stats, where)
-            if text:
-                yield n, text
+    position = [0]  # the line or row being read, for an error in the middle of the file
+    try:
+        with fsspec.open(url, "rb", compression="infer") as f:
+            if kind == ".parquet":
+                yield from _parquet(f, url, source, policy, stats, position)
+            elif kind == ".txt" and source.txt_unit == TextUnit.file:
+                text = _txt_file(f.read(), url, policy, stats)
+                if text and text.strip():
+                    yield 1, text
+            else:
+                yield from _lines(f, url, kind, source, policy, stats, position)
+    except (EOFError, OSError, zlib.error, pa.ArrowException) as err:
+        raise DataError(f"{url}:{position[0] + 1}: cannot read the file past this point "
+                        f"({type(err).__name__}: {err}); it is truncated or damaged.") from err
+
+
+def _lines(f, url: str, kind: str, source: SourceConfig, policy, stats,
+           position: list) -> Iterator[tuple[int, str]]:
+    for n, raw in enumerate(f, start=1):
+        position[0] = n - 1
+        where = f"{url}:{n}"
+        line = _decode(raw, policy, stats, where)
+        if line is None or not line.strip():
+            continue
+        if kind == ".txt":
+            yield n, line.rstrip("\r\n")
+            continue
+        text = _json_text(line, source.text_field, policy, stats, where)
+        if text and text.strip():
+            yield n, text
 
 
 def _txt_file(raw: bytes, url: str, policy, stats) -> str | None:
@@ -169,10 +187,18 @@ def _json_text(line: str, key: str, policy, stats, where: str) -> str | None:
         _bad(policy, stats, "not_a_string", where,
              f"field {key!r} holds a {type(text).__name__}, not a string")
         return None
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:  # a lone surrogate from a "\ud83d" escape
+        _bad(policy, stats, "not_utf8", where,
+             f"field {key!r} holds {text[err.start]!r} at character {err.start}, which is not "
+             "valid Unicode (a lone surrogate escape); fix the escape")
+        return None
     return text
 
 
-def _parquet(f, url: str, source: SourceConfig, policy, stats) -> Iterator[tuple[int, str]]:
+def _parquet(f, url: str, source: SourceConfig, policy, stats,
+             position: list) -> Iterator[tuple[int, str]]:
     import pyarrow.parquet as pq
 
     try:
@@ -186,6 +212,7 @@ def _parquet(f, url: str, source: SourceConfig, policy, stats) -> Iterator[tuple
     row = 0
     for batch in pf.iter_batches(columns=[source.text_field], batch_size=1024):
         for text in batch.column(0).to_pylist():
+            position[0] = row
             row += 1
             if text is None:
                 _bad(policy, stats, "missing_field", f"{url}:row {row}",

@@ -68,21 +68,29 @@ class TextCorpus:
     """Prepared text: its tokenizer, fingerprint, training iterator and validation windows.
 
     Raises (on construction):
-      ConfigError: see `load_manifest`; or a validation split smaller than one batch.
+      ConfigError: see `load_manifest`; a validation split smaller than one batch; a prepared
+        tokenizer whose size is not `model_vocab`.
     """
 
-    def __init__(self, d: DataConfig, window: int, batch_size: int):
+    def __init__(self, d: DataConfig, window: int, batch_size: int,
+                 model_vocab: int | None = None):
         self.cfg = d
         self.root = Path(d.prepared_dir)
         self.manifest = load_manifest(d)
         self.tokenizer = SentencePieceTokenizer((self.root / self.manifest["tokenizer"]["file"])
                                                 .read_bytes())
         self.fingerprint = self.manifest["fingerprint"]
+        if model_vocab is not None and model_vocab != self.tokenizer.vocab_size:
+            raise ConfigError(
+                f"model.vocab_size: {model_vocab}, but the prepared tokenizer "
+                f"({self.root / self.manifest['tokenizer']['file']}) has "
+                f"{self.tokenizer.vocab_size} pieces; set data.tokenizer.vocab_size (or "
+                "data.tokenizer.path) to what was prepared, or prepare again.")
         self.window = window  # model.seq_len + 1
         self.source_names = [s.name for s in d.sources]
         for i, s in enumerate(d.sources):
             tokens = self.manifest["sources"][s.name]["splits"]["val"]["tokens"]
-            if s.val_share > 0 and tokens < batch_size * self.window:
+            if s.val_share > 0 and tokens // self.window < batch_size:  # full windows only
                 raise ConfigError(
                     f"data.sources[{i}].val_share: {s.name!r} holds out {tokens} tokens, fewer "
                     f"than one validation batch ({batch_size} x {self.window}); raise val_share "
@@ -104,16 +112,27 @@ class TextCorpus:
                 out[f"{name}_{split}_tokens"] = counts["tokens"]
         return out
 
-    def train_dataset(self, rows: int, seed: int, process_index: int = 0,
-                      process_count: int = 1) -> grain.IterDataset:
-        """Batches {tokens, tokens_segment_ids, source} of `rows` windows for one process."""
+    def train_dataset(self, rows: int, seed: int, shard_index: int = 0,
+                      shard_count: int = 1) -> grain.IterDataset:
+        """Batches {tokens, tokens_segment_ids, source} of `rows` windows from the documents
+        of shard `shard_index` of `shard_count` (every `shard_count`-th document): one
+        process's distinct rows of the global batch.
+
+        Raises:
+          ConfigError: a source to draw from has fewer training documents than shards.
+        """
         parts, weights = [], []
         for i, s in enumerate(self.cfg.sources):
             if s.weight <= 0:
                 continue
             docs = grain.MapDataset.source(
                 grain.sources.ArrayRecordDataSource(self._shards(s.name, "train")))
-            docs = docs[process_index::process_count].shuffle(seed=seed * 1009 + i).repeat(None)
+            if len(docs) < shard_count:
+                raise ConfigError(
+                    f"data.sources[{i}]: {s.name!r} has {len(docs)} training documents, fewer "
+                    f"than the {shard_count} processes that each read their own share; split "
+                    "its text into more documents (txt_unit=line) or give it weight 0.")
+            docs = docs[shard_index::shard_count].shuffle(seed=seed * 1009 + i).repeat(None)
             parts.append(_packed(docs, self.window).map(
                 lambda x, i=i: {**x, SOURCE_KEY: np.int32(i)}))
             weights.append(s.weight)
@@ -121,12 +140,14 @@ class TextCorpus:
 
     def val_batches(self, source: str, n_batches: int,
                     batch_size: int) -> Iterator[dict[str, np.ndarray]]:
-        """Up to `n_batches` full batches of `source`'s validation windows."""
+        """Up to `n_batches` full batches of `source`'s validation windows (the last, padded
+        window left out: padding is no target)."""
         shards = self._shards(source, "val")
         if not shards or not n_batches:
             return
         docs = grain.MapDataset.source(grain.sources.ArrayRecordDataSource(shards))
-        it = iter(_packed(docs, self.window).batch(batch_size, drop_remainder=True))
+        windows = _packed(docs, self.window).filter(lambda x: x["tokens_segment_ids"].min() > 0)
+        it = iter(windows.batch(batch_size, drop_remainder=True))
         for _ in range(n_batches):
             batch = next(it, None)
             if batch is None:
