@@ -362,8 +362,8 @@ class DataConfig(Section):
     qa_entity_fraction: float = doc(0.5, "world: share of people whose QA lines are in training")
     train_tokens: int = doc(2_000_000, "world: training stream length (tokens)")
     val_tokens: int = doc(65_536, "world: validation stream length (tokens)")
-    seed: int = doc(1234, "seed of the world and its streams; text: of the tokenizer sample, "
-                          "the validation split and the shuffling")
+    seed: int = doc(1234, "seed of the world and its streams; text: of the tokenizer sample "
+                          "and the validation split (train.seed shuffles)")
     sources: list[SourceConfig] = doc(list, "text: the sources and their mixture weights",
                                       factory=True)
     prepared_dir: str = doc("data/prepared", "text: folder of the token shards and manifest "
@@ -397,6 +397,9 @@ class DataConfig(Section):
             names.add(source.name)
         check(sum(s.weight for s in self.sources) > 0, f"{prefix}.sources",
               "the mixture weights are all zero; give at least one source a positive weight.")
+        check(any(s.val_share > 0 for s in self.sources), f"{prefix}.sources",
+              "every val_share is 0: hold out some documents of at least one source for the "
+              "validation loss.")
         check(bool(self.prepared_dir), f"{prefix}.prepared_dir", "must not be empty.")
 
 

@@ -193,11 +193,7 @@ class Trainer:
         self.stop = StopOnSignal()
         self.single_process = jax.process_count() == 1
         if self.record is not None:
-            self._restore_newest()
-            if self.record is not None and isinstance(self.feed, TextFeed):
-                # Only here, on resuming: a rollback restores the model, not the data position.
-                self.ckpt.restore_data(self.record["step"], self.feed.iterator)
-                self.feed.tokens = np.asarray(self.record["tokens_drawn"], np.int64)
+            self._restore_newest(with_data=True)
 
     # -- checkpoints ---------------------------------------------------------------------------
     def _set_aside(self, step: int, err: Exception) -> None:
@@ -222,14 +218,16 @@ class Trainer:
         """
         return self._with_one_set_aside(lambda step: self.ckpt.read_record(step, self.identity))
 
-    def _restore_newest(self) -> None:
+    def _restore_newest(self, with_data: bool = False) -> None:
         """Restore the newest checkpoint, or the one before when the newest does not restore
         (set aside); with none left the run starts from step 0 (its initial state).
+        `with_data`: the data position too (on resuming; a rollback restores the model and
+        lets the data go on).
 
         Raises:
           CheckpointError: two checkpoints in a row do not restore.
         """
-        if self._with_one_set_aside(self._restore) is None:
+        if self._with_one_set_aside(lambda step: self._restore(step, with_data)) is None:
             self.record = None
 
     def _with_one_set_aside(self, use):
@@ -246,9 +244,12 @@ class Trainer:
                 damaged = step
         return None
 
-    def _restore(self, step: int) -> None:
+    def _restore(self, step: int, with_data: bool) -> None:
         record = self.ckpt.read_record(step, self.identity)
         self.state = self.ckpt.restore_state(step, self.state)
+        if with_data and isinstance(self.feed, TextFeed):
+            self.ckpt.restore_data(step, self.feed.iterator)
+            self.feed.tokens = np.asarray(record["tokens_drawn"], np.int64)
         self.step, self.data_order = record["step"], record["data_order"]
         self.rollbacks, self.skipped = record["rollbacks"], record["skipped_steps"]
         self.monitor = HealthMonitor.restore(self.cfg.stability, record["monitor"])

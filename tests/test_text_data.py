@@ -319,10 +319,11 @@ def test_user_tasks_use_the_runs_sentencepiece_and_answers_stop_alike(pydocs):
     ids = ev._encode(task, 0, 1)
     assert sp.unk_id not in ids and ids.count(sp.eos_id) == 1  # demonstration <eos> query
     assert sp.decode(ids).startswith("q: What does the built-in function")
-    for tok in (sp, WordTokenizer("paris is q: a: where".split())):
-        for generated in ("paris", "paris\nq: where", "paris q: where is"):
+    for tok in (sp, WordTokenizer("paris is q: a: where .".split())):
+        for generated in ("paris", "paris\nq: where", "paris q: where is", "paris . q:"):
             assert answer_text(tok, tok.encode(generated)) == "paris", (tok, generated)
         assert answer_text(tok, tok.encode("paris") + [tok.eos_id] + tok.encode("is")) == "paris"
+    assert answer_text(sp, sp.encode("Iraq: Baghdad")) == "Iraq: Baghdad"  # not a question
 
 
 def test_the_output_z_loss_is_added_with_its_weight():
@@ -366,3 +367,94 @@ def test_an_iterator_restored_from_any_checkpoint_reads_what_it_would_have(tmp_p
         for a, b in zip(got, expected):
             np.testing.assert_array_equal(a, b)
     ckpt.close()
+
+
+# -- damaged input, stale state, shapes of the batch ----------------------------------------------
+def test_damaged_files_and_odd_text_are_named_or_handled(tmp_path):
+    docs = _docs(200, 0)
+    full = _jsonl(tmp_path / "full.jsonl.gz", docs).read_bytes()
+    (tmp_path / "cut.jsonl.gz").write_bytes(full[: len(full) // 2])
+    source = SourceConfig(name="s", paths=[str(tmp_path / "cut.jsonl.gz")])
+    with pytest.raises(DataError, match=r"cut.jsonl.gz:\d+: cannot read the file past this point"):
+        list(documents(str(tmp_path / "cut.jsonl.gz"), source, Malformed.skip, ReadStats()))
+    (tmp_path / "x.parquet.gz").write_bytes(b"")
+    with pytest.raises(DataError, match="gzipped parquet"):
+        expand(SourceConfig(name="s", paths=[str(tmp_path / "x.parquet.gz")]), "data.sources[0]")
+    (tmp_path / "crlf.txt").write_bytes(b"line one\r\nline two\r\n")
+    crlf = SourceConfig(name="s", paths=[str(tmp_path / "crlf.txt")], txt_unit="line")
+    assert [t for _, t in documents(str(tmp_path / "crlf.txt"), crlf, Malformed.stop,
+                                    ReadStats())] == ["line one", "line two"]
+    (tmp_path / "odd.jsonl").write_text('{"text": "   "}\n{"text": "a \\ud83d b"}\n{"text": "ok"}\n')
+    odd = SourceConfig(name="s", paths=[str(tmp_path / "odd.jsonl")])
+    with pytest.raises(DataError, match=r"odd.jsonl:2: .*not valid Unicode"):
+        list(documents(str(tmp_path / "odd.jsonl"), odd, Malformed.stop, ReadStats()))
+    stats = ReadStats()  # whitespace-only text is no document; the surrogate is counted
+    assert [t for _, t in documents(str(tmp_path / "odd.jsonl"), odd, Malformed.skip, stats)] \
+        == ["ok"] and stats.skipped == {"not_utf8": 1}
+
+
+def test_a_given_tokenizer_does_not_leave_a_stale_trained_one(tmp_path):
+    sources = _two_sources(tmp_path, n=150)
+    other = _config(tmp_path / "other", sources, vocab=350)
+    prepare(other, progress=False)
+    d = _config(tmp_path, sources, vocab=400)
+    trained = prepare(d, progress=False)["tokenizer"]
+    d.tokenizer.path = str(Path(other.prepared_dir) / "tokenizer.model")
+    assert prepare(d, progress=False)["tokenizer"]["vocab_size"] == 350
+    d.tokenizer.path = None  # back to the first settings: train again, not the copy
+    again = prepare(d, progress=False)["tokenizer"]
+    assert again["vocab_size"] == 400 and again["sha256"] == trained["sha256"]
+
+
+def test_training_refuses_a_prepared_tokenizer_of_another_size(pydocs):
+    cfg = load(pydocs, backend="cpu")
+    with pytest.raises(ConfigError, match="model.vocab_size: 300, but the prepared tokenizer"):
+        TextCorpus(cfg.data, 33, 4, model_vocab=300)
+    with pytest.raises(ConfigError, match="model.vocab_size: 300, but the tokenizer has 512"):
+        load([*pydocs, "model.vocab_size=300"], backend="cpu")
+
+
+def test_validation_windows_are_whole_and_the_same_every_time(pydocs):
+    cfg = load(pydocs, backend="cpu")
+    corpus = TextCorpus(cfg.data, 33, 4)
+    tokens = corpus.manifest["sources"]["reference"]["splits"]["val"]["tokens"]
+    batches = list(corpus.val_batches("reference", 10_000, 4))
+    assert all(b["tokens_segment_ids"].min() > 0 for b in batches)  # no padded window
+    assert len(batches) == tokens // 33 // 4
+    again = list(corpus.val_batches("reference", 10_000, 4))
+    assert all((a["tokens"] == b["tokens"]).all() for a, b in zip(batches, again))
+
+
+def test_a_source_with_fewer_documents_than_processes_is_refused(tmp_path):
+    sources = _two_sources(tmp_path, n=150)
+    (tmp_path / "book.txt").write_text(" ".join(_docs(300, 5)))
+    sources.append({"name": "book", "paths": [str(tmp_path / "book.txt")], "weight": 0.1,
+                    "val_share": 0.0})
+    d = _config(tmp_path, sources)
+    prepare(d, progress=False)
+    corpus = TextCorpus(d, 17, 2)
+    next(iter(corpus.train_dataset(rows=2, seed=0)))  # one process: fine
+    with pytest.raises(ConfigError, match=r"data.sources\[2\]: 'book' has 1 training documents"):
+        corpus.train_dataset(rows=2, seed=0, shard_index=1, shard_count=2)
+
+
+def test_each_process_reads_the_row_block_its_devices_hold():
+    from glam.data.feed import row_block
+
+    class Rows:  # the part of a jax.sharding.Sharding that row_block reads
+        def __init__(self, *blocks):
+            self.blocks = blocks
+
+        def addressable_devices_indices_map(self, shape):
+            return {i: (slice(lo, hi), slice(None)) for i, (lo, hi) in enumerate(self.blocks)}
+
+    assert row_block(Rows((None, None)), (8, 5)) == (0, 1)
+    assert row_block(Rows((4, 6), (6, 8)), (8, 5)) == (1, 2)  # 2 devices, the second half
+    assert row_block(Rows((2, 4), (2, 4)), (8, 5)) == (1, 4)  # replicated along a model axis
+    with pytest.raises(ValueError, match="not one of equal blocks"):
+        row_block(Rows((2, 5)), (8, 5))
+
+
+def test_every_validation_share_zero_is_refused():
+    with pytest.raises(ConfigError, match="every val_share is 0"):
+        load_raw(["data=pydocs", "data.sources.0.val_share=0", "data.sources.1.val_share=0"])

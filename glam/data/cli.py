@@ -1,7 +1,7 @@
 """`glam-data prepare`: prepare a text corpus (Hydra app on glam's config tree).
 
     glam-data prepare data=pydocs                    # the Python docs, no download
-    glam-data prepare data=glam_mixture 'data.sources.0.paths=[/corpora/web/*.parquet]'
+    glam-data prepare data=my_corpus                 # conf/data/my_corpus.yaml: your sources
     glam-data prepare data=pydocs data.engine.address=tcp://scheduler:8786
 
 Takes the same overrides as glam-train, so `glam-data prepare X && glam-train X` trains on what

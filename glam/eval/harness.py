@@ -75,7 +75,7 @@ def answer_text(tokenizer: Tokenizer, ids: list[int]) -> str:
     """A generated answer: the text before <eos> (or padding), cut at the first stop string."""
     cut = next((i for i, t in enumerate(ids) if t in (tokenizer.eos_id, tokenizer.pad_id)),
                len(ids))
-    text = tokenizer.decode(ids[:cut])
+    text = " " + tokenizer.decode(ids[:cut])
     for stop in STOP_STRINGS:
         text = text.split(stop, 1)[0]
     return text.strip()

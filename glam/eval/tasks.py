@@ -27,9 +27,10 @@ import numpy as np
 from glam.data.world import ANSWER, END, QUESTION, WORLD_TASKS, World
 
 
-# A generated answer ends before the first of these: the end of a demonstration's answer (" ."),
+# A generated answer ends before the first of these (searched in " " + its text, so a question
+# marker only counts as a word: "Iraq:" does not stop): the end of a demonstration's answer,
 # a new line, the next question.
-STOP_STRINGS = (" .", "\n", QUESTION)
+STOP_STRINGS = (" .", "\n", f" {QUESTION}")
 
 
 @dataclass(frozen=True)
