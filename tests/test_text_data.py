@@ -458,3 +458,19 @@ def test_each_process_reads_the_row_block_its_devices_hold():
 def test_every_validation_share_zero_is_refused():
     with pytest.raises(ConfigError, match="every val_share is 0"):
         load_raw(["data=pydocs", "data.sources.0.val_share=0", "data.sources.1.val_share=0"])
+
+
+def test_prepare_runs_on_a_cluster_given_its_address(tmp_path):
+    """The same preparation on a running Dask scheduler (`data.engine.address`) as locally."""
+    from dask.distributed import LocalCluster
+
+    sources = _two_sources(tmp_path, n=100)
+    local = _config(tmp_path / "local", sources)
+    expected = prepare(local, progress=False)
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True,
+                      dashboard_address=":0") as cluster:
+        remote = _config(tmp_path / "remote", sources)
+        remote.engine.address = cluster.scheduler_address
+        manifest = prepare(remote, progress=False)
+    assert manifest["fingerprint"] == expected["fingerprint"]
+    assert manifest["sources"] == expected["sources"]
