@@ -474,3 +474,11 @@ def test_prepare_runs_on_a_cluster_given_its_address(tmp_path):
         manifest = prepare(remote, progress=False)
     assert manifest["fingerprint"] == expected["fingerprint"]
     assert manifest["sources"] == expected["sources"]
+
+
+def test_an_unreachable_cluster_is_refused_before_any_work(tmp_path, free_port):
+    d = _config(tmp_path, _two_sources(tmp_path, n=20))
+    d.engine.address = f"tcp://127.0.0.1:{free_port()}"
+    with pytest.raises(ConfigError, match="data.engine.address: no Dask scheduler answers"):
+        prepare(d, progress=False)
+    assert not (Path(d.prepared_dir) / "tokenizer.model").exists()

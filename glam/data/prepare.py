@@ -164,7 +164,11 @@ def plan(d: DataConfig) -> Plan:
 
 
 class Engine:
-    """A Dask client: local worker processes, or the cluster at `address`."""
+    """A Dask client: local worker processes, or the cluster at `address`.
+
+    Raises (on construction):
+      ConfigError: no scheduler answers at `address` within 15 s.
+    """
 
     def __init__(self, address: str | None, workers: int):
         # Dask logs every worker start and stop, and a task error twice; the error reaches the
@@ -175,7 +179,12 @@ class Engine:
         logging.getLogger("distributed").setLevel(logging.CRITICAL)
         self.cluster = None
         if address:
-            self.client = Client(address)
+            try:
+                self.client = Client(address, timeout="15s")
+            except (OSError, TimeoutError) as err:
+                raise ConfigError(f"data.engine.address: no Dask scheduler answers at "
+                                  f"{address!r} ({err}); start one (`dask scheduler`) or leave "
+                                  "the address null to use local worker processes.") from err
         else:
             self.cluster = LocalCluster(n_workers=workers or os.cpu_count() or 1,
                                         threads_per_worker=1, processes=True,
@@ -299,6 +308,8 @@ def prepare(d: DataConfig, model_vocab: int | None = None, progress: bool = True
         return engine
 
     try:
+        if d.engine.address:
+            engine_factory()  # a cluster that does not answer is refused before any work
         tokenizer = _tokenizer(d, p, out, engine_factory)
         check_vocab(tokenizer.vocab_size, model_vocab)
         settings = shard_settings(d)
