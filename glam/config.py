@@ -84,6 +84,17 @@ class TextUnit(StrEnum):
     line = "line"
 
 
+class QualityRole(StrEnum):
+    curated = "curated"
+    web = "web"
+
+
+class Selection(StrEnum):
+    none = "none"
+    pareto = "pareto"
+    threshold = "threshold"
+
+
 class BuiltinText(StrEnum):
     reference = "reference"
     docstrings = "docstrings"
@@ -302,6 +313,9 @@ class SourceConfig(Section):
     text_field: str = doc("text", "JSONL key / parquet column holding a document's text")
     txt_unit: TextUnit = doc(TextUnit.file, ".txt files: one document per file or per line")
     weight: float = doc(1.0, "mixture weight: share of training tokens drawn from this source")
+    quality: Optional[QualityRole] = doc(None, "quality filter: curated (its positive "
+                                               "examples), web (its negatives, and filtered), "
+                                               "null (neither)")
     val_share: float = doc(0.01, "share of documents held out for validation, in [0, 1)")
 
     def check(self, prefix: str) -> None:
@@ -334,6 +348,36 @@ class TokenizerConfig(Section):
         _positive(self, prefix, ("vocab_size", "sample_chars"))
         check(0 < self.character_coverage <= 1, f"{prefix}.character_coverage",
               f"must be in (0, 1], got {self.character_coverage}.")
+
+
+@dataclass
+class QualityConfig(Section):
+    """GLaM's quality filter of web text (Du et al. 2021, section 4, after GPT-3 appendix A): a
+    logistic regression on hashed word n-grams scores how much a document looks like the
+    curated sources; web documents are then kept by `selection`."""
+
+    selection: Selection = doc(Selection.none, "none (no filter), pareto (keep when a "
+                                               "Pareto(alpha) draw > 1 - score) or threshold")
+    alpha: float = doc(9.0, "Pareto shape (GPT-3 and GLaM: 9)")
+    threshold: float = doc(0.5, "selection=threshold: keep when score >= threshold")
+    n_features: int = doc(2**20, "hash buckets of the word n-gram features (a power of two)")
+    ngram_max: int = doc(2, "longest word n-gram (2: unigrams and bigrams)")
+    train_docs: int = doc(20_000, "documents per class in the classifier's seeded sample")
+    holdout_share: float = doc(0.2, "share of that sample held out to evaluate it")
+    regularization: float = doc(1.0, "inverse L2 strength C of the logistic regression")
+    samples: int = doc(20, "kept and dropped documents recorded per web source")
+
+    def check(self, prefix: str = "data.quality") -> None:
+        check(self.alpha > 0, f"{prefix}.alpha", f"must be > 0 (a Pareto shape), got {self.alpha}.")
+        _in_unit_interval(self, prefix, ("threshold",))
+        check(self.n_features >= 2**10 and self.n_features & (self.n_features - 1) == 0,
+              f"{prefix}.n_features", f"must be a power of two >= 1024, got {self.n_features} "
+              "(GLaM-scale: 2**18 to 2**20).")
+        check(1 <= self.ngram_max <= 3, f"{prefix}.ngram_max", f"1 to 3, got {self.ngram_max}.")
+        _positive(self, prefix, ("train_docs", "regularization"))
+        _non_negative(self, prefix, ("samples",))
+        check(0 < self.holdout_share < 1, f"{prefix}.holdout_share",
+              f"must be in (0, 1), got {self.holdout_share}.")
 
 
 @dataclass
@@ -373,6 +417,8 @@ class DataConfig(Section):
     malformed: Malformed = doc(Malformed.stop, "text: a malformed input line stops the "
                                                "preparation, or is counted and skipped")
     segment_ids: bool = doc(False, "text: attention stays within each packed document")
+    quality: QualityConfig = doc(QualityConfig, "text: the quality filter of web sources",
+                                 factory=True)
     engine: EngineConfig = doc(EngineConfig, "text: where glam-data prepare runs", factory=True)
 
     def check(self, prefix: str = "data") -> None:
@@ -384,6 +430,7 @@ class DataConfig(Section):
         check(self.filler_share + self.qa_share <= 1, f"{prefix}.qa_share",
               "filler_share + qa_share must be <= 1.")
         self.tokenizer.check(f"{prefix}.tokenizer")
+        self.quality.check(f"{prefix}.quality")
         self.engine.check(f"{prefix}.engine")
         if self.kind != DataKind.text:
             return
@@ -397,6 +444,12 @@ class DataConfig(Section):
             names.add(source.name)
         check(sum(s.weight for s in self.sources) > 0, f"{prefix}.sources",
               "the mixture weights are all zero; give at least one source a positive weight.")
+        if self.quality.selection != Selection.none:
+            for role in QualityRole:
+                check(any(s.quality == role for s in self.sources), f"{prefix}.quality.selection",
+                      f"{self.quality.selection} filtering needs a source with quality: {role} "
+                      "(curated sources are the classifier's positives, web sources its "
+                      "negatives and what it filters); mark one, or selection=none.")
         check(any(s.val_share > 0 for s in self.sources), f"{prefix}.sources",
               "every val_share is 0: hold out some documents of at least one source for the "
               "validation loss.")

@@ -46,6 +46,8 @@ _TABLE: dict[Role, dict[str, str]] = {
                 "qa_entity_fraction train_tokens val_tokens seed sources malformed segment_ids",
         "data.tokenizer": "path model_type vocab_size byte_fallback character_coverage "
                           "sample_chars",
+        "data.quality": "selection alpha threshold n_features ngram_max train_docs "
+                        "holdout_share regularization samples",
         "optimizer": "name b1 b2 weight_decay grad_clip_norm decay_rate beta2_cap "
                      "update_clipping factored min_dim_size_to_factor "
                      "multiply_by_parameter_scale",

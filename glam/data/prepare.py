@@ -31,8 +31,10 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from glam.config import ConfigError, DataConfig, DataKind, Malformed, SourceConfig
+from glam.config import (ConfigError, DataConfig, DataKind, Malformed, QualityRole, Selection,
+                         SourceConfig)
 from glam.data import pydocs
+from glam.data import quality as quality_filter
 from glam.data.sources import DataError, ReadStats, documents, expand, file_identity
 from glam.data.tokenizer import SentencePieceTokenizer
 
@@ -40,6 +42,7 @@ log = logging.getLogger("glam.data")
 
 MANIFEST = "manifest.json"
 TOKENIZER = "tokenizer.model"
+QUALITY_DIR = "quality"
 SPLITS = ("train", "val")
 FORMAT_VERSION = 1
 
@@ -60,7 +63,8 @@ def shard_settings(d: DataConfig) -> dict:
     when training, and reach the shards only through a trained tokenizer's sample)."""
     return {"sources": [{k: v for k, v in asdict(s).items() if k != "weight"}
                         for s in d.sources],
-            "malformed": str(d.malformed), "seed": d.seed, "format": FORMAT_VERSION}
+            "malformed": str(d.malformed), "seed": d.seed, "format": FORMAT_VERSION,
+            "quality": asdict(d.quality)}
 
 
 def tokenizer_settings(d: DataConfig) -> dict:
@@ -81,22 +85,33 @@ def sample_file(url: str, source: SourceConfig, policy: Malformed, seed: int,
     """(hash, lines of at most 4096 characters) of the documents of one file whose seeded hash
     is below `keep`: candidates for the tokenizer's training sample (the driver keeps the
     lowest hashes up to its character budget)."""
+    return [(u, [line[:4096] for line in text.splitlines() if line.strip()])
+            for u, text in sample_documents(url, source, policy, seed, "sample", keep, None)]
+
+
+def sample_documents(url: str, source: SourceConfig, policy: Malformed, seed: int, salt: str,
+                     keep: float, max_chars: int | None = 20_000) -> list[tuple[float, str]]:
+    """(hash, text cut to `max_chars`) of the documents of one file whose seeded hash (salted
+    with `salt`) is below `keep`: candidates for a sample (the driver keeps the lowest hashes up
+    to its budget)."""
     out = []
     for _, text in documents(url, source, policy, ReadStats()):
-        u = _unit_hash(seed, "sample", text)
+        u = _unit_hash(seed, salt, text)
         if u < keep:
-            out.append((u, [line[:4096] for line in text.splitlines() if line.strip()]))
+            out.append((u, text[:max_chars]))
     return out
 
 
 def tokenize_file(url: str, source: SourceConfig, policy: Malformed, seed: int,
-                  model: str, stem: str, done: dict) -> dict:
+                  model: str, stem: str, done: dict, quality: dict | None = None) -> dict:
     """Tokenize one input file with the SentencePiece model at `model` into
     `stem.train.array_record` and `stem.val.array_record`; write `stem.done.json` (`done` plus
-    the counts) last, and return it."""
+    the counts) last, and return it. `quality` ({"classifier": path, "cfg": QualityConfig}):
+    score every document and keep those the selection keeps (a web source)."""
     from array_record.python.array_record_module import ArrayRecordWriter
 
     tokenizer = SentencePieceTokenizer.load(model)
+    selector = _Selector(quality, seed) if quality else None
     stats = ReadStats()
     counts = {split: {"documents": 0, "tokens": 0} for split in SPLITS}
     paths = {split: Path(f"{stem}.{split}.array_record") for split in SPLITS}
@@ -107,6 +122,8 @@ def tokenize_file(url: str, source: SourceConfig, policy: Malformed, seed: int,
     batch: list[str] = []
 
     def flush():
+        if selector is not None:
+            batch[:] = selector(batch)
         for text, ids in zip(batch, tokenizer.encode_batch(batch)):
             held_out = _unit_hash(seed, f"split:{source.name}", text) < source.val_share
             split = "val" if held_out else "train"
@@ -133,8 +150,44 @@ def tokenize_file(url: str, source: SourceConfig, policy: Malformed, seed: int,
         os.replace(tmps[split], paths[split])
     result = {**done, "stem": stem, "splits": counts, "skipped": dict(stats.skipped),
               "first_skipped": stats.first}
+    if selector is not None:
+        result["quality"] = selector.summary()
     write_atomic(Path(f"{stem}.done.json"), json.dumps(result, indent=1).encode())
     return result
+
+
+class _Selector:
+    """The quality stage of one file: scores, keep decisions, and what they were."""
+
+    def __init__(self, quality: dict, seed: int):
+        with open(quality["classifier"], "rb") as f:
+            self.classifier = quality_filter.Classifier.from_bytes(f.read())
+        self.cfg, self.seed = quality["cfg"], seed
+        self.kept, self.dropped = [], []  # scores
+        self.samples: dict[str, list] = {"kept": [], "dropped": []}  # (-hash, score, text) heaps
+
+    def __call__(self, texts: list[str]) -> list[str]:
+        import heapq
+
+        scores = self.classifier.scores(texts, self.cfg)
+        uniforms = np.asarray([_unit_hash(self.seed, "pareto", t) for t in texts])
+        decisions = quality_filter.keep(scores, uniforms, self.cfg)
+        for text, score, u, kept in zip(texts, scores, uniforms, decisions):
+            (self.kept if kept else self.dropped).append(float(score))
+            heap = self.samples["kept" if kept else "dropped"]
+            item = (-_unit_hash(self.seed, "show", text), float(score), text[:2000])
+            if len(heap) < self.cfg.samples:
+                heapq.heappush(heap, item)
+            elif self.cfg.samples:
+                heapq.heappushpop(heap, item)
+        return [t for t, kept in zip(texts, decisions) if kept]
+
+    def summary(self) -> dict:
+        return {"kept": len(self.kept), "dropped": len(self.dropped),
+                "histogram_kept": quality_filter.histogram(self.kept),
+                "histogram_dropped": quality_filter.histogram(self.dropped),
+                "samples": {k: [{"score": score, "text": text} for _, score, text in sorted(v)]
+                            for k, v in self.samples.items()}}
 
 
 # -- the driver --------------------------------------------------------------------------------
@@ -250,6 +303,67 @@ def train_tokenizer(d: DataConfig, p: Plan, engine: Engine) -> SentencePieceToke
                                         character_coverage=t.character_coverage, seed=d.seed)
 
 
+def train_classifier(d: DataConfig, p: Plan, engine: Engine) -> quality_filter.Classifier:
+    """The quality classifier, trained on up to `quality.train_docs` documents of the curated
+    sources and as many of the web sources (each the lowest seeded hashes).
+
+    Raises:
+      DataError: too few documents of a class to train or evaluate it.
+    """
+    q = d.quality
+    texts = {}
+    for role in QualityRole:
+        sources = [s for s in d.sources if s.quality == role]
+        size = sum(int(i.get("size", 0)) for s in sources for i in p.identities[s.name]) or 1
+        keep = min(1.0, 2 * q.train_docs * 2000 / size)  # twice the need at ~2 KB a document
+        while True:
+            jobs = [(u, s, d.malformed, d.seed, f"quality:{role}", keep)
+                    for s in sources for u in p.files[s.name]]
+            found = sorted(c for part in engine.map(sample_documents, jobs) for c in part)
+            if len(found) >= q.train_docs or keep >= 1.0:
+                break
+            keep = min(1.0, keep * 8)  # the documents were longer than guessed
+        texts[role] = [text for _, text in found[: q.train_docs]]
+    log.info("training the quality classifier on %d curated and %d web documents",
+             len(texts[QualityRole.curated]), len(texts[QualityRole.web]))
+    try:
+        return quality_filter.train(texts[QualityRole.curated], texts[QualityRole.web], q, d.seed)
+    except ValueError as err:
+        raise DataError(f"data.sources: {err}") from err
+
+
+def _classifier(d: DataConfig, p: Plan, out: Path, engine_factory) -> Path | None:
+    """The quality classifier's file under `out/quality/` (trained, or reused when its settings
+    and the curated and web inputs are unchanged); None without a filter."""
+    if d.quality.selection == Selection.none:
+        return None
+    q = d.quality
+    folder = out / QUALITY_DIR
+    folder.mkdir(exist_ok=True)
+    path, stamp = folder / "classifier.npz", folder / "classifier.json"
+    key = _hash({"n_features": q.n_features, "ngram_max": q.ngram_max, "seed": d.seed,
+                 "train_docs": q.train_docs, "holdout_share": q.holdout_share,
+                 "regularization": q.regularization, "malformed": str(d.malformed),
+                 "inputs": {s.name: [str(s.quality), p.identities[s.name]] for s in d.sources
+                            if s.quality is not None}})
+    if path.is_file() and stamp.is_file():
+        previous = json.loads(stamp.read_text())
+        if previous["key"] == key and previous["sha256"] == quality_filter.Classifier.from_bytes(
+                path.read_bytes()).sha256:
+            return path
+    start = time.perf_counter()
+    classifier = train_classifier(d, p, engine_factory())
+    seconds = time.perf_counter() - start
+    write_atomic(path, classifier.to_bytes())
+    write_atomic(stamp, json.dumps({"key": key, "sha256": classifier.sha256,
+                                    "train_seconds": seconds, "settings": classifier.settings,
+                                    "metrics": classifier.metrics}, indent=1).encode())
+    m = classifier.metrics
+    log.info("quality classifier: ROC AUC %.3f, accuracy %.3f on %s held-out documents (%.1f s)",
+             m["roc_auc"], m["accuracy"], m["held_out_documents"], seconds)
+    return path
+
+
 def _tokenizer(d: DataConfig, p: Plan, out: Path, engine_factory) -> SentencePieceTokenizer:
     """The given tokenizer, the one trained before with the same settings and inputs, or a
     newly trained one (written to `out/tokenizer.model`)."""
@@ -312,9 +426,11 @@ def prepare(d: DataConfig, model_vocab: int | None = None, progress: bool = True
             engine_factory()  # a cluster that does not answer is refused before any work
         tokenizer = _tokenizer(d, p, out, engine_factory)
         check_vocab(tokenizer.vocab_size, model_vocab)
+        classifier = _classifier(d, p, out, engine_factory)
+        classifier_sha = _file_sha(classifier) if classifier else None
         settings = shard_settings(d)
         fingerprint = _hash({"settings": settings, "inputs": p.identities,
-                             "tokenizer": tokenizer.sha256})[:16]
+                             "tokenizer": tokenizer.sha256, "classifier": classifier_sha})[:16]
         manifest_path = out / MANIFEST
         if manifest_path.is_file():
             manifest = json.loads(manifest_path.read_text())
@@ -331,10 +447,14 @@ def prepare(d: DataConfig, model_vocab: int | None = None, progress: bool = True
                 # Named by the input's path, so adding a file redoes no other; done when the
                 # stamp holds this source's settings, the input's identity and the tokenizer.
                 stem = str(folder / _hash(url)[:16])
+                filtered = classifier is not None and source.quality == QualityRole.web
+                quality = {"classifier": str(classifier), "cfg": d.quality} if filtered else None
                 done = {"source": source.name, "input": identity,
                         "key": _hash({"source": source_settings, "malformed": settings["malformed"],
                                       "seed": d.seed, "format": FORMAT_VERSION,
-                                      "input": identity, "tokenizer": tokenizer.sha256})}
+                                      "input": identity, "tokenizer": tokenizer.sha256,
+                                      "quality": [settings["quality"], classifier_sha]
+                                      if filtered else None})}
                 stamp = Path(f"{stem}.done.json")
                 finished = stamp.is_file() and all(
                     Path(f"{stem}.{split}.array_record").is_file() for split in SPLITS)
@@ -342,7 +462,7 @@ def prepare(d: DataConfig, model_vocab: int | None = None, progress: bool = True
                     results[stem] = json.loads(stamp.read_text())
                 else:
                     jobs.append((url, source, d.malformed, d.seed, str(out / TOKENIZER), stem,
-                                 done))
+                                 done, quality))
         if jobs:
             log.info("tokenizing %d files (%d already done) on %s", len(jobs), len(results),
                      d.engine.address or "local Dask workers")
@@ -353,6 +473,10 @@ def prepare(d: DataConfig, model_vocab: int | None = None, progress: bool = True
     manifest = _manifest(d, p, out, tokenizer, fingerprint, results)
     write_atomic(out / MANIFEST, json.dumps(manifest, indent=1).encode())
     return manifest
+
+
+def _file_sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _shards_exist(out: Path, manifest: dict) -> bool:
@@ -379,7 +503,7 @@ def _run_tokenize(engine: Engine, jobs: list, results: dict, progress: bool) -> 
 
 def _manifest(d: DataConfig, p: Plan, out: Path, tokenizer, fingerprint: str,
               results: dict) -> dict:
-    sources = {}
+    sources, samples = {}, []
     for source in d.sources:
         stems = sorted(k for k, r in results.items() if r["source"] == source.name)
         splits = {split: {"documents": sum(results[k]["splits"][split]["documents"]
@@ -394,8 +518,32 @@ def _manifest(d: DataConfig, p: Plan, out: Path, tokenizer, fingerprint: str,
                 skipped[reason] = skipped.get(reason, 0) + n
         sources[source.name] = {"files": p.identities[source.name], "splits": splits,
                                 "skipped_lines": skipped}
-    return {"format": FORMAT_VERSION, "fingerprint": fingerprint,
-            "settings": shard_settings(d),
-            "tokenizer": {"file": TOKENIZER, "from": d.tokenizer.path or "trained",
-                          "sha256": tokenizer.sha256, "vocab_size": tokenizer.vocab_size},
-            "sources": sources}
+        filtered = [results[k]["quality"] for k in stems if "quality" in results[k]]
+        if filtered:
+            sources[source.name]["quality"] = _quality_summary(filtered)
+            samples += [{"source": source.name, "decision": decision, **sample}
+                        for q in filtered for decision, kept in q["samples"].items()
+                        for sample in kept]
+    manifest = {"format": FORMAT_VERSION, "fingerprint": fingerprint,
+                "settings": shard_settings(d),
+                "tokenizer": {"file": TOKENIZER, "from": d.tokenizer.path or "trained",
+                              "sha256": tokenizer.sha256, "vocab_size": tokenizer.vocab_size},
+                "sources": sources}
+    if d.quality.selection != Selection.none:
+        stamp = json.loads((out / QUALITY_DIR / "classifier.json").read_text())
+        write_atomic(out / QUALITY_DIR / "samples.jsonl",
+                     "".join(json.dumps(x) + "\n" for x in samples).encode())
+        manifest["quality"] = {"classifier": f"{QUALITY_DIR}/classifier.npz",
+                               "samples": f"{QUALITY_DIR}/samples.jsonl",
+                               **{k: stamp[k] for k in ("sha256", "train_seconds", "settings",
+                                                        "metrics")}}
+    return manifest
+
+
+def _quality_summary(parts: list[dict]) -> dict:
+    """Kept and dropped documents of a filtered source and their score histograms."""
+    kept, dropped = sum(q["kept"] for q in parts), sum(q["dropped"] for q in parts)
+    return {"kept": kept, "dropped": dropped, "kept_fraction": kept / max(kept + dropped, 1),
+            "histogram_bins": quality_filter.HISTOGRAM_BINS,
+            "histogram_kept": np.sum([q["histogram_kept"] for q in parts], axis=0).tolist(),
+            "histogram_dropped": np.sum([q["histogram_dropped"] for q in parts], axis=0).tolist()}

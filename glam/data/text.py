@@ -101,8 +101,11 @@ class TextCorpus:
                 for p in self.manifest["sources"][source]["splits"][split]["shards"]]
 
     def artifacts(self) -> list[Path]:
-        """The manifest and the tokenizer model, attached to every run trained on them."""
-        return [self.root / MANIFEST, self.root / self.manifest["tokenizer"]["file"]]
+        """The manifest, the tokenizer model and, for filtered data, the quality classifier
+        and the kept and dropped samples: attached to every run trained on them."""
+        quality = self.manifest.get("quality", {})
+        return [self.root / MANIFEST, self.root / self.manifest["tokenizer"]["file"],
+                *(self.root / quality[k] for k in ("classifier", "samples") if k in quality)]
 
     def facts(self) -> dict:
         """Tokens per source and split, for the run's parameters."""

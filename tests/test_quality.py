@@ -1,0 +1,149 @@
+"""GLaM's quality filter: the classifier, the Pareto selection and the filter stage of
+glam-data prepare."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from glam.config import ConfigError, DataConfig, QualityConfig, SourceConfig, TokenizerConfig
+from glam.data import quality
+from glam.data.prepare import _unit_hash, prepare
+from glam.data.sources import DataError
+from glam.resolve import load_raw
+
+_SUBJECTS = "the old teacher|a quiet child|every river|the bright market|this strange bridge".split("|")
+_VERBS = "remembers|follows|paints|crosses|carries|watches|opens".split("|")
+_OBJECTS = "a green garden|the heavy letter|some cold winter|the gentle song|that dark tower".split("|")
+_JUNK = ("click here subscribe now free offer buy cheap best price login cookie accept "
+         "share tweet like follow sale discount limited deal").split()
+
+
+def _clean(rng, n_sentences):
+    return " ".join(f"{rng.choice(_SUBJECTS).capitalize()} {rng.choice(_VERBS)} "
+                    f"{rng.choice(_OBJECTS)}." for _ in range(n_sentences))
+
+
+def _junk(rng, n_words):
+    words = rng.choice(_JUNK + [w for s in _SUBJECTS for w in s.split()], n_words)
+    return " ".join(words)
+
+
+def _corpus(tmp_path, n=400, seed=0):
+    """curated: clean prose; web: half clean prose, half junk (labels kept for measuring)."""
+    rng = np.random.default_rng(seed)
+    curated = [_clean(rng, int(rng.integers(3, 8))) for _ in range(n)]
+    web, labels = [], []
+    for i in range(n):
+        good = i % 2 == 0
+        web.append(_clean(rng, int(rng.integers(3, 8))) if good else
+                   _junk(rng, int(rng.integers(15, 40))))
+        labels.append(good)
+    for name, docs in (("curated", curated), ("web", web)):
+        path = tmp_path / "raw" / f"{name}.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    return curated, web, np.asarray(labels)
+
+
+def _config(tmp_path, selection="pareto", **quality_settings) -> DataConfig:
+    d = DataConfig(
+        kind="text",
+        sources=[SourceConfig(name="wiki", paths=[str(tmp_path / "raw" / "curated.jsonl")],
+                              quality="curated", weight=0.5, val_share=0.1),
+                 SourceConfig(name="web", paths=[str(tmp_path / "raw" / "web.jsonl")],
+                              quality="web", weight=0.5, val_share=0.1)],
+        prepared_dir=str(tmp_path / f"prepared-{selection}"),
+        tokenizer=TokenizerConfig(vocab_size=300, sample_chars=100_000),
+        quality=QualityConfig(selection=selection, n_features=2**14, train_docs=300,
+                              **quality_settings))
+    d.engine.workers = 1
+    d.check()
+    return d
+
+
+def test_the_classifier_recovers_planted_quality(tmp_path):
+    """Trained on curated vs all of web (it never sees which web pages are junk), it ranks the
+    junk pages below the clean ones: ROC AUC above 0.95."""
+    curated, web, clean = _corpus(tmp_path)
+    cfg = QualityConfig(n_features=2**14, train_docs=300)
+    clf = quality.train(curated[:300], web[:300], cfg, seed=0)
+    assert 0.5 < clf.metrics["roc_auc"] <= 1.0  # curated vs web: half of web is clean
+    assert len(clf.metrics["reliability"]["mean_score"]) >= 2
+    from sklearn.metrics import roc_auc_score
+
+    scores = clf.scores(web[300:], cfg)
+    assert roc_auc_score(clean[300:], scores) > 0.95
+    again = quality.Classifier.from_bytes(clf.to_bytes())
+    np.testing.assert_allclose(again.scores(web[300:], cfg), scores)
+    assert again.sha256 == clf.sha256
+
+
+def test_pareto_keeps_the_expected_fraction_and_the_same_documents_every_time():
+    cfg = QualityConfig(selection="pareto", alpha=9.0)
+    texts = [f"document {i}" for i in range(40_000)]
+    uniforms = np.asarray([_unit_hash(0, "pareto", t) for t in texts])
+    for score in (0.0, 0.5, 0.8, 1.0):
+        kept = quality.keep(np.full(len(texts), score), uniforms, cfg)
+        expected = float(quality.keep_probability(score, 9.0))  # (2 - s)^-9
+        assert abs(kept.mean() - expected) < 4 * np.sqrt(expected * (1 - expected) / len(texts)) \
+            + 1e-9, score
+    scores = np.linspace(0, 1, len(texts))
+    a = quality.keep(scores, uniforms, cfg)
+    b = quality.keep(scores, np.asarray([_unit_hash(0, "pareto", t) for t in texts]), cfg)
+    assert (a == b).all()  # a pure function of (seed, text, score)
+    threshold = quality.keep(scores, uniforms, QualityConfig(selection="threshold", threshold=0.7))
+    assert (threshold == (scores >= 0.7)).all()
+
+
+def test_the_filter_stage_drops_junk_and_is_recorded(tmp_path):
+    _, web, clean = _corpus(tmp_path)
+    filtered = prepare(_config(tmp_path), progress=False)
+    unfiltered = prepare(_config(tmp_path, "none"), progress=False)
+    assert filtered["fingerprint"] != unfiltered["fingerprint"]
+    q = filtered["sources"]["web"]["quality"]
+    assert q["kept"] + q["dropped"] == len(web)
+    out = Path(_config(tmp_path).prepared_dir)
+    clf = quality.Classifier.from_bytes((out / "quality" / "classifier.npz").read_bytes())
+    scores = clf.scores(web, _config(tmp_path).quality)
+    expected = quality.keep_probability(scores, 9.0)  # P(keep) = (2 - s)^-9 per page
+    assert abs(q["kept"] - expected.sum()) < 4 * np.sqrt(expected.sum()) + 2
+    assert expected[clean].mean() > 10 * expected[~clean].mean()  # clean pages survive
+    assert sum(q["histogram_kept"]) == q["kept"] and sum(q["histogram_dropped"]) == q["dropped"]
+    assert "quality" not in filtered["sources"]["wiki"]  # curated text is not filtered
+    assert filtered["quality"]["metrics"]["roc_auc"] > 0.5
+    samples = [json.loads(x) for x in (out / "quality" / "samples.jsonl").read_text().splitlines()]
+    junk = set(_JUNK)
+    kept = [s["text"] for s in samples if s["decision"] == "kept"]
+    dropped = [s["text"] for s in samples if s["decision"] == "dropped"]
+    assert kept and dropped and len(dropped) == 20
+    assert sum(bool(junk & set(t.split())) for t in kept) <= len(kept) // 4
+    w = filtered["sources"]["web"]["splits"]
+    u = unfiltered["sources"]["web"]["splits"]
+    assert w["train"]["documents"] + w["val"]["documents"] == q["kept"]
+    assert u["train"]["documents"] + u["val"]["documents"] == len(web)
+
+
+def test_one_and_two_workers_keep_the_same_documents(tmp_path):
+    _corpus(tmp_path)
+    one = _config(tmp_path)
+    two = _config(tmp_path)
+    two.prepared_dir = str(tmp_path / "two")
+    two.engine.workers = 2
+    a, b = prepare(one, progress=False), prepare(two, progress=False)
+    assert a["fingerprint"] == b["fingerprint"] and a["sources"] == b["sources"]
+
+
+def test_bad_quality_settings_are_refused_before_work(tmp_path):
+    with pytest.raises(ConfigError, match="data.quality.alpha: must be > 0"):
+        load_raw(["data=pydocs", "data.quality.alpha=0"])
+    with pytest.raises(ConfigError, match="needs a source with quality: curated"):
+        load_raw(["data=pydocs", "data.quality.selection=pareto",
+                  "data.sources.1.quality=web"])
+    with pytest.raises(ConfigError, match="needs a source with quality: web"):
+        load_raw(["data=pydocs", "data.quality.selection=threshold",
+                  "data.sources.0.quality=curated"])
+    _corpus(tmp_path, n=12)
+    with pytest.raises(DataError, match="data.sources: only .* documents for the quality"):
+        prepare(_config(tmp_path), progress=False)
