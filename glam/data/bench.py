@@ -21,7 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from glam.config import DataConfig, SourceConfig, TokenizerConfig
+from glam.config import (BuiltinText, DataConfig, QualityRole, Selection, SourceConfig,
+                         TokenizerConfig)
 from glam.data import pydocs
 from glam.data.prepare import prepare
 
@@ -29,8 +30,8 @@ COPIES = 32  # of the docstring corpus, for the throughput figures (about 17M to
 
 _CHILD = ("import json, sys; from glam.data.bench import _text_config, prepare; "
           "s = json.loads(sys.argv[1]); "
-          "prepare(_text_config(s['paths'], s['out'], s['tokenizer'], s['workers']), "
-          "progress=False)")
+          "prepare(_text_config(s['paths'], s['out'], s['tokenizer'], s['workers'], "
+          "s['filtered']), progress=False)")
 
 
 def _corpus(root: Path, copies: int) -> list[str]:
@@ -46,20 +47,29 @@ def _corpus(root: Path, copies: int) -> list[str]:
     return out
 
 
-def _text_config(paths: list[str], out: Path | str, tokenizer: str | None, workers: int) -> DataConfig:
+def _text_config(paths: list[str], out: Path | str, tokenizer: str | None, workers: int,
+                 filtered: bool = False) -> DataConfig:
+    """The docstring copies as one source; `filtered`: as web text under GLaM's quality filter
+    (Pareto, alpha 9), with the library reference topics as the curated source."""
     d = DataConfig(kind="text", sources=[SourceConfig(name="docstrings", paths=paths)],
                    prepared_dir=str(out),
                    tokenizer=TokenizerConfig(path=tokenizer, vocab_size=4096,
                                              sample_chars=1_000_000))
+    if filtered:
+        d.sources[0].quality = QualityRole.web
+        d.sources.append(SourceConfig(name="reference", builtin=BuiltinText.reference,
+                                      quality=QualityRole.curated, val_share=0.1))
+        d.quality.selection = Selection.pareto
     d.engine.workers = workers
     return d
 
 
-def _peak_rss_gib(paths: list[str], out: Path, tokenizer: str, workers: int) -> float:
+def _peak_rss_gib(paths: list[str], out: Path, tokenizer: str, workers: int,
+                  filtered: bool = False) -> float:
     """Largest resident set of any process of one prepare run (a child; the Dask workers are
     its descendants, reaped before it exits)."""
     spec = json.dumps({"paths": paths, "out": str(out), "tokenizer": tokenizer,
-                       "workers": workers})
+                       "workers": workers, "filtered": filtered})
     code = ("import resource, subprocess, sys; "
             "subprocess.run([sys.executable, '-c', sys.argv[1], sys.argv[2]], check=True); "
             "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
@@ -99,6 +109,24 @@ def data_bench(step_seconds: float, batch_size: int, seq_len: int) -> dict:
             {"copies": n, "peak_rss_gib": _peak_rss_gib(paths, root / f"rss{n}", tokenizer, 2)}
             for n, paths in ((1, one), (8, eight))]
 
+        # The quality stage: the docstrings as web text, scored and Pareto-sampled.
+        results["quality"] = []
+        for workers in (1, 2):
+            d = _text_config(many, root / f"q{workers}", tokenizer, workers, filtered=True)
+            start = time.perf_counter()
+            manifest = prepare(d, progress=False)
+            seconds = time.perf_counter() - start - manifest["quality"]["train_seconds"]
+            q = manifest["sources"]["docstrings"]["quality"]
+            results["quality"].append({"workers": workers, "seconds": seconds,
+                                       "docs_per_s": (q["kept"] + q["dropped"]) / seconds,
+                                       "kept_fraction": q["kept_fraction"],
+                                       "train_seconds": manifest["quality"]["train_seconds"],
+                                       "roc_auc": manifest["quality"]["metrics"]["roc_auc"]})
+        results["quality_memory"] = [
+            {"copies": n, "peak_rss_gib": _peak_rss_gib(paths, root / f"qrss{n}", tokenizer, 2,
+                                                        filtered=True)}
+            for n, paths in ((1, one), (8, eight))]
+
         # The input pipeline at the step bench shape (vocabulary aside: ids are ids).
         corpus = TextCorpus(base, seq_len + 1, batch_size)
         it = iter(corpus.train_dataset(batch_size, seed=0))
@@ -129,10 +157,21 @@ def render(r: dict) -> list[str]:
         lines.append(f"| {row['workers']} | {row['seconds']:.1f} | {row['docs_per_s']:,.0f} | "
                      f"{row['tokens_per_s']:,.0f} | {one['seconds'] / row['seconds']:.2f}x |")
     m1, m8 = r["memory"]
+    q1, q8 = r["quality_memory"]
     p = r["pipeline"]
     lines += ["", f"Peak resident memory of the largest prepare process: {m1['peak_rss_gib']:.2f} "
                   f"GiB on 1x the corpus, {m8['peak_rss_gib']:.2f} GiB on 8x "
                   f"({m8['peak_rss_gib'] / m1['peak_rss_gib']:.2f}x: streamed).", "",
+              f"Quality filter (the docstrings as web text, the reference topics as curated; "
+              f"Pareto alpha 9): classifier trained in {r['quality'][0]['train_seconds']:.1f} s "
+              f"(held-out ROC AUC {r['quality'][0]['roc_auc']:.3f}); then scored, sampled and "
+              f"tokenized (kept {r['quality'][0]['kept_fraction']:.1%}):", "",
+              "| workers | s | documents/s scored | vs 1 worker |", "|---|---|---|---|",
+              *[f"| {q['workers']} | {q['seconds']:.1f} | {q['docs_per_s']:,.0f} | "
+                f"{r['quality'][0]['seconds'] / q['seconds']:.2f}x |" for q in r["quality"]], "",
+              f"Peak resident memory with the filter: {q1['peak_rss_gib']:.2f} GiB on 1x, "
+              f"{q8['peak_rss_gib']:.2f} GiB on 8x ({q8['peak_rss_gib'] / q1['peak_rss_gib']:.2f}x).",
+              "",
               f"Input pipeline: one global batch {p['batch'][0]} x {p['batch'][1]} (grain: "
               f"shuffle, pack, mix, segment ids, to device) in {p['seconds'] * 1e3:.2f} ms, "
               f"{p['share']:.2%} of the dense bench step ({p['step_seconds']:.3f} s)."]
