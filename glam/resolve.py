@@ -29,7 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from glam.config import (Config, ConfigError, DataKind, Dispatch, ModelConfig, Placement, Section,
                          check, doc, freeze)
-from glam.data.tokenizer import planned_vocab_size
+from glam.data.prepare import planned_vocab_size
 from glam.data.world import ATTRIBUTES, WORLD_TASKS, world_vocab_size
 from glam.placement import expert_width
 
@@ -236,11 +236,7 @@ def resolve(cfg: Config, backend: str | None = None) -> ResolvedConfig:
             check(getattr(d, split) >= t.batch_size * window, f"data.{split}",
                   f"must hold at least one batch ({t.batch_size} x {window} tokens).")
     else:
-        try:
-            data_vocab = planned_vocab_size(d.tokenizer.path, d.tokenizer.vocab_size)
-        except (OSError, RuntimeError, ValueError) as err:
-            raise ConfigError(f"data.tokenizer.path: cannot use the SentencePiece model at "
-                              f"{d.tokenizer.path!r} ({err}).") from err
+        data_vocab = planned_vocab_size(d)
         model = _fill_shape(cfg.model, cfg.plan.placement, data_vocab, filled)
         check(model.vocab_size == data_vocab, "model.vocab_size",
               f"{model.vocab_size}, but the tokenizer has {data_vocab} pieces; set "

@@ -345,8 +345,9 @@ class Trainer:
                 # multi-host save needs) rather than dying with the interpreter.
                 self.ckpt.close()
         groups = {k: v for k, v in final.items() if k.startswith("eval/") and "_avg/" in k}
-        log.info("done: val_loss %.4f, %.0f tokens/s, %s", final["val_loss"],
-                 final["tokens_per_second"], ", ".join(f"{k[5:]} {v:.1f}" for k, v in groups.items()))
+        log.info("done: %s", ", ".join([f"val_loss {final['val_loss']:.4f}",
+                                         f"{final['tokens_per_second']:.0f} tokens/s",
+                                         *(f"{k[5:]} {v:.1f}" for k, v in groups.items())]))
         return final
 
     def _loop(self, logger: RunLogger) -> dict:

@@ -20,7 +20,7 @@ from glam.data.bench import COPIES, _corpus, _text_config
 from glam.data.prepare import Engine, prepare, tokenize_file
 
 
-def jobs(paths: list[str], out: Path, model: bytes) -> list[tuple]:
+def jobs(paths: list[str], out: Path, model: str) -> list[tuple]:
     source = _text_config(paths, out, None, 1).sources[0]
     out.mkdir(parents=True, exist_ok=True)
     return [(p, source, Malformed.stop, 1234, model, str(out / f"{i:05d}"), {"source": "d"})
@@ -56,8 +56,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="glam-engines-") as tmp:
         root = Path(tmp)
         one, many = _corpus(root, 1), _corpus(root, COPIES)
-        prepare(_text_config(one, root / "base", None, 2), progress=False)
-        model = (root / "base" / "tokenizer.model").read_bytes()
+        manifest = prepare(_text_config(one, root / "base", None, 2), progress=False)
+        model = str(root / "base" / manifest["tokenizer"]["file"])
         rows = []
         for name, run in (("dask", with_dask), ("ray data", with_ray)):
             for workers in (1, 2):

@@ -105,7 +105,7 @@ def test_the_filter_stage_drops_junk_and_is_recorded(tmp_path):
     q = filtered["sources"]["web"]["quality"]
     assert q["kept"] + q["dropped"] == len(web)
     out = Path(_config(tmp_path).prepared_dir)
-    clf = quality.Classifier.from_bytes((out / "quality" / "classifier.npz").read_bytes())
+    clf = quality.Classifier.from_bytes((out / filtered["quality"]["classifier"]).read_bytes())
     scores = clf.scores(web, _config(tmp_path).quality)
     expected = quality.keep_probability(scores, 9.0)  # P(keep) = (2 - s)^-9 per page
     assert abs(q["kept"] - expected.sum()) < 4 * np.sqrt(expected.sum()) + 2
@@ -113,7 +113,8 @@ def test_the_filter_stage_drops_junk_and_is_recorded(tmp_path):
     assert sum(q["histogram_kept"]) == q["kept"] and sum(q["histogram_dropped"]) == q["dropped"]
     assert "quality" not in filtered["sources"]["wiki"]  # curated text is not filtered
     assert filtered["quality"]["metrics"]["roc_auc"] > 0.5
-    samples = [json.loads(x) for x in (out / "quality" / "samples.jsonl").read_text().splitlines()]
+    samples = [json.loads(x) for x in
+               (out / filtered["quality"]["samples"]).read_text().splitlines()]
     junk = set(_JUNK)
     kept = [s["text"] for s in samples if s["decision"] == "kept"]
     dropped = [s["text"] for s in samples if s["decision"] == "dropped"]

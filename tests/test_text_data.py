@@ -40,6 +40,11 @@ def _jsonl(path: Path, docs, key="text"):
     return path
 
 
+def _tokenizer_file(prepared_dir) -> Path:
+    manifest = json.loads((Path(prepared_dir) / MANIFEST).read_text())
+    return Path(prepared_dir) / manifest["tokenizer"]["file"]
+
+
 def _config(tmp_path, sources, **kw) -> DataConfig:
     d = DataConfig(kind="text", sources=[SourceConfig(**s) for s in sources],
                    prepared_dir=str(tmp_path / "prepared"),
@@ -97,7 +102,7 @@ def test_globs_expand_sorted_and_bad_paths_are_named(tmp_path):
     (b'{"text": "ok", \n', "invalid_json", "invalid JSON"),
     (b'["a list"]\n', "not_an_object", "a JSON list, not an object"),
     (b'{"body": "no text field"}\n', "missing_field", "no field 'text' .fields: body.; set the source's text_field"),
-    (b'{"text": 42}\n', "not_a_string", "field 'text' holds a int, not a string"),
+    (b'{"text": 42}\n', "not_a_string", "field 'text' holds 42, not a string"),
     (b'{"text": "caf\xe9"}\n', "not_utf8", "not UTF-8"),
 ])
 def test_a_bad_line_stops_naming_file_and_line_or_is_counted(tmp_path, line, reason, message):
@@ -155,7 +160,7 @@ def test_sentencepiece_round_trips_any_text_and_knows_ordinary_words(pydocs):
 
 def test_the_vocabulary_comes_from_the_tokenizer_and_a_mismatch_is_refused(pydocs):
     prepared = Path([o for o in pydocs if o.startswith("data.prepared_dir=")][0].split("=", 1)[1])
-    model = prepared / "tokenizer.model"
+    model = _tokenizer_file(prepared)
     given = load(["data=pydocs", f"data.tokenizer.path={model}"], backend="cpu")
     assert given.model.vocab_size == 512  # read from the model file, not the shards
     assert load(["data=pydocs"], backend="cpu").model.vocab_size == 4096  # the planned size
@@ -178,9 +183,10 @@ def test_prepare_writes_a_manifest_and_a_rerun_does_nothing(tmp_path):
     assert a["splits"]["train"]["documents"] + a["splits"]["val"]["documents"] == 600
     assert 0.05 < a["splits"]["val"]["documents"] / 600 < 0.15  # val_share 0.1
     assert len(a["files"]) == 2 and len(b["files"]) == 1
-    tok = SentencePieceTokenizer((out / "tokenizer.model").read_bytes())
-    assert manifest["tokenizer"] == {"file": "tokenizer.model", "from": "trained",
-                                     "sha256": tok.sha256, "vocab_size": 400}
+    tok = SentencePieceTokenizer(_tokenizer_file(out).read_bytes())
+    assert {k: v for k, v in manifest["tokenizer"].items() if k != "settings"} == {
+        "file": f"tokenizer-{tok.sha256[:16]}.model", "from": "trained", "sha256": tok.sha256,
+        "vocab_size": 400}
     before, manifest_time = _mtimes(out), (out / MANIFEST).stat().st_mtime_ns
     assert prepare(d, progress=False) == manifest
     assert _mtimes(out) == before and (out / MANIFEST).stat().st_mtime_ns == manifest_time
@@ -188,20 +194,28 @@ def test_prepare_writes_a_manifest_and_a_rerun_does_nothing(tmp_path):
     assert prepare(d, progress=False)["fingerprint"] != manifest["fingerprint"]
 
 
-def test_a_manifest_never_describes_shards_being_rewritten(tmp_path):
-    """A preparation with new settings that fails halfway leaves no manifest (training refuses
-    to start) rather than the old one over partly rewritten shards."""
+def test_a_failed_preparation_leaves_the_previous_data_whole(tmp_path):
+    """New settings that fail halfway write new files beside the old ones: the old manifest and
+    every shard it lists stay as they were, and training on them still works."""
     sources = _two_sources(tmp_path)
     d = _config(tmp_path, sources)
-    prepare(d, progress=False)
+    before = prepare(d, progress=False)
+    out = Path(d.prepared_dir)
+    listed = {p: p.read_bytes() for source in before["sources"].values()
+              for split in source["splits"].values() for p in (out / x for x in split["shards"])}
     (tmp_path / "b" / "one.jsonl").open("a").write("not json\n")
-    d.tokenizer.path = str(Path(d.prepared_dir) / "tokenizer.model")
+    d.tokenizer.path = str(_tokenizer_file(out))
     with pytest.raises(DataError, match="one.jsonl:301: invalid JSON"):
         prepare(d, progress=False)
-    assert not (Path(d.prepared_dir) / MANIFEST).exists()
-    assert (Path(d.prepared_dir) / f"{MANIFEST}.previous").exists()
-    with pytest.raises(ConfigError, match="no prepared data"):
-        TextCorpus(d, 17, 4)
+    assert json.loads((out / MANIFEST).read_text()) == before
+    assert all(p.read_bytes() == data for p, data in listed.items())
+    d.tokenizer.path = None
+    TextCorpus(d, 17, 4)  # the previous data, as prepared
+    (tmp_path / "b" / "one.jsonl").write_text("".join(
+        json.dumps({"text": t}) + "\n" for t in _docs(300, 2)))  # mended, other content
+    after = prepare(d, progress=False)
+    assert after["fingerprint"] != before["fingerprint"]
+    assert not any(p.exists() for p in listed if "/b/" in str(p))  # replaced, now removed
 
 
 def test_a_failed_prepare_keeps_finished_files_and_completes_when_run_again(tmp_path):
@@ -211,7 +225,7 @@ def test_a_failed_prepare_keeps_finished_files_and_completes_when_run_again(tmp_
     bad = tmp_path / "a" / "part-2.jsonl"
     bad.write_text('{"text": "fine"}\n{"text": broken\n')
     d = _config(tmp_path, sources, vocab=400)
-    d.tokenizer.path = str(Path(first.prepared_dir) / "tokenizer.model")  # trained once, reused
+    d.tokenizer.path = str(_tokenizer_file(first.prepared_dir))  # trained once, reused
     with pytest.raises(DataError, match=r"part-2.jsonl:2: invalid JSON"):
         prepare(d, progress=False)
     out = Path(d.prepared_dir)
@@ -239,7 +253,7 @@ def test_prepare_refuses_a_tokenizer_of_another_vocabulary(tmp_path):
     d = _config(tmp_path, _two_sources(tmp_path, n=100), vocab=350)
     with pytest.raises(ConfigError, match="model.vocab_size: 64, but the tokenizer has 350"):
         prepare(d, model_vocab=64, progress=False)
-    assert (Path(d.prepared_dir) / "tokenizer.model").is_file()  # kept for the next try
+    assert not list(Path(d.prepared_dir).glob("tokenizer*"))  # refused before training
 
 
 # -- the grain pipeline ------------------------------------------------------------------------
@@ -399,7 +413,7 @@ def test_a_given_tokenizer_does_not_leave_a_stale_trained_one(tmp_path):
     prepare(other, progress=False)
     d = _config(tmp_path, sources, vocab=400)
     trained = prepare(d, progress=False)["tokenizer"]
-    d.tokenizer.path = str(Path(other.prepared_dir) / "tokenizer.model")
+    d.tokenizer.path = str(_tokenizer_file(other.prepared_dir))
     assert prepare(d, progress=False)["tokenizer"]["vocab_size"] == 350
     d.tokenizer.path = None  # back to the first settings: train again, not the copy
     again = prepare(d, progress=False)["tokenizer"]
@@ -481,4 +495,4 @@ def test_an_unreachable_cluster_is_refused_before_any_work(tmp_path, free_port):
     d.engine.address = f"tcp://127.0.0.1:{free_port()}"
     with pytest.raises(ConfigError, match="data.engine.address: no Dask scheduler answers"):
         prepare(d, progress=False)
-    assert not (Path(d.prepared_dir) / "tokenizer.model").exists()
+    assert not list(Path(d.prepared_dir).glob("tokenizer*"))

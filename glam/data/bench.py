@@ -90,7 +90,7 @@ def data_bench(step_seconds: float, batch_size: int, seq_len: int) -> dict:
         one, eight, many = _corpus(root, 1), _corpus(root, 8), _corpus(root, COPIES)
         base = _text_config(one, root / "base", None, 2)
         manifest = prepare(base, progress=False)  # trains the tokenizer used below
-        tokenizer = str(root / "base" / "tokenizer.model")
+        tokenizer = str(root / "base" / manifest["tokenizer"]["file"])
         per_copy = manifest["sources"]["docstrings"]["splits"]
         docs = sum(s["documents"] for s in per_copy.values())
         tokens = sum(s["tokens"] for s in per_copy.values())

@@ -11,6 +11,7 @@ was prepared. Bad input exits with status 2 and a message naming the file and li
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 
 import hydra
@@ -18,6 +19,7 @@ from omegaconf import DictConfig
 
 from glam.config import ConfigError
 from glam.data.sources import DataError
+from glam.interrupts import SIGNALS, Interrupted
 from glam.resolve import CONF_DIR, raw
 
 log = logging.getLogger("glam.data")
@@ -30,16 +32,26 @@ Re-running with the same inputs and settings does nothing; an interrupted run co
 again. Runs on local Dask worker processes, or on the cluster at data.engine.address."""
 
 
+def _stop(signum, frame) -> None:
+    raise Interrupted(signum)
+
+
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def _prepare(dcfg: DictConfig) -> None:
     from glam.data.prepare import prepare
 
     try:
         cfg = raw(dcfg)
+        for signum in SIGNALS:  # preparation is safe to stop anywhere: every file is atomic
+            signal.signal(signum, _stop)
         manifest = prepare(cfg.data, cfg.model.vocab_size)
     except (ConfigError, DataError) as err:
         print(f"glam-data: {err}", file=sys.stderr)
         raise SystemExit(2) from None
+    except Interrupted as stop:
+        log.warning("%s; finished files are kept: run the same command again to complete the "
+                    "preparation", stop)
+        raise SystemExit(stop.exit_code) from None
     for name, source in manifest["sources"].items():
         for split, s in source["splits"].items():
             log.info("%s/%s: %d documents, %d tokens", name, split, s["documents"], s["tokens"])
@@ -51,9 +63,13 @@ def _prepare(dcfg: DictConfig) -> None:
 
 def main() -> None:
     args = sys.argv[1:]
-    if not args or args[0] in ("-h", "--help") or args[0] not in COMMANDS:
-        print(USAGE, file=sys.stderr if args and args[0] not in ("-h", "--help") else sys.stdout)
-        raise SystemExit(0 if args and args[0] in ("-h", "--help") else 2)
+    if args and args[0] in ("-h", "--help"):
+        print(USAGE)
+        raise SystemExit(0)
+    if not args or args[0] not in COMMANDS:
+        unknown = f"glam-data: unknown command {args[0]!r}\n" if args else ""
+        print(unknown + USAGE, file=sys.stderr)
+        raise SystemExit(2)
     # No Hydra output folder for a preparation: its outputs live in data.prepared_dir.
     sys.argv = [sys.argv[0], *args[1:], "hydra.output_subdir=null", "hydra.run.dir=.",
                 "hydra/job_logging=none", "hydra/hydra_logging=none"]

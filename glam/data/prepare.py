@@ -41,7 +41,6 @@ from glam.data.tokenizer import SentencePieceTokenizer
 log = logging.getLogger("glam.data")
 
 MANIFEST = "manifest.json"
-TOKENIZER = "tokenizer.model"
 QUALITY_DIR = "quality"
 SPLITS = ("train", "val")
 FORMAT_VERSION = 1
@@ -333,30 +332,34 @@ def train_classifier(d: DataConfig, p: Plan, engine: Engine) -> quality_filter.C
 
 
 def _classifier(d: DataConfig, p: Plan, out: Path, engine_factory) -> Path | None:
-    """The quality classifier's file under `out/quality/` (trained, or reused when its settings
-    and the curated and web inputs are unchanged); None without a filter."""
+    """The quality classifier's file under `out/quality/` (named by its hash; trained, or
+    reused while its settings and the curated and web inputs are unchanged); None without a
+    filter."""
     if d.quality.selection == Selection.none:
         return None
     q = d.quality
     folder = out / QUALITY_DIR
     folder.mkdir(exist_ok=True)
-    path, stamp = folder / "classifier.npz", folder / "classifier.json"
+    stamp = folder / "classifier.json"
     key = _hash({"n_features": q.n_features, "ngram_max": q.ngram_max, "seed": d.seed,
                  "train_docs": q.train_docs, "holdout_share": q.holdout_share,
                  "regularization": q.regularization, "malformed": str(d.malformed),
                  "inputs": {s.name: [str(s.quality), p.identities[s.name]] for s in d.sources
                             if s.quality is not None}})
-    if path.is_file() and stamp.is_file():
-        previous = json.loads(stamp.read_text())
-        if previous["key"] == key and previous["sha256"] == quality_filter.Classifier.from_bytes(
-                path.read_bytes()).sha256:
-            return path
+    previous = json.loads(stamp.read_text()) if stamp.is_file() else {}
+    if previous.get("key") == key and (out / previous["file"]).is_file() \
+            and _file_sha(out / previous["file"]) == previous["file_sha256"]:
+        return out / previous["file"]
     start = time.perf_counter()
     classifier = train_classifier(d, p, engine_factory())
     seconds = time.perf_counter() - start
-    write_atomic(path, classifier.to_bytes())
-    write_atomic(stamp, json.dumps({"key": key, "sha256": classifier.sha256,
-                                    "train_seconds": seconds, "settings": classifier.settings,
+    data = classifier.to_bytes()
+    path = folder / f"classifier-{classifier.sha256[:16]}.npz"
+    write_atomic(path, data)
+    write_atomic(stamp, json.dumps({"key": key, "file": str(path.relative_to(out)),
+                                    "file_sha256": hashlib.sha256(data).hexdigest(),
+                                    "sha256": classifier.sha256, "train_seconds": seconds,
+                                    "settings": classifier.settings,
                                     "metrics": classifier.metrics}, indent=1).encode())
     m = classifier.metrics
     log.info("quality classifier: ROC AUC %.3f, accuracy %.3f on %s held-out documents (%.1f s)",
@@ -364,32 +367,41 @@ def _classifier(d: DataConfig, p: Plan, out: Path, engine_factory) -> Path | Non
     return path
 
 
-def _tokenizer(d: DataConfig, p: Plan, out: Path, engine_factory) -> SentencePieceTokenizer:
-    """The given tokenizer, the one trained before with the same settings and inputs, or a
-    newly trained one (written to `out/tokenizer.model`)."""
-    model, stamp = out / TOKENIZER, out / f"{TOKENIZER}.json"
+def _tokenizer(d: DataConfig, p: Plan, out: Path, engine_factory,
+               model_vocab: int | None) -> tuple[SentencePieceTokenizer, str]:
+    """(tokenizer, its file name under `out`): the given one, the one trained before with the
+    same settings and inputs, or a newly trained one. Files are named by their hash, so a
+    manifest's tokenizer is never replaced; sizes are checked before anything is written.
+
+    Raises:
+      ConfigError: its size differs from a set `model.vocab_size` (`model_vocab`).
+    """
+    stamp = out / "tokenizer.json"
     if d.tokenizer.path:
         try:
-            given = SentencePieceTokenizer.load(d.tokenizer.path)
+            tokenizer = SentencePieceTokenizer.load(d.tokenizer.path)
         except (OSError, RuntimeError, ValueError) as err:
             raise DataError(f"data.tokenizer.path: cannot use the SentencePiece model at "
                             f"{d.tokenizer.path!r} ({err}).") from err
-        if not model.is_file() or model.read_bytes() != given.model_bytes:
-            stamp.unlink(missing_ok=True)  # the copy is not the trained model the stamp names
-            write_atomic(model, given.model_bytes)  # training reads the copy beside the shards
-        return given
-    key = _hash({"settings": tokenizer_settings(d), "inputs": p.identities})
-    if model.is_file() and stamp.is_file():
-        previous = json.loads(stamp.read_text())
-        trained = SentencePieceTokenizer(model.read_bytes())
-        if previous["key"] == key and previous.get("sha256") == trained.sha256:
-            return trained
-    tokenizer = train_tokenizer(d, p, engine_factory())
-    write_atomic(model, tokenizer.model_bytes)
-    write_atomic(stamp, json.dumps({"key": key, "sha256": tokenizer.sha256,
-                                    "settings": tokenizer_settings(d)},
-                                   indent=1, default=str).encode())
-    return tokenizer
+        check_vocab(tokenizer.vocab_size, model_vocab)
+    else:
+        check_vocab(d.tokenizer.vocab_size, model_vocab)  # before spending time on training
+        key = _hash({"settings": tokenizer_settings(d), "inputs": p.identities})
+        previous = json.loads(stamp.read_text()) if stamp.is_file() else {}
+        name = previous.get("file", "")
+        if previous.get("key") == key and (out / name).is_file():
+            tokenizer = SentencePieceTokenizer((out / name).read_bytes())
+            if tokenizer.sha256 == previous.get("sha256"):
+                return tokenizer, name
+        tokenizer = train_tokenizer(d, p, engine_factory())
+    name = f"tokenizer-{tokenizer.sha256[:16]}.model"
+    if not (out / name).is_file():
+        write_atomic(out / name, tokenizer.model_bytes)  # training reads this copy
+    if not d.tokenizer.path:
+        write_atomic(stamp, json.dumps({"key": key, "sha256": tokenizer.sha256, "file": name,
+                                        "settings": tokenizer_settings(d)},
+                                       indent=1, default=str).encode())
+    return tokenizer, name
 
 
 def check_vocab(tokenizer_vocab: int, model_vocab: int | None) -> None:
@@ -398,6 +410,27 @@ def check_vocab(tokenizer_vocab: int, model_vocab: int | None) -> None:
         raise ConfigError(f"model.vocab_size: {model_vocab}, but the tokenizer has "
                           f"{tokenizer_vocab} pieces; set model.vocab_size=null (take the "
                           f"tokenizer's) or {tokenizer_vocab}.")
+
+
+def planned_vocab_size(d: DataConfig) -> int:
+    """The vocabulary of a text corpus's tokenizer without reading shards: a given model's size
+    (`tokenizer.path`, when readable here), else the prepared manifest's, else
+    `tokenizer.vocab_size` (SentencePiece trains exactly that many pieces, or fails).
+
+    Raises:
+      ConfigError: `tokenizer.path` cannot be read and nothing is prepared.
+    """
+    manifest = Path(d.prepared_dir) / MANIFEST
+    if d.tokenizer.path:
+        try:
+            return SentencePieceTokenizer.load(d.tokenizer.path).vocab_size
+        except (OSError, RuntimeError, ValueError) as err:
+            if not manifest.is_file():
+                raise ConfigError(f"data.tokenizer.path: cannot use the SentencePiece model at "
+                                  f"{d.tokenizer.path!r} ({err}).") from err
+    if manifest.is_file():
+        return json.loads(manifest.read_text())["tokenizer"]["vocab_size"]
+    return d.tokenizer.vocab_size
 
 
 def prepare(d: DataConfig, model_vocab: int | None = None, progress: bool = True) -> dict:
@@ -412,8 +445,11 @@ def prepare(d: DataConfig, model_vocab: int | None = None, progress: bool = True
         raise ConfigError("data.kind: glam-data prepare reads text sources; pick a text data "
                           "config (data=pydocs, data=glam_mixture, or your own).")
     out = Path(d.prepared_dir).resolve()  # remote workers write here too: no relative paths
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"data.prepared_dir: {out} is a file; give a folder (new or one that "
+                          "glam-data prepare wrote).")
     p = plan(d)
+    out.mkdir(parents=True, exist_ok=True)
     engine: Engine | None = None
 
     def engine_factory() -> Engine:
@@ -424,8 +460,7 @@ def prepare(d: DataConfig, model_vocab: int | None = None, progress: bool = True
     try:
         if d.engine.address:
             engine_factory()  # a cluster that does not answer is refused before any work
-        tokenizer = _tokenizer(d, p, out, engine_factory)
-        check_vocab(tokenizer.vocab_size, model_vocab)
+        tokenizer, tokenizer_file = _tokenizer(d, p, out, engine_factory, model_vocab)
         classifier = _classifier(d, p, out, engine_factory)
         classifier_sha = _file_sha(classifier) if classifier else None
         settings = shard_settings(d)
@@ -437,32 +472,32 @@ def prepare(d: DataConfig, model_vocab: int | None = None, progress: bool = True
             if manifest.get("fingerprint") == fingerprint and _shards_exist(out, manifest):
                 log.info("%s is up to date (fingerprint %s): nothing to do", out, fingerprint)
                 return manifest
-            # Shards are about to change: no manifest may describe them until they all have.
-            os.replace(manifest_path, out / f"{MANIFEST}.previous")
         results, jobs = {}, []
         for source, source_settings in zip(d.sources, settings["sources"]):
             folder = out / "shards" / source.name
             folder.mkdir(parents=True, exist_ok=True)
+            filtered = classifier is not None and source.quality == QualityRole.web
+            quality = {"classifier": str(classifier), "cfg": d.quality} if filtered else None
             for url, identity in zip(p.files[source.name], p.identities[source.name]):
-                # Named by the input's path, so adding a file redoes no other; done when the
-                # stamp holds this source's settings, the input's identity and the tokenizer.
-                stem = str(folder / _hash(url)[:16])
-                filtered = classifier is not None and source.quality == QualityRole.web
-                quality = {"classifier": str(classifier), "cfg": d.quality} if filtered else None
-                done = {"source": source.name, "input": identity,
-                        "key": _hash({"source": source_settings, "malformed": settings["malformed"],
-                                      "seed": d.seed, "format": FORMAT_VERSION,
-                                      "input": identity, "tokenizer": tokenizer.sha256,
-                                      "quality": [settings["quality"], classifier_sha]
-                                      if filtered else None})}
+                # What decides this file's shards: its identity, how it is read and split, the
+                # tokenizer and the filter (not the source's other files). Shards are named by
+                # it, so none that a manifest lists is ever rewritten.
+                key = _hash({"read": {k: v for k, v in source_settings.items() if k != "paths"},
+                             "malformed": settings["malformed"], "seed": d.seed,
+                             "format": FORMAT_VERSION, "input": identity,
+                             "tokenizer": tokenizer.sha256,
+                             "quality": [settings["quality"], classifier_sha] if filtered
+                             else None})
+                stem = str(folder / f"{_hash(url)[:12]}-{key[:12]}")
+                done = {"source": source.name, "input": identity, "key": key}
                 stamp = Path(f"{stem}.done.json")
                 finished = stamp.is_file() and all(
                     Path(f"{stem}.{split}.array_record").is_file() for split in SPLITS)
-                if finished and json.loads(stamp.read_text()).get("key") == done["key"]:
+                if finished and json.loads(stamp.read_text()).get("key") == key:
                     results[stem] = json.loads(stamp.read_text())
                 else:
-                    jobs.append((url, source, d.malformed, d.seed, str(out / TOKENIZER), stem,
-                                 done, quality))
+                    jobs.append((url, source, d.malformed, d.seed, str(out / tokenizer_file),
+                                 stem, done, quality))
         if jobs:
             log.info("tokenizing %d files (%d already done) on %s", len(jobs), len(results),
                      d.engine.address or "local Dask workers")
@@ -470,9 +505,40 @@ def prepare(d: DataConfig, model_vocab: int | None = None, progress: bool = True
     finally:
         if engine is not None:
             engine.__exit__(None, None, None)
-    manifest = _manifest(d, p, out, tokenizer, fingerprint, results)
+    manifest = _manifest(d, p, out, tokenizer_file, tokenizer, fingerprint, results)
     write_atomic(out / MANIFEST, json.dumps(manifest, indent=1).encode())
+    _remove_unlisted(out, manifest)
+    _warn_unusable(d, manifest)
     return manifest
+
+
+def _remove_unlisted(out: Path, manifest: dict) -> None:
+    """Delete the shards, tokenizers and classifiers the new manifest does not list (earlier
+    settings or inputs): only now that it replaced the manifest that listed them."""
+    keep = {out / shard for source in manifest["sources"].values()
+            for split in source["splits"].values() for shard in split["shards"]}
+    keep |= {Path(f"{str(path).rsplit('.', 2)[0]}.done.json") for path in keep}
+    keep |= {out / manifest["tokenizer"]["file"]}
+    keep |= {out / manifest["quality"][k] for k in ("classifier", "samples")
+             if k in manifest.get("quality", {})}
+    candidates = [*(out / "shards").rglob("*"), *out.glob("tokenizer-*.model"),
+                  *(out / QUALITY_DIR).glob("classifier-*.npz"),
+                  *(out / QUALITY_DIR).glob("samples-*.jsonl")]
+    for path in candidates:
+        if path.is_file() and path not in keep:
+            path.unlink()
+
+
+def _warn_unusable(d: DataConfig, manifest: dict) -> None:
+    """Say now what training would refuse later."""
+    for i, source in enumerate(d.sources):
+        splits = manifest["sources"][source.name]["splits"]
+        if source.weight > 0 and not splits["train"]["documents"]:
+            log.warning("data.sources[%d] (%s): no training documents; training refuses a "
+                        "source of weight > 0 without any", i, source.name)
+        if source.val_share > 0 and not splits["val"]["documents"]:
+            log.warning("data.sources[%d] (%s): no validation documents at val_share %g; raise "
+                        "it for a val_loss/%s", i, source.name, source.val_share, source.name)
 
 
 def _file_sha(path: Path) -> str:
@@ -501,8 +567,8 @@ def _run_tokenize(engine: Engine, jobs: list, results: dict, progress: bool) -> 
         bar.close()
 
 
-def _manifest(d: DataConfig, p: Plan, out: Path, tokenizer, fingerprint: str,
-              results: dict) -> dict:
+def _manifest(d: DataConfig, p: Plan, out: Path, tokenizer_file: str, tokenizer,
+              fingerprint: str, results: dict) -> dict:
     sources, samples = {}, []
     for source in d.sources:
         stems = sorted(k for k, r in results.items() if r["source"] == source.name)
@@ -526,15 +592,16 @@ def _manifest(d: DataConfig, p: Plan, out: Path, tokenizer, fingerprint: str,
                         for sample in kept]
     manifest = {"format": FORMAT_VERSION, "fingerprint": fingerprint,
                 "settings": shard_settings(d),
-                "tokenizer": {"file": TOKENIZER, "from": d.tokenizer.path or "trained",
-                              "sha256": tokenizer.sha256, "vocab_size": tokenizer.vocab_size},
+                "tokenizer": {"file": tokenizer_file, "from": d.tokenizer.path or "trained",
+                              "sha256": tokenizer.sha256, "vocab_size": tokenizer.vocab_size,
+                              "settings": json.loads(json.dumps(asdict(d.tokenizer),
+                                                                default=str))},
                 "sources": sources}
     if d.quality.selection != Selection.none:
         stamp = json.loads((out / QUALITY_DIR / "classifier.json").read_text())
-        write_atomic(out / QUALITY_DIR / "samples.jsonl",
-                     "".join(json.dumps(x) + "\n" for x in samples).encode())
-        manifest["quality"] = {"classifier": f"{QUALITY_DIR}/classifier.npz",
-                               "samples": f"{QUALITY_DIR}/samples.jsonl",
+        samples_file = f"{QUALITY_DIR}/samples-{fingerprint}.jsonl"
+        write_atomic(out / samples_file, "".join(json.dumps(x) + "\n" for x in samples).encode())
+        manifest["quality"] = {"classifier": stamp["file"], "samples": samples_file,
                                **{k: stamp[k] for k in ("sha256", "train_seconds", "settings",
                                                         "metrics")}}
     return manifest

@@ -140,7 +140,8 @@ def documents(url: str, source: SourceConfig, policy: Malformed,
             else:
                 yield from _lines(f, url, kind, source, policy, stats, position)
     except (EOFError, OSError, zlib.error, pa.ArrowException) as err:
-        raise DataError(f"{url}:{position[0] + 1}: cannot read the file past this point "
+        where = f"row {position[0] + 1}" if kind == ".parquet" else position[0] + 1
+        raise DataError(f"{url}:{where}: cannot read the file past this point "
                         f"({type(err).__name__}: {err}); it is truncated or damaged.") from err
 
 
@@ -172,7 +173,7 @@ def _json_text(line: str, key: str, policy, stats, where: str) -> str | None:
     try:
         row = json.loads(line)
     except json.JSONDecodeError as err:
-        _bad(policy, stats, "invalid_json", where, f"invalid JSON ({err.msg} at column {err.colno})")
+        _bad(policy, stats, "invalid_json", where, f"invalid JSON ({err.msg}, column {err.colno})")
         return None
     if not isinstance(row, dict):
         _bad(policy, stats, "not_an_object", where, f"a JSON {type(row).__name__}, not an object")
@@ -185,7 +186,7 @@ def _json_text(line: str, key: str, policy, stats, where: str) -> str | None:
     text = row[key]
     if not isinstance(text, str):
         _bad(policy, stats, "not_a_string", where,
-             f"field {key!r} holds a {type(text).__name__}, not a string")
+             f"field {key!r} holds {json.dumps(text)[:40]}, not a string")
         return None
     try:
         text.encode("utf-8")
@@ -219,6 +220,6 @@ def _parquet(f, url: str, source: SourceConfig, policy, stats,
                      f"{source.text_field!r} is null")
             elif not isinstance(text, str):
                 _bad(policy, stats, "not_a_string", f"{url}:row {row}",
-                     f"{source.text_field!r} holds a {type(text).__name__}, not a string")
+                     f"{source.text_field!r} holds {str(text)[:40]!r}, not a string")
             elif text.strip():
                 yield row, text

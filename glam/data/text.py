@@ -15,6 +15,7 @@ windows every time.
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 from typing import Iterator
 
@@ -38,6 +39,17 @@ def _packed(ds: grain.MapDataset, window: int) -> grain.IterDataset:
                                       length_struct={"tokens": window})
 
 
+def _differing(prepared, config, prefix: str = "data") -> list[str]:
+    """Dotted names of the settings that differ (`data.sources.1.val_share`)."""
+    if isinstance(prepared, dict) and isinstance(config, dict):
+        return [d for k in sorted(set(prepared) | set(config))
+                for d in _differing(prepared.get(k), config.get(k), f"{prefix}.{k}")]
+    if isinstance(prepared, list) and isinstance(config, list) and len(prepared) == len(config):
+        return [d for i, (a, b) in enumerate(zip(prepared, config))
+                for d in _differing(a, b, f"{prefix}.{i}")]
+    return [] if prepared == config else [prefix]
+
+
 def load_manifest(d: DataConfig) -> dict:
     """The manifest of `d.prepared_dir`, checked against the config.
 
@@ -53,9 +65,17 @@ def load_manifest(d: DataConfig) -> dict:
     manifest = json.loads(path.read_text())
     settings = json.loads(json.dumps(shard_settings(d), default=str))
     if manifest["settings"] != settings:
-        diffs = [k for k in settings if manifest["settings"].get(k) != settings.get(k)]
+        diffs = _differing(manifest["settings"], settings)
         raise ConfigError(f"data: {path.parent} was prepared with other settings (differing: "
                           f"{', '.join(diffs)}); run `glam-data prepare` with this config, or "
+                          "point data.prepared_dir elsewhere.")
+    given = json.loads(json.dumps(asdict(d.tokenizer), default=str))
+    prepared = manifest["tokenizer"]["settings"]
+    if given != prepared:
+        diffs = [f"{k}: prepared {prepared.get(k)!r}, config {v!r}" for k, v in given.items()
+                 if prepared.get(k) != v]
+        raise ConfigError(f"data.tokenizer: {path.parent} was prepared with another tokenizer "
+                          f"({'; '.join(diffs)}); run `glam-data prepare` with this config, or "
                           "point data.prepared_dir elsewhere.")
     for i, source in enumerate(d.sources):
         if source.weight > 0 and not manifest["sources"][source.name]["splits"]["train"]["tokens"]:
@@ -79,6 +99,9 @@ class TextCorpus:
         self.manifest = load_manifest(d)
         self.tokenizer = SentencePieceTokenizer((self.root / self.manifest["tokenizer"]["file"])
                                                 .read_bytes())
+        if self.tokenizer.sha256 != self.manifest["tokenizer"]["sha256"]:
+            raise ConfigError(f"data.prepared_dir: the tokenizer in {self.root} is not the one "
+                              "its manifest names; run `glam-data prepare` again.")
         self.fingerprint = self.manifest["fingerprint"]
         if model_vocab is not None and model_vocab != self.tokenizer.vocab_size:
             raise ConfigError(

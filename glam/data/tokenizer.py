@@ -131,9 +131,3 @@ class SentencePieceTokenizer:
     def decode(self, ids: Sequence[int]) -> str:
         return self.sp.decode([int(i) for i in ids if i != PAD])
 
-
-def planned_vocab_size(path: str | None, vocab_size: int) -> int:
-    """The vocabulary of a text corpus's tokenizer without preparing it: the given model's size
-    (`data.tokenizer.path`, read: cheap), else `vocab_size` (SentencePiece trains exactly that
-    many pieces, or fails)."""
-    return SentencePieceTokenizer.load(path).vocab_size if path else vocab_size
