@@ -490,7 +490,8 @@ def test_prepare_runs_on_a_cluster_given_its_address(tmp_path):
     assert manifest["sources"] == expected["sources"]
 
 
-def test_an_unreachable_cluster_is_refused_before_any_work(tmp_path, free_port):
+def test_an_unreachable_cluster_is_refused_before_any_work(tmp_path, free_port, monkeypatch):
+    monkeypatch.setattr("glam.data.prepare.CONNECT_TIMEOUT", "2s")
     d = _config(tmp_path, _two_sources(tmp_path, n=20))
     d.engine.address = f"tcp://127.0.0.1:{free_port()}"
     with pytest.raises(ConfigError, match="data.engine.address: no Dask scheduler answers"):

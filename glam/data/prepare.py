@@ -42,6 +42,7 @@ log = logging.getLogger("glam.data")
 
 MANIFEST = "manifest.json"
 QUALITY_DIR = "quality"
+CONNECT_TIMEOUT = "15s"  # for a Dask scheduler to answer
 SPLITS = ("train", "val")
 FORMAT_VERSION = 1
 
@@ -219,7 +220,7 @@ class Engine:
     """A Dask client: local worker processes, or the cluster at `address`.
 
     Raises (on construction):
-      ConfigError: no scheduler answers at `address` within 15 s.
+      ConfigError: no scheduler answers at `address` within CONNECT_TIMEOUT.
     """
 
     def __init__(self, address: str | None, workers: int):
@@ -232,7 +233,7 @@ class Engine:
         self.cluster = None
         if address:
             try:
-                self.client = Client(address, timeout="15s")
+                self.client = Client(address, timeout=CONNECT_TIMEOUT)
             except (OSError, TimeoutError) as err:
                 raise ConfigError(f"data.engine.address: no Dask scheduler answers at "
                                   f"{address!r} ({err}); start one (`dask scheduler`) or leave "
