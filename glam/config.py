@@ -98,6 +98,9 @@ class Selection(StrEnum):
 class BuiltinText(StrEnum):
     reference = "reference"
     docstrings = "docstrings"
+    world_wiki = "world_wiki"
+    world_books = "world_books"
+    world_web = "world_web"
 
 
 class OptimizerName(StrEnum):
@@ -308,8 +311,9 @@ class SourceConfig(Section):
     paths: list[str] = doc(list, "files or globs (.jsonl, .jsonl.gz, .parquet, .txt, .txt.gz); "
                                  "fsspec URLs (gs://, s3://) need their filesystem package",
                            factory=True)
-    builtin: Optional[BuiltinText] = doc(None, "text shipped with Python instead of paths: "
-                                               "reference (pydoc topics) or docstrings")
+    builtin: Optional[BuiltinText] = doc(None, "generated or shipped text instead of paths: "
+                                               "reference, docstrings (Python's), world_wiki, "
+                                               "world_books, world_web (data.world_sources)")
     text_field: str = doc("text", "JSONL key / parquet column holding a document's text")
     txt_unit: TextUnit = doc(TextUnit.file, ".txt files: one document per file or per line")
     weight: float = doc(1.0, "mixture weight: share of training tokens drawn from this source")
@@ -381,6 +385,29 @@ class QualityConfig(Section):
 
 
 @dataclass
+class WorldSourcesConfig(Section):
+    """The synthetic world rendered as GLaM-like sources (`glam.data.world_text`), for the data
+    quality study: `world_wiki` clean biographies, `world_books` the grammar's prose,
+    `world_web` clean pages mixed with low-quality ones in the shares below (the rest clean)."""
+
+    wiki_documents: int = doc(4000, "world_wiki: biographies")
+    books_documents: int = doc(2000, "world_books: prose documents")
+    web_documents: int = doc(8000, "world_web: pages")
+    wrong_facts: float = doc(0.15, "web: biographies whose values are wrong")
+    word_salad: float = doc(0.15, "web: the world's words in random order")
+    boilerplate: float = doc(0.1, "web: navigation and legal boilerplate, repeated")
+    truncated: float = doc(0.1, "web: a clean page cut after its first fifth to third")
+    near_duplicates: float = doc(0.1, "web: a copy of an earlier clean page, one word changed")
+
+    def check(self, prefix: str = "data.world_sources") -> None:
+        _positive(self, prefix, ("wiki_documents", "books_documents", "web_documents"))
+        kinds = ("wrong_facts", "word_salad", "boilerplate", "truncated", "near_duplicates")
+        _in_unit_interval(self, prefix, kinds)
+        check(sum(getattr(self, k) for k in kinds) <= 1, prefix,
+              "the low-quality shares add up to more than 1.")
+
+
+@dataclass
 class EngineConfig(Section):
     """The Dask cluster `glam-data prepare` runs on."""
 
@@ -419,6 +446,8 @@ class DataConfig(Section):
     segment_ids: bool = doc(False, "text: attention stays within each packed document")
     quality: QualityConfig = doc(QualityConfig, "text: the quality filter of web sources",
                                  factory=True)
+    world_sources: WorldSourcesConfig = doc(WorldSourcesConfig, "text: the world rendered as "
+                                            "wiki, books and web sources", factory=True)
     engine: EngineConfig = doc(EngineConfig, "text: where glam-data prepare runs", factory=True)
 
     def check(self, prefix: str = "data") -> None:
@@ -431,6 +460,7 @@ class DataConfig(Section):
               "filler_share + qa_share must be <= 1.")
         self.tokenizer.check(f"{prefix}.tokenizer")
         self.quality.check(f"{prefix}.quality")
+        self.world_sources.check(f"{prefix}.world_sources")
         self.engine.check(f"{prefix}.engine")
         if self.kind != DataKind.text:
             return

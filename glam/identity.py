@@ -48,6 +48,8 @@ _TABLE: dict[Role, dict[str, str]] = {
                           "sample_chars",
         "data.quality": "selection alpha threshold n_features ngram_max train_docs "
                         "holdout_share regularization samples",
+        "data.world_sources": "wiki_documents books_documents web_documents wrong_facts "
+                              "word_salad boilerplate truncated near_duplicates",
         "optimizer": "name b1 b2 weight_decay grad_clip_norm decay_rate beta2_cap "
                      "update_clipping factored min_dim_size_to_factor "
                      "multiply_by_parameter_scale",

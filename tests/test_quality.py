@@ -148,3 +148,35 @@ def test_bad_quality_settings_are_refused_before_work(tmp_path):
     _corpus(tmp_path, n=12)
     with pytest.raises(DataError, match="data.sources: only .* documents for the quality"):
         prepare(_config(tmp_path), progress=False)
+
+
+def test_the_world_as_wiki_books_and_web_with_low_quality_pages(tmp_path):
+    """world_web holds each low-quality kind in its configured share; a classifier trained on
+    the text alone (curated wiki + books vs web) scores word salad and boilerplate far below
+    the clean pages."""
+    from glam.data import world_text
+
+    overrides = ["data=world_quality", f"data.prepared_dir={tmp_path}",
+                 "data.world_sources.wiki_documents=600", "data.world_sources.books_documents=300",
+                 "data.world_sources.web_documents=1500", "data.n_entities=100"]
+    d = load_raw(overrides).data
+    rows = {}
+    for kind in world_text.KINDS:
+        paths = world_text.export(kind, tmp_path / "raw", d)
+        assert world_text.export(kind, tmp_path / "raw", d) == paths  # kept, not rewritten
+        rows[kind] = [json.loads(x) for p in paths for x in Path(p).read_text().splitlines()]
+    web = rows["world_web"]
+    kinds = np.asarray([r["kind"] for r in web])
+    assert len(web) == 1500 and {r["kind"] for r in rows["world_wiki"]} == {"clean"}
+    for kind in world_text.LOW_QUALITY:
+        share = getattr(d.world_sources, kind)
+        assert abs(np.mean(kinds == kind) - share) < 0.04, kind
+    assert not any("wrong_facts" in r["text"] or "word_salad" in r["text"] for r in web)
+    cfg = QualityConfig(n_features=2**16, train_docs=600)
+    curated = [r["text"] for r in rows["world_wiki"] + rows["world_books"]]
+    clf = quality.train(curated, [r["text"] for r in web[:900]], cfg, seed=0)
+    scores = clf.scores([r["text"] for r in web[900:]], cfg)
+    held = kinds[900:]
+    clean = scores[held == "clean"].mean()
+    for kind in ("word_salad", "boilerplate"):
+        assert scores[held == kind].mean() < clean / 3, kind

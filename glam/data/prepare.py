@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from glam.config import (ConfigError, DataConfig, DataKind, Malformed, QualityRole, Selection,
                          SourceConfig)
-from glam.data import pydocs
+from glam.data import pydocs, world_text
 from glam.data import quality as quality_filter
 from glam.data.sources import DataError, ReadStats, documents, expand, file_identity
 from glam.data.tokenizer import SentencePieceTokenizer
@@ -207,9 +207,11 @@ def plan(d: DataConfig) -> Plan:
     """
     files, identities = {}, {}
     for i, source in enumerate(d.sources):
-        if source.builtin is not None:
-            files[source.name] = pydocs.export(str(source.builtin),
-                                               Path(d.prepared_dir).resolve() / "raw")
+        raw_dir = Path(d.prepared_dir).resolve() / "raw"
+        if source.builtin in world_text.KINDS:
+            files[source.name] = world_text.export(str(source.builtin), raw_dir, d)
+        elif source.builtin is not None:
+            files[source.name] = pydocs.export(str(source.builtin), raw_dir)
         else:
             files[source.name] = expand(source, f"data.sources[{i}]")
         identities[source.name] = [file_identity(u) for u in files[source.name]]
