@@ -26,11 +26,11 @@ from tqdm.auto import tqdm
 
 from glam import accounting, distributed
 from glam.checkpoint import CheckpointError, Checkpointer
-from glam.config import ConfigError, Resume
-from glam.config import DataKind
-from glam.data import WorldCorpus
+from glam.config import ConfigError, DataKind, Resume
+from glam.data import World, WorldCorpus
 from glam.data.feed import TextFeed, WorldFeed
 from glam.data.text import TextCorpus
+from glam.data.world_text import KINDS as WORLD_SOURCES
 from glam.eval import Evaluator, Task, read_jsonl, world_tasks
 from glam.identity import checkpoint_identity
 from glam.interrupts import StopOnSignal
@@ -50,10 +50,12 @@ class SimulatedCrash(RuntimeError):
 
 
 def build_tasks(cfg: ResolvedConfig, corpus: WorldCorpus | TextCorpus) -> list[Task]:
-    """The world's own tasks (world data and `eval.builtin`) and the user's JSONL tasks."""
+    """The world's own tasks (with `eval.builtin`, on the world or on text rendered from it:
+    `world_*` sources) and the user's JSONL tasks."""
     e = cfg.eval
-    builtin = e.builtin and isinstance(corpus, WorldCorpus)
-    tasks = world_tasks(corpus.world, e.max_examples, e.seed) if builtin else []
+    world = corpus.world if isinstance(corpus, WorldCorpus) else (
+        World(cfg.data) if any(s.builtin in WORLD_SOURCES for s in cfg.data.sources) else None)
+    tasks = world_tasks(world, e.max_examples, e.seed) if e.builtin and world else []
     for spec in e.tasks:
         examples = read_jsonl(spec.path, spec.kind)[: e.max_examples]
         train = read_jsonl(spec.train_path, spec.kind) if spec.train_path else []

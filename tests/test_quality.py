@@ -180,3 +180,27 @@ def test_the_world_as_wiki_books_and_web_with_low_quality_pages(tmp_path):
     clean = scores[held == "clean"].mean()
     for kind in ("word_salad", "boilerplate"):
         assert scores[held == kind].mean() < clean / 3, kind
+
+
+@pytest.mark.slow
+def test_a_run_on_the_world_rendered_as_text_is_evaluated_on_the_worlds_tasks(tmp_path):
+    """Trained on world_wiki/books/web through SentencePiece and grain, a run is scored on the
+    world's few-shot tasks and logs each source's validation loss."""
+    from mlflow.tracking import MlflowClient
+
+    from glam.resolve import load
+    from glam.train import run
+
+    overrides = ["data=world_quality", f"data.prepared_dir={tmp_path / 'prepared'}",
+                 "data.world_sources.wiki_documents=600", "data.world_sources.books_documents=300",
+                 "data.world_sources.web_documents=900", "data.n_entities=100",
+                 "data.tokenizer.vocab_size=400", "data.engine.workers=1"]
+    prepare(load_raw(overrides).data, progress=False)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    final = run(load([*overrides, "model=tiny_moe", "train.steps=6", "train.batch_size=4",
+                      "train.progress=false", "train.eval_batches=1", "checkpoint.every=0",
+                      "eval.max_examples=4", "eval.shots=[0]", f"logger.tracking_uri={uri}"]),
+                tmp_path / "run")
+    metrics = MlflowClient(uri).get_run(final["run_id"]).data.metrics
+    assert {"eval/world_qa/0shot", "eval/world_facts/0shot", "val_loss/wiki",
+            "val_loss/books", "val_loss/web"} <= metrics.keys()
