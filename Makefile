@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-fast demo study bench clean
+.PHONY: install test test-fast demo study study-data-quality bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -29,6 +29,10 @@ bench: $(STAMP)
 
 study: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" bash scripts/study.sh
+
+# GLaM's data-quality study at 5x the demo's budget, 3 seeds: docs/results/study_data_quality/.
+study-data-quality: $(STAMP)
+	PATH="$(CURDIR)/$(BIN):$$PATH" STUDY=study_data_quality bash scripts/study.sh
 
 clean:
 	rm -rf $(VENV) outputs mlflow.db mlflow.db.lock .pytest_cache build dist

@@ -18,13 +18,14 @@ from pathlib import Path
 import pandas as pd
 from mlflow.tracking import MlflowClient
 
-from analysis import energy, figures
+from analysis import energy, figures, quality
 from analysis.fit import fit_routed_law
 from analysis.runs import export, load_histories, load_runs, read_table
 from analysis.summary import print_summary
 from glam import tracking
 
-FIGURES = ("compute_vs_accuracy", "expert_count", "data_efficiency", "routing_health")
+FIGURES = ("compute_vs_accuracy", "expert_count", "data_efficiency", "routing_health",
+           "data_quality")
 
 
 def find_study_parent(client: MlflowClient, study: str) -> str:
@@ -61,6 +62,10 @@ def analyze(table: pd.DataFrame, out: Path, which: list[str], shots: int,
     if client is not None and "data_efficiency" in which:
         histories = load_histories(client.tracking_uri, list(table["run_id"]), ["lm_loss"])
         written += figures.data_efficiency(table, histories, out)
+    if client is not None and "data_quality" in which and quality.is_study(table):
+        keys = [metric for metric, _, _ in quality.panels(shots)]
+        histories = load_histories(client.tracking_uri, list(table["run_id"]), keys)
+        written += quality.figure(table, histories, out, shots)
     if client is not None and "routing_health" in which and (table["family"] == "moe").any():
         written += figures.routing_health(expert_loads(client, table), table, out)
     experts = table["n_experts"].where(table["n_experts"] > 0, 1)
@@ -120,7 +125,13 @@ def main(argv: list[str] | None = None) -> None:
     if parent is not None:
         for path in written:
             client.log_artifact(parent, str(path), artifact_path="analysis")
+    if quality.is_study(table):
+        table = table.assign(arm=quality.arms(table))
     print_summary(table)
+    if quality.is_study(table):
+        print("\nData quality (final metrics; spread: seed stds in quadrature):")
+        for line in quality.verdicts(table, args.shots):
+            print(f"  {line}")
     total = energy.study_energy(table, args.hardware)
     print(f"\n{total['runs']} runs: {total['device_hours']:.3g} device-hours, "
           f"{total['energy_kwh']:.3g} kWh on {args.hardware}")

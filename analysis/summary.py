@@ -7,7 +7,7 @@ import pandas as pd
 
 from analysis.figures import size_key
 
-METRICS = ("val_loss", "eval/nlg_avg/0shot", "eval/nlu_avg/0shot")
+METRICS = ("val_loss", "val_loss_clean", "eval/nlg_avg/0shot", "eval/nlu_avg/0shot")
 
 
 def _mean_std(group: pd.Series) -> str:
@@ -15,9 +15,11 @@ def _mean_std(group: pd.Series) -> str:
 
 
 def dense_vs_moe(table: pd.DataFrame) -> pd.DataFrame:
-    """Rows: activated size (model); columns: metric x family."""
+    """Rows: activated size (model), and arm when the table has one (`analysis.quality`);
+    columns: metric x family."""
     metrics = [m for m in METRICS if m in table]
-    return table.groupby([size_key(table), "family"])[metrics].agg(_mean_std).unstack("family")
+    keys = [size_key(table)] + (["arm"] if "arm" in table else [])
+    return table.groupby([*keys, "family"])[metrics].agg(_mean_std).unstack("family")
 
 
 def by_experts(table: pd.DataFrame) -> pd.DataFrame:

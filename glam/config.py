@@ -100,6 +100,7 @@ class BuiltinText(StrEnum):
     docstrings = "docstrings"
     world_wiki = "world_wiki"
     world_books = "world_books"
+    world_conversations = "world_conversations"
     world_web = "world_web"
 
 
@@ -313,8 +314,13 @@ class SourceConfig(Section):
                            factory=True)
     builtin: Optional[BuiltinText] = doc(None, "generated or shipped text instead of paths: "
                                                "reference, docstrings (Python's), world_wiki, "
-                                               "world_books, world_web (data.world_sources)")
+                                               "world_books, world_conversations, world_web "
+                                               "(data.world_sources)")
     text_field: str = doc("text", "JSONL key / parquet column holding a document's text")
+    label_field: Optional[str] = doc(None, "JSONL key / parquet column with a known quality "
+                                           "label per document (e.g. a generator's kind): read "
+                                           "only to report the quality filter per label, never "
+                                           "a feature")
     txt_unit: TextUnit = doc(TextUnit.file, ".txt files: one document per file or per line")
     weight: float = doc(1.0, "mixture weight: share of training tokens drawn from this source")
     quality: Optional[QualityRole] = doc(None, "quality filter: curated (its positive "
@@ -370,6 +376,8 @@ class QualityConfig(Section):
     holdout_share: float = doc(0.2, "share of that sample held out to evaluate it")
     regularization: float = doc(1.0, "inverse L2 strength C of the logistic regression")
     samples: int = doc(20, "kept and dropped documents recorded per web source")
+    good_label: str = doc("clean", "label (a source's label_field) of the documents the filter "
+                                   "should keep: its precision and recall are reported for it")
 
     def check(self, prefix: str = "data.quality") -> None:
         check(self.alpha > 0, f"{prefix}.alpha", f"must be > 0 (a Pareto shape), got {self.alpha}.")
@@ -388,10 +396,12 @@ class QualityConfig(Section):
 class WorldSourcesConfig(Section):
     """The synthetic world rendered as GLaM-like sources (`glam.data.world_text`), for the data
     quality study: `world_wiki` clean biographies, `world_books` the grammar's prose,
-    `world_web` clean pages mixed with low-quality ones in the shares below (the rest clean)."""
+    `world_conversations` question-answer exchanges, `world_web` clean pages mixed with
+    low-quality ones in the shares below (the rest clean)."""
 
     wiki_documents: int = doc(4000, "world_wiki: biographies")
     books_documents: int = doc(2000, "world_books: prose documents")
+    conversations_documents: int = doc(3000, "world_conversations: question-answer exchanges")
     web_documents: int = doc(8000, "world_web: pages")
     wrong_facts: float = doc(0.15, "web: biographies whose values are wrong")
     word_salad: float = doc(0.15, "web: the world's words in random order")
@@ -400,7 +410,8 @@ class WorldSourcesConfig(Section):
     near_duplicates: float = doc(0.1, "web: a copy of an earlier clean page, one word changed")
 
     def check(self, prefix: str = "data.world_sources") -> None:
-        _positive(self, prefix, ("wiki_documents", "books_documents", "web_documents"))
+        _positive(self, prefix, ("wiki_documents", "books_documents", "conversations_documents",
+                                 "web_documents"))
         kinds = ("wrong_facts", "word_salad", "boilerplate", "truncated", "near_duplicates")
         _in_unit_interval(self, prefix, kinds)
         check(sum(getattr(self, k) for k in kinds) <= 1, prefix,
@@ -540,7 +551,10 @@ class ScheduleConfig(Section):
 class TrainConfig(Section):
     """The training loop."""
 
-    steps: int = doc(600, "optimizer updates")
+    steps: int = doc(600, "optimizer updates (of the token budget x1; see token_multiple)")
+    token_multiple: float = doc(1.0, "train on this multiple of the token budget: resolution "
+                                     "sets steps to round(steps x token_multiple) (an arm with "
+                                     "more data, as the data quality study's 3x unfiltered)")
     batch_size: int = doc(16, "global batch (sequences of model.seq_len + 1 tokens)")
     seed: int = doc(0, "seed of the initial weights, batches and routing noise")
     log_every: int = doc(10, "health check and metric fetch every this many steps")
@@ -550,7 +564,8 @@ class TrainConfig(Section):
                                       "directory; never: refuse a directory with checkpoints")
 
     def check(self, prefix: str = "train") -> None:
-        _positive(self, prefix, ("steps", "batch_size", "log_every", "eval_batches"))
+        _positive(self, prefix, ("steps", "token_multiple", "batch_size", "log_every",
+                                 "eval_batches"))
 
 
 @dataclass

@@ -48,7 +48,8 @@ _TABLE: dict[Role, dict[str, str]] = {
                           "sample_chars",
         "data.quality": "selection alpha threshold n_features ngram_max train_docs "
                         "holdout_share regularization samples",
-        "data.world_sources": "wiki_documents books_documents web_documents wrong_facts "
+        "data.world_sources": "wiki_documents books_documents conversations_documents "
+                              "web_documents wrong_facts "
                               "word_salad boilerplate truncated near_duplicates",
         "optimizer": "name b1 b2 weight_decay grad_clip_norm decay_rate beta2_cap "
                      "update_clipping factored min_dim_size_to_factor "
@@ -72,12 +73,13 @@ _TABLE: dict[Role, dict[str, str]] = {
         "derived": "backend",
     },
     Role.RECORD: {
-        "train": "log_every progress resume",
+        "train": "log_every progress resume token_multiple",  # folded into train.steps
         "checkpoint": "every keep async_save",
         "plan": "tolerance",
         "study": "name match_flops",
         "data": "prepared_dir",
         "data.engine": "address workers",
+        "data.quality": "good_label",  # what is reported, not what is kept
         "logger": "tracking_uri experiment run_name flush_every outage_timeout_s",
         "derived": "filled",
     },

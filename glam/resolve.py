@@ -255,6 +255,9 @@ def resolve(cfg: Config, backend: str | None = None) -> ResolvedConfig:
     _fill_dispatch(model, backend, filled)
     sections = {f.name: copy.deepcopy(getattr(cfg, f.name)) for f in dataclasses.fields(Config)}
     sections["model"] = model
+    if t.token_multiple != 1:
+        sections["train"].steps = max(1, round(t.steps * t.token_multiple))
+        filled.append("train.steps")
     derived = Derived(backend=backend,
                       drops_tokens=bool(model.moe_layers)
                       and model.router.dispatch != Dispatch.dropless,

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from glam import accounting, distributed
 from glam.checkpoint import CheckpointError, Checkpointer
-from glam.config import ConfigError, DataKind, Resume
+from glam.config import ConfigError, DataKind, QualityRole, Resume
 from glam.data import World, WorldCorpus
 from glam.data.feed import TextFeed, WorldFeed
 from glam.data.text import TextCorpus
@@ -75,11 +75,22 @@ def validation_sets(corpus: WorldCorpus | TextCorpus, cfg: ResolvedConfig) -> di
             for name in corpus.source_names}
 
 
+def _weighted(losses: dict[str, float], sources) -> float:
+    """Mean of `losses` over `sources` (those with a loss) weighted by their mixture weights;
+    the plain mean when every weight is 0."""
+    weights = {s.name: s.weight for s in sources if s.name in losses}
+    total = sum(weights.values())
+    return (sum(losses[k] * w for k, w in weights.items()) / total if total
+            else float(np.mean([losses[k] for k in weights])))
+
+
 def validation(eval_step, model_state, corpus: WorldCorpus | TextCorpus,
                cfg: ResolvedConfig) -> tuple[dict[str, float], dict[str, list[float]]]:
     """Validation loss (nats/token) and perplexity, and each MoE layer's mean expert load
     ([E] fractions of assignments) over `train.eval_batches` validation batches (per source for
-    text: `val_loss/<source>`, and `val_loss` their mean weighted by the mixture weights)."""
+    text: `val_loss/<source>`, and `val_loss` their mean weighted by the mixture weights; with a
+    quality-filtered web source, also `val_loss_clean`, the weighted mean over the other
+    sources: held-out text that is the same whether or not the web was filtered)."""
     losses, loads, batches = {}, {}, 0
     for name, sets in validation_sets(corpus, cfg).items():
         nll, n = 0.0, 0.0
@@ -94,11 +105,11 @@ def validation(eval_step, model_state, corpus: WorldCorpus | TextCorpus,
     if "" in losses:
         loss, metrics = losses[""], {}
     else:
-        weights = {s.name: s.weight for s in cfg.data.sources if s.name in losses}
-        total = sum(weights.values())
-        loss = (sum(losses[k] * w for k, w in weights.items()) / total if total
-                else float(np.mean(list(losses.values()))))
+        loss = _weighted(losses, cfg.data.sources)
         metrics = {f"val_loss/{k}": v for k, v in losses.items()}
+        clean = [s for s in cfg.data.sources if s.quality != QualityRole.web]
+        if len(clean) < len(cfg.data.sources) and any(s.name in losses for s in clean):
+            metrics["val_loss_clean"] = _weighted(losses, clean)
     expert_load = {f"layer{k}": (v / batches).tolist() for k, v in loads.items()}
     return ({"val_loss": loss, "val_perplexity": math.exp(min(loss, 50.0)), **metrics},
             expert_load)

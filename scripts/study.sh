@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# `make study`: the longer CPU study (about an hour on 2 cores), its analysis, and its results
-# exported to docs/results/<study>/ with the command, date and machine.
+# `make study` (study_expert_count) and `make study-data-quality` (study_data_quality): a longer
+# CPU study, its analysis, and its results exported to docs/results/<study>/ with the command,
+# date and machine. STUDY=<name> picks another.
 set -euo pipefail
 study="${STUDY:-study_expert_count}"
 export MLFLOW_TRACKING_URI="${MLFLOW_TRACKING_URI:-sqlite:///mlflow.db}"
@@ -8,13 +9,14 @@ out="docs/results/${study}"
 
 glam-plan "+study=${study}" | tail -1
 start=$(date -u +%FT%TZ)
+glam-data prepare "+study=${study}" "$@"  # the text corpora the study trains on, if any
 glam-train -m "+study=${study}" hydra/launcher=joblib hydra.launcher.n_jobs=2 "$@"
 mkdir -p "${out}"
 glam-analyze --study "${study}" --out "${out}" | tee "${out}/summary.txt"
 cat > "${out}/RUN.md" <<MSG
 # ${study}
 
-- command: \`make study\` (glam-train -m +study=${study} hydra/launcher=joblib hydra.launcher.n_jobs=2 $*)
+- command: \`STUDY=${study} bash scripts/study.sh\` (glam-data prepare +study=${study}; glam-train -m +study=${study} hydra/launcher=joblib hydra.launcher.n_jobs=2 $*)
 - started: ${start}; finished: $(date -u +%FT%TZ)
 - machine: $(nproc) CPU cores, $(python -c 'import platform; print(platform.processor() or platform.machine())'), $(free -g | awk '/Mem/ {print $2}') GiB; jax $(python -c 'import jax; print(jax.__version__)') on $(python -c 'import jax; print(jax.default_backend())')
 - git: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)

@@ -8,7 +8,7 @@ import pytest
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
-from analysis import energy, figures
+from analysis import energy, figures, quality
 from analysis.cli import main as analyze_main
 from analysis.fit import fit_power_law, fit_routed_law, saturating_experts
 from analysis.runs import export, load_histories, load_runs, read_table
@@ -80,6 +80,46 @@ def test_figures_are_written(run_table, tmp_path):
             assert path in written and path.stat().st_size > 1000 or suffix == "csv"
     fits = (tmp_path / "compute_vs_accuracy_fits.json").read_text()
     assert "val_loss|dense" in fits and "val_loss|moe" in fits
+
+
+def _quality_study():
+    """Runs of a data-quality study, 2 seeds: filtered beats unfiltered by 4 NLG and 1 NLU
+    points, 3x unfiltered beats filtered on NLU only; curves of 3 (6 for 3x) evaluations."""
+    rows, histories = [], []
+    for family in ("dense", "moe"):
+        for arm, selection, multiple, nlg, nlu, loss in (
+                ("filtered", "pareto", 1.0, 10.0, 40.0, 2.0),
+                ("unfiltered", "none", 1.0, 6.0, 39.0, 2.2),
+                ("unfiltered 3x", "none", 3.0, 8.0, 45.0, 1.8)):
+            for seed in (0, 1):
+                run = f"{family}-{arm}-{seed}"
+                final = {"val_loss_clean": loss + 0.01 * seed,
+                         "eval/nlg_avg/0shot": nlg + 0.2 * seed,
+                         "eval/nlu_avg/0shot": nlu + 0.2 * seed}
+                rows.append({"run_id": run, "run_name": run, "family": family,
+                             "param.data.quality.selection": selection,
+                             "param.train.token_multiple": str(multiple),
+                             "param.train.batch_size": "16", "param.model.seq_len": "64", **final})
+                steps = [100 * (i + 1) for i in range(int(3 * multiple))]
+                histories += [(run, key, step, value * step / steps[-1])
+                              for key, value in final.items() for step in steps]
+    return pd.DataFrame(rows), pd.DataFrame(histories, columns=["run_id", "key", "step", "value"])
+
+
+def test_the_data_quality_figure_and_verdicts(tmp_path):
+    table, histories = _quality_study()
+    assert list(quality.arms(table).unique()) == ["filtered", "unfiltered", "unfiltered 3x"]
+    written = quality.figure(table, histories, tmp_path)
+    assert {p.name for p in written} == {"data_quality.pdf", "data_quality.png",
+                                         "data_quality.csv"}
+    data = pd.read_csv(tmp_path / "data_quality.csv")
+    assert data["tokens"].max() == 900 * 16 * 64 and set(data["count"]) == {2}
+    lines = quality.verdicts(table)
+    dense = [line for line in lines if line.startswith("Dense")]
+    assert "NLG average, 0-shot 10.1 vs 6.1" in dense[0] and ": better" in dense[0]
+    assert "vs unfiltered 3x" in dense[1] and "NLU average, 0-shot 40.1 vs 45.1" in dense[1]
+    assert dense[1].endswith("worse")
+    assert "larger on NLG, as in the paper" in dense[2]
 
 
 def test_table_export_roundtrip_and_energy(run_table, tmp_path):

@@ -40,10 +40,12 @@ def _corpus(tmp_path, n=400, seed=0):
         web.append(_clean(rng, int(rng.integers(3, 8))) if good else
                    _junk(rng, int(rng.integers(15, 40))))
         labels.append(good)
+    kinds = {"curated": ["good"] * n, "web": ["good" if g else "junk" for g in labels]}
     for name, docs in (("curated", curated), ("web", web)):
         path = tmp_path / "raw" / f"{name}.jsonl"
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+        path.write_text("".join(json.dumps({"text": d, "kind": k}) + "\n"
+                                for d, k in zip(docs, kinds[name])))
     return curated, web, np.asarray(labels)
 
 
@@ -53,11 +55,11 @@ def _config(tmp_path, selection="pareto", **quality_settings) -> DataConfig:
         sources=[SourceConfig(name="wiki", paths=[str(tmp_path / "raw" / "curated.jsonl")],
                               quality="curated", weight=0.5, val_share=0.1),
                  SourceConfig(name="web", paths=[str(tmp_path / "raw" / "web.jsonl")],
-                              quality="web", weight=0.5, val_share=0.1)],
+                              quality="web", label_field="kind", weight=0.5, val_share=0.1)],
         prepared_dir=str(tmp_path / f"prepared-{selection}"),
         tokenizer=TokenizerConfig(vocab_size=300, sample_chars=100_000),
         quality=QualityConfig(selection=selection, n_features=2**14, train_docs=300,
-                              **quality_settings))
+                              good_label="good", **quality_settings))
     d.engine.workers = 1
     d.check()
     return d
@@ -111,6 +113,16 @@ def test_the_filter_stage_drops_junk_and_is_recorded(tmp_path):
     assert abs(q["kept"] - expected.sum()) < 4 * np.sqrt(expected.sum()) + 2
     assert expected[clean].mean() > 10 * expected[~clean].mean()  # clean pages survive
     assert sum(q["histogram_kept"]) == q["kept"] and sum(q["histogram_dropped"]) == q["dropped"]
+    # The labels (never features) measure the filter: per label and for the good one.
+    labels = q["labels"]
+    assert {k: v["documents"] for k, v in labels["by_label"].items()} == {
+        "good": int(clean.sum()), "junk": int((~clean).sum())}
+    assert labels["by_label"]["good"]["mean_score"] == pytest.approx(scores[clean].mean(), abs=1e-6)
+    assert labels["selection"]["base_rate"] == pytest.approx(clean.mean())
+    assert labels["selection"]["precision"] > 0.9 > clean.mean()
+    assert labels["selection"]["recall"] == pytest.approx(
+        labels["by_label"]["good"]["kept_fraction"])
+    assert labels["classifier"]["roc_auc_binned"] > 0.95
     assert "quality" not in filtered["sources"]["wiki"]  # curated text is not filtered
     assert filtered["quality"]["metrics"]["roc_auc"] > 0.5
     samples = [json.loads(x) for x in
@@ -124,6 +136,27 @@ def test_the_filter_stage_drops_junk_and_is_recorded(tmp_path):
     u = unfiltered["sources"]["web"]["splits"]
     assert w["train"]["documents"] + w["val"]["documents"] == q["kept"]
     assert u["train"]["documents"] + u["val"]["documents"] == len(web)
+
+
+def test_the_label_report_counts_precision_recall_and_auc():
+    """Hand-made counts: 100 good pages scored in the top bin (40 kept), 300 others split
+    between the bottom bin (200, 2 kept) and the top one (100, 10 kept)."""
+    top, bottom = [0] * 19 + [1], [1] + [0] * 19
+    labels = {"good": {"documents": 100, "kept": 40, "score_sum": 97.5,
+                       "histogram": [100 * x for x in top]},
+              "salad": {"documents": 200, "kept": 2, "score_sum": 5.0,
+                        "histogram": [200 * x for x in bottom]},
+              "dupes": {"documents": 100, "kept": 10, "score_sum": 97.0,
+                        "histogram": [100 * x for x in top]}}
+    report = quality.label_report(labels, "good")
+    assert report["selection"] == pytest.approx({"precision": 40 / 52, "recall": 0.4,
+                                                 "base_rate": 0.25})
+    # above 0.5: 100 good and 100 dupes; AUC: beats all 200 salad, ties the 100 dupes (half)
+    assert report["classifier"] == pytest.approx({"precision": 0.5, "recall": 1.0,
+                                                  "roc_auc_binned": (200 + 50) / 300})
+    assert report["by_label"]["salad"] == pytest.approx(
+        {"documents": 200, "kept_fraction": 0.01, "mean_score": 0.025, "scored_curated": 0.0})
+    assert "selection" not in quality.label_report(labels, "missing")
 
 
 def test_one_and_two_workers_keep_the_same_documents(tmp_path):
@@ -194,6 +227,7 @@ def test_a_run_on_the_world_rendered_as_text_is_evaluated_on_the_worlds_tasks(tm
     overrides = ["data=world_quality", f"data.prepared_dir={tmp_path / 'prepared'}",
                  "data.world_sources.wiki_documents=600", "data.world_sources.books_documents=300",
                  "data.world_sources.web_documents=900", "data.n_entities=100",
+                 "data.world_sources.conversations_documents=300",
                  "data.tokenizer.vocab_size=400", "data.engine.workers=1"]
     prepare(load_raw(overrides).data, progress=False)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -203,4 +237,8 @@ def test_a_run_on_the_world_rendered_as_text_is_evaluated_on_the_worlds_tasks(tm
                 tmp_path / "run")
     metrics = MlflowClient(uri).get_run(final["run_id"]).data.metrics
     assert {"eval/world_qa/0shot", "eval/world_facts/0shot", "val_loss/wiki",
-            "val_loss/books", "val_loss/web"} <= metrics.keys()
+            "val_loss/books", "val_loss/conversations", "val_loss/web"} <= metrics.keys()
+    # the held-out text a filtered and an unfiltered run share: every source but the web
+    clean = {"wiki": 0.2, "books": 0.15, "conversations": 0.2}
+    assert metrics["val_loss_clean"] == pytest.approx(
+        sum(metrics[f"val_loss/{k}"] * w for k, w in clean.items()) / sum(clean.values()))

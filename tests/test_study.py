@@ -92,6 +92,34 @@ def test_plan_lists_every_seed_of_a_range():
     assert all(any("train.seed=2" in o for o in v) for v in per_point.values())
 
 
+def test_the_data_quality_study_plans_its_arms_and_prepares_each_corpus_once():
+    """Filtered, unfiltered and 3x unfiltered arms x dense, MoE: the 3x arm plans three times
+    the tokens; `glam-data prepare +study=data_quality` finds two corpora (the 3x arm reuses
+    the unfiltered one) with different selections and folders."""
+    from glam.data.cli import corpora
+
+    rows = plan(["+study=data_quality"])
+    tokens = {(r.overrides.split()[0], r.family): r.train_tokens for r in rows}
+    assert len(rows) == 6 and len(set(tokens)) == 6
+    for family in ("dense", "moe"):
+        base = tokens[("+quality_arm=filtered", family)]
+        assert tokens[("+quality_arm=unfiltered", family)] == base
+        assert tokens[("+quality_arm=unfiltered_3x", family)] == 3 * base
+    filtered, unfiltered = corpora(["+study=data_quality"])
+    assert (str(filtered.data.quality.selection), str(unfiltered.data.quality.selection)) == (
+        "pareto", "none")
+    assert filtered.data.prepared_dir == "data/data_quality/filtered"
+    assert unfiltered.data.prepared_dir == "data/data_quality/unfiltered"
+    assert corpora(["+study=expert_count"])[0].data.kind == "world"
+
+
+def test_token_multiple_scales_the_steps_and_says_so():
+    cfg = load(["model=tiny_dense", "train.steps=100", "train.token_multiple=2.5"])
+    assert cfg.train.steps == 250 and "train.steps" in cfg.derived.filled
+    with pytest.raises(ConfigError, match="train.token_multiple: must be positive"):
+        load(["train.token_multiple=0"])
+
+
 def test_launcher_configs_compose():
     from hydra import compose, initialize_config_dir
 

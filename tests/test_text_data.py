@@ -75,11 +75,25 @@ def test_every_format_reads_its_documents(tmp_path):
                         ("x.parquet", {"text_field": "content"}),
                         ("x.txt", {"txt_unit": "line"})):
         source = SourceConfig(name="s", paths=[str(tmp_path / name)], **extra)
-        got = [t for _, t in documents(str(tmp_path / name), source, Malformed.stop, ReadStats())]
+        got = [t for _, t, _ in documents(str(tmp_path / name), source, Malformed.stop, ReadStats())]
         assert got == docs, name
     whole = SourceConfig(name="s", paths=[str(tmp_path / "x.txt")])  # txt_unit=file
     got = list(documents(str(tmp_path / "x.txt"), whole, Malformed.stop, ReadStats()))
-    assert got == [(1, "\n".join(docs) + "\n")]
+    assert got == [(1, "\n".join(docs) + "\n", None)]
+
+
+def test_a_label_field_is_read_beside_the_text(tmp_path):
+    """JSONL and parquet give each document its label_field value (as a string; None where a
+    line lacks it); the text is what it would be without one."""
+    docs = _docs(3, 0)
+    rows = [{"text": docs[0], "kind": "clean"}, {"text": docs[1], "kind": 7}, {"text": docs[2]}]
+    (tmp_path / "l.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    pq.write_table(pa.table({"text": docs, "kind": ["clean", "7", None]}), tmp_path / "l.parquet")
+    for name in ("l.jsonl", "l.parquet"):
+        source = SourceConfig(name="s", paths=[str(tmp_path / name)], label_field="kind")
+        got = [(t, label) for _, t, label in
+               documents(str(tmp_path / name), source, Malformed.stop, ReadStats())]
+        assert got == [(docs[0], "clean"), (docs[1], "7"), (docs[2], None)], name
 
 
 def test_globs_expand_sorted_and_bad_paths_are_named(tmp_path):
@@ -112,7 +126,7 @@ def test_a_bad_line_stops_naming_file_and_line_or_is_counted(tmp_path, line, rea
     with pytest.raises(DataError, match=rf"bad.jsonl:3: {message}.*data.malformed=skip"):
         list(documents(str(path), source, Malformed.stop, ReadStats()))
     stats = ReadStats()
-    got = [t for _, t in documents(str(path), source, Malformed.skip, stats)]
+    got = [t for _, t, _ in documents(str(path), source, Malformed.skip, stats)]
     assert got == ["first", "last"]
     assert stats.skipped == {reason: 1} and stats.first[reason].endswith("bad.jsonl:3")
 
@@ -396,14 +410,14 @@ def test_damaged_files_and_odd_text_are_named_or_handled(tmp_path):
         expand(SourceConfig(name="s", paths=[str(tmp_path / "x.parquet.gz")]), "data.sources[0]")
     (tmp_path / "crlf.txt").write_bytes(b"line one\r\nline two\r\n")
     crlf = SourceConfig(name="s", paths=[str(tmp_path / "crlf.txt")], txt_unit="line")
-    assert [t for _, t in documents(str(tmp_path / "crlf.txt"), crlf, Malformed.stop,
+    assert [t for _, t, _ in documents(str(tmp_path / "crlf.txt"), crlf, Malformed.stop,
                                     ReadStats())] == ["line one", "line two"]
     (tmp_path / "odd.jsonl").write_text('{"text": "   "}\n{"text": "a \\ud83d b"}\n{"text": "ok"}\n')
     odd = SourceConfig(name="s", paths=[str(tmp_path / "odd.jsonl")])
     with pytest.raises(DataError, match=r"odd.jsonl:2: .*not valid Unicode"):
         list(documents(str(tmp_path / "odd.jsonl"), odd, Malformed.stop, ReadStats()))
     stats = ReadStats()  # whitespace-only text is no document; the surrogate is counted
-    assert [t for _, t in documents(str(tmp_path / "odd.jsonl"), odd, Malformed.skip, stats)] \
+    assert [t for _, t, _ in documents(str(tmp_path / "odd.jsonl"), odd, Malformed.skip, stats)] \
         == ["ok"] and stats.skipped == {"not_utf8": 1}
 
 

@@ -1,33 +1,38 @@
-"""`glam-data prepare`: prepare a text corpus (Hydra app on glam's config tree).
+"""`glam-data prepare`: prepare a text corpus (on glam's config tree).
 
     glam-data prepare data=pydocs                    # the Python docs, no download
     glam-data prepare data=my_corpus                 # conf/data/my_corpus.yaml: your sources
     glam-data prepare data=pydocs data.engine.address=tcp://scheduler:8786
+    glam-data prepare +study=data_quality            # every distinct corpus a study trains on
 
-Takes the same overrides as glam-train, so `glam-data prepare X && glam-train X` trains on what
-was prepared. Bad input exits with status 2 and a message naming the file and line.
+Takes the same overrides as glam-train (sweeps and a study's axes included), so
+`glam-data prepare X && glam-train X` (or `glam-train -m X`) trains on what was prepared. Bad
+input exits with status 2 and a message naming the file and line, or the config field.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import signal
 import sys
+from dataclasses import asdict
 
-import hydra
-from omegaconf import DictConfig
+from hydra.errors import HydraException
+from omegaconf.errors import OmegaConfBaseException
 
-from glam.config import ConfigError
+from glam.config import Config, ConfigError, DataKind
 from glam.data.sources import DataError
 from glam.interrupts import SIGNALS, Interrupted
-from glam.resolve import CONF_DIR, raw
 
 log = logging.getLogger("glam.data")
 COMMANDS = ("prepare",)
 USAGE = """usage: glam-data prepare [HYDRA OVERRIDES ...]
 
 Reads the text sources of the data config (data=pydocs, data=glam_mixture, ...), trains or
-loads its SentencePiece tokenizer, writes token shards and a manifest under data.prepared_dir.
+loads its SentencePiece tokenizer (and the quality classifier when data.quality.selection is
+not none), writes token shards and a manifest under data.prepared_dir. With a sweep or a study
+(+study=data_quality), prepares every distinct data config its points use, one after another.
 Re-running with the same inputs and settings does nothing; an interrupted run completes when run
 again. Runs on local Dask worker processes, or on the cluster at data.engine.address."""
 
@@ -36,29 +41,64 @@ def _stop(signum, frame) -> None:
     raise Interrupted(signum)
 
 
-@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
-def _prepare(dcfg: DictConfig) -> None:
-    from glam.data.prepare import prepare
+def corpora(overrides: list[str]) -> list[Config]:
+    """One raw config per distinct data section among the points `overrides` select (a single
+    point without sweeps), in the order of the points.
 
-    try:
-        cfg = raw(dcfg)
-        for signum in SIGNALS:  # preparation is safe to stop anywhere: every file is atomic
-            signal.signal(signum, _stop)
-        manifest = prepare(cfg.data, cfg.model.vocab_size)
-    except (ConfigError, DataError) as err:
-        print(f"glam-data: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
-    except Interrupted as stop:
-        log.warning("%s; finished files are kept: run the same command again to complete the "
-                    "preparation", stop)
-        raise SystemExit(stop.exit_code) from None
+    Raises:
+      ConfigError: a point's config is invalid (field named). Hydra's and OmegaConf's errors
+        for overrides they cannot parse or compose.
+    """
+    from glam.resolve import load_raw
+    from glam.study.points import expand
+
+    seen: dict[str, Config] = {}
+    for point in expand(overrides) or [overrides]:
+        cfg = load_raw(point)
+        seen.setdefault(json.dumps(asdict(cfg.data), sort_keys=True, default=str), cfg)
+    return list(seen.values())
+
+
+def _report(cfg: Config, manifest: dict) -> None:
     for name, source in manifest["sources"].items():
         for split, s in source["splits"].items():
             log.info("%s/%s: %d documents, %d tokens", name, split, s["documents"], s["tokens"])
         if source["skipped_lines"]:
             log.warning("%s: skipped lines %s", name, source["skipped_lines"])
+        quality = source.get("quality")
+        if quality:
+            log.info("%s: quality filter kept %d of %d documents (%.1f%%)", name,
+                     quality["kept"], quality["kept"] + quality["dropped"],
+                     100 * quality["kept_fraction"])
+            labels = quality.get("labels", {})
+            for label, c in labels.get("by_label", {}).items():
+                log.info("  %-16s %6d documents, mean score %.2f, kept %.1f%%", label,
+                         c["documents"], c["mean_score"], 100 * c["kept_fraction"])
+            if "selection" in labels:
+                sel, clf = labels["selection"], labels["classifier"]
+                log.info("  %r pages: %.0f%% of the kept (%.0f%% of all), %.1f%% of them kept; "
+                         "classifier at 0.5: precision %.2f, recall %.2f, ROC AUC %.2f",
+                         labels["good_label"], 100 * sel["precision"], 100 * sel["base_rate"],
+                         100 * sel["recall"], clf["precision"], clf["recall"],
+                         clf["roc_auc_binned"])
     log.info("prepared %s (fingerprint %s, %d-piece tokenizer)", cfg.data.prepared_dir,
              manifest["fingerprint"], manifest["tokenizer"]["vocab_size"])
+
+
+def prepare_all(overrides: list[str]) -> None:
+    """Prepare every distinct corpus of `overrides` (`corpora`)."""
+    from glam.data.prepare import prepare
+
+    configs = [c for c in corpora(overrides) if c.data.kind == DataKind.text]
+    if not configs:
+        log.info("nothing to prepare: these runs train on the generated world (data.kind=world)")
+        return
+    for signum in SIGNALS:  # preparation is safe to stop anywhere: every file is atomic
+        signal.signal(signum, _stop)
+    for i, cfg in enumerate(configs):
+        if len(configs) > 1:
+            log.info("corpus %d of %d: %s", i + 1, len(configs), cfg.data.prepared_dir)
+        _report(cfg, prepare(cfg.data, cfg.model.vocab_size))
 
 
 def main() -> None:
@@ -70,12 +110,17 @@ def main() -> None:
         unknown = f"glam-data: unknown command {args[0]!r}\n" if args else ""
         print(unknown + USAGE, file=sys.stderr)
         raise SystemExit(2)
-    # No Hydra output folder for a preparation: its outputs live in data.prepared_dir.
-    sys.argv = [sys.argv[0], *args[1:], "hydra.output_subdir=null", "hydra.run.dir=.",
-                "hydra/job_logging=none", "hydra/hydra_logging=none"]
     logging.basicConfig(level=logging.WARNING, format="[%(name)s] %(message)s")
     logging.getLogger("glam").setLevel(logging.INFO)
-    _prepare()
+    try:
+        prepare_all(args[1:])
+    except (ConfigError, DataError, HydraException, OmegaConfBaseException) as err:
+        print(f"glam-data: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except Interrupted as stop:
+        log.warning("%s; finished files are kept: run the same command again to complete the "
+                    "preparation", stop)
+        raise SystemExit(stop.exit_code) from None
 
 
 if __name__ == "__main__":

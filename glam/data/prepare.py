@@ -95,7 +95,7 @@ def sample_documents(url: str, source: SourceConfig, policy: Malformed, seed: in
     with `salt`) is below `keep`: candidates for a sample (the driver keeps the lowest hashes up
     to its budget)."""
     out = []
-    for _, text in documents(url, source, policy, ReadStats()):
+    for _, text, _ in documents(url, source, policy, ReadStats()):
         u = _unit_hash(seed, salt, text)
         if u < keep:
             out.append((u, text[:max_chars]))
@@ -120,10 +120,12 @@ def tokenize_file(url: str, source: SourceConfig, policy: Malformed, seed: int,
     tmps = {split: p.with_name(f"{p.name}.tmp{os.getpid()}") for split, p in paths.items()}
     writers = {split: ArrayRecordWriter(str(tmps[split]), "group_size:1") for split in SPLITS}
     batch: list[str] = []
+    labels: list[str | None] = []
 
     def flush():
         if selector is not None:
-            batch[:] = selector(batch)
+            batch[:] = selector(batch, labels)
+        labels.clear()
         for text, ids in zip(batch, tokenizer.encode_batch(batch)):
             held_out = _unit_hash(seed, f"split:{source.name}", text) < source.val_share
             split = "val" if held_out else "train"
@@ -134,8 +136,9 @@ def tokenize_file(url: str, source: SourceConfig, policy: Malformed, seed: int,
         batch.clear()
 
     try:
-        for _, text in documents(url, source, policy, stats):
+        for _, text, label in documents(url, source, policy, stats):
             batch.append(text)
+            labels.append(label)
             if len(batch) == 256:
                 flush()
         flush()
@@ -165,15 +168,23 @@ class _Selector:
         self.cfg, self.seed = quality["cfg"], seed
         self.kept, self.dropped = [], []  # scores
         self.samples: dict[str, list] = {"kept": [], "dropped": []}  # (-hash, score, text) heaps
+        self.labels: dict[str, dict] = {}  # label -> documents, kept, score histogram
 
-    def __call__(self, texts: list[str]) -> list[str]:
+    def __call__(self, texts: list[str], labels: list[str | None]) -> list[str]:
         import heapq
 
         scores = self.classifier.scores(texts, self.cfg)
         uniforms = np.asarray([_unit_hash(self.seed, "pareto", t) for t in texts])
         decisions = quality_filter.keep(scores, uniforms, self.cfg)
-        for text, score, u, kept in zip(texts, scores, uniforms, decisions):
+        for text, label, score, kept in zip(texts, labels, scores, decisions):
             (self.kept if kept else self.dropped).append(float(score))
+            if label is not None:
+                counts = self.labels.setdefault(label, {"documents": 0, "kept": 0,
+                                                        "score_sum": 0.0, "scores": []})
+                counts["documents"] += 1
+                counts["kept"] += int(kept)
+                counts["score_sum"] += float(score)
+                counts["scores"].append(float(score))
             heap = self.samples["kept" if kept else "dropped"]
             item = (-_unit_hash(self.seed, "show", text), float(score), text[:2000])
             if len(heap) < self.cfg.samples:
@@ -186,6 +197,10 @@ class _Selector:
         return {"kept": len(self.kept), "dropped": len(self.dropped),
                 "histogram_kept": quality_filter.histogram(self.kept),
                 "histogram_dropped": quality_filter.histogram(self.dropped),
+                "labels": {label: {"documents": c["documents"], "kept": c["kept"],
+                                   "score_sum": c["score_sum"],
+                                   "histogram": quality_filter.histogram(c["scores"])}
+                           for label, c in self.labels.items()},
                 "samples": {k: [{"score": score, "text": text} for _, score, text in sorted(v)]
                             for k, v in self.samples.items()}}
 
@@ -589,7 +604,7 @@ def _manifest(d: DataConfig, p: Plan, out: Path, tokenizer_file: str, tokenizer,
                                 "skipped_lines": skipped}
         filtered = [results[k]["quality"] for k in stems if "quality" in results[k]]
         if filtered:
-            sources[source.name]["quality"] = _quality_summary(filtered)
+            sources[source.name]["quality"] = _quality_summary(filtered, d.quality.good_label)
             samples += [{"source": source.name, "decision": decision, **sample}
                         for q in filtered for decision, kept in q["samples"].items()
                         for sample in kept]
@@ -610,10 +625,24 @@ def _manifest(d: DataConfig, p: Plan, out: Path, tokenizer_file: str, tokenizer,
     return manifest
 
 
-def _quality_summary(parts: list[dict]) -> dict:
-    """Kept and dropped documents of a filtered source and their score histograms."""
+def _quality_summary(parts: list[dict], good_label: str) -> dict:
+    """Kept and dropped documents of a filtered source and their score histograms; with
+    labelled documents, the same per label and the filter's precision and recall for
+    `good_label` (`quality.label_report`)."""
     kept, dropped = sum(q["kept"] for q in parts), sum(q["dropped"] for q in parts)
-    return {"kept": kept, "dropped": dropped, "kept_fraction": kept / max(kept + dropped, 1),
-            "histogram_bins": quality_filter.HISTOGRAM_BINS,
-            "histogram_kept": np.sum([q["histogram_kept"] for q in parts], axis=0).tolist(),
-            "histogram_dropped": np.sum([q["histogram_dropped"] for q in parts], axis=0).tolist()}
+    summary = {"kept": kept, "dropped": dropped, "kept_fraction": kept / max(kept + dropped, 1),
+               "histogram_bins": quality_filter.HISTOGRAM_BINS,
+               "histogram_kept": np.sum([q["histogram_kept"] for q in parts], axis=0).tolist(),
+               "histogram_dropped": np.sum([q["histogram_dropped"] for q in parts],
+                                           axis=0).tolist()}
+    labels: dict[str, dict] = {}
+    for q in parts:
+        for label, c in q.get("labels", {}).items():
+            total = labels.setdefault(label, {"documents": 0, "kept": 0, "score_sum": 0.0,
+                                              "histogram": [0] * quality_filter.HISTOGRAM_BINS})
+            for key in ("documents", "kept", "score_sum"):
+                total[key] += c[key]
+            total["histogram"] = (np.asarray(total["histogram"]) + c["histogram"]).tolist()
+    if labels:
+        summary["labels"] = quality_filter.label_report(labels, good_label)
+    return summary

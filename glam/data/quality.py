@@ -135,3 +135,49 @@ def histogram(scores: list[float]) -> list[int]:
     """Counts of `scores` in HISTOGRAM_BINS equal bins over [0, 1]."""
     counts, _ = np.histogram(np.asarray(scores, np.float64), bins=HISTOGRAM_BINS, range=(0, 1))
     return counts.tolist()
+
+
+def label_report(labels: dict[str, dict], good_label: str) -> dict:
+    """How the classifier and the selection treated documents of known labels.
+
+    Args:
+      labels: label -> {"documents", "kept", "score_sum", "histogram"} (HISTOGRAM_BINS counts of
+        the classifier's scores), summed over a web source's files.
+      good_label: the label of documents that should be kept (the world's "clean").
+
+    Returns:
+      {"by_label": label -> documents, kept_fraction, mean_score, scored_curated (share with
+      score >= 0.5)} and, when `good_label` and another label occur, "good_label" and
+      "selection" (precision: share of kept documents with the good label, against its
+      `base_rate` among all; recall: share of good documents kept) and "classifier" (precision
+      and recall of score >= 0.5, ROC AUC of good vs the rest from the binned scores, ties
+      counted half).
+    """
+    half = HISTOGRAM_BINS // 2  # score >= 0.5 is exactly the upper half of the bins
+    by_label = {label: {"documents": c["documents"],
+                        "kept_fraction": c["kept"] / max(c["documents"], 1),
+                        "mean_score": c["score_sum"] / max(c["documents"], 1),
+                        "scored_curated": sum(c["histogram"][half:]) / max(c["documents"], 1)}
+                for label, c in sorted(labels.items())}
+    report: dict = {"by_label": by_label}
+    good = labels.get(good_label)
+    rest = [c for label, c in labels.items() if label != good_label]
+    if good is None or not rest or not good["documents"]:
+        return report
+    hist_good = np.asarray(good["histogram"], np.float64)
+    hist_rest = np.sum([c["histogram"] for c in rest], axis=0).astype(np.float64)
+    total = good["documents"] + sum(c["documents"] for c in rest)
+    kept = good["kept"] + sum(c["kept"] for c in rest)
+    above_good, above_rest = hist_good[half:].sum(), hist_rest[half:].sum()
+    # P(score of a good document > score of another), by bins: lower bins of the rest below.
+    below_rest = np.concatenate([[0.0], np.cumsum(hist_rest)[:-1]])
+    auc = float((hist_good * (below_rest + hist_rest / 2)).sum()
+                / (hist_good.sum() * hist_rest.sum()))
+    report.update({
+        "good_label": good_label,
+        "selection": {"precision": good["kept"] / max(kept, 1),
+                      "recall": good["kept"] / good["documents"],
+                      "base_rate": good["documents"] / total},
+        "classifier": {"precision": float(above_good / max(above_good + above_rest, 1)),
+                       "recall": float(above_good / good["documents"]), "roc_auc_binned": auc}})
+    return report

@@ -113,9 +113,10 @@ def _decode(raw: bytes, policy, stats, where: str) -> str | None:
 
 
 def documents(url: str, source: SourceConfig, policy: Malformed,
-              stats: ReadStats) -> Iterator[tuple[int, str]]:
-    """(line or row number from 1, text) of every document of one file that holds more than
-    whitespace, streamed.
+              stats: ReadStats) -> Iterator[tuple[int, str, str | None]]:
+    """(line or row number from 1, text, label) of every document of one file that holds more
+    than whitespace, streamed; the label is the `label_field` value as a string (None when the
+    source has no label field or the document lacks it).
 
     Raises:
       DataError: with `policy=stop`, the first malformed line (invalid JSON, not an object,
@@ -136,7 +137,7 @@ def documents(url: str, source: SourceConfig, policy: Malformed,
             elif kind == ".txt" and source.txt_unit == TextUnit.file:
                 text = _txt_file(f.read(), url, policy, stats)
                 if text and text.strip():
-                    yield 1, text
+                    yield 1, text, None
             else:
                 yield from _lines(f, url, kind, source, policy, stats, position)
     except (EOFError, OSError, zlib.error, pa.ArrowException) as err:
@@ -146,7 +147,7 @@ def documents(url: str, source: SourceConfig, policy: Malformed,
 
 
 def _lines(f, url: str, kind: str, source: SourceConfig, policy, stats,
-           position: list) -> Iterator[tuple[int, str]]:
+           position: list) -> Iterator[tuple[int, str, str | None]]:
     for n, raw in enumerate(f, start=1):
         position[0] = n - 1
         where = f"{url}:{n}"
@@ -154,11 +155,12 @@ def _lines(f, url: str, kind: str, source: SourceConfig, policy, stats,
         if line is None or not line.strip():
             continue
         if kind == ".txt":
-            yield n, line.rstrip("\r\n")
+            yield n, line.rstrip("\r\n"), None
             continue
-        text = _json_text(line, source.text_field, policy, stats, where)
-        if text and text.strip():
-            yield n, text
+        row = _json_row(line, source.text_field, policy, stats, where)
+        if row is not None and row[source.text_field].strip():
+            label = row.get(source.label_field) if source.label_field else None
+            yield n, row[source.text_field], None if label is None else str(label)
 
 
 def _txt_file(raw: bytes, url: str, policy, stats) -> str | None:
@@ -169,7 +171,9 @@ def _txt_file(raw: bytes, url: str, policy, stats) -> str | None:
         return _decode(raw, policy, stats, f"{url}:{line}")
 
 
-def _json_text(line: str, key: str, policy, stats, where: str) -> str | None:
+def _json_row(line: str, key: str, policy, stats, where: str) -> dict | None:
+    """The JSON object of one line whose `key` holds valid text, else None (counted or raised
+    by `policy`)."""
     try:
         row = json.loads(line)
     except json.JSONDecodeError as err:
@@ -195,11 +199,11 @@ def _json_text(line: str, key: str, policy, stats, where: str) -> str | None:
              f"field {key!r} holds {text[err.start]!r} at character {err.start}, which is not "
              "valid Unicode (a lone surrogate escape); fix the escape")
         return None
-    return text
+    return row
 
 
 def _parquet(f, url: str, source: SourceConfig, policy, stats,
-             position: list) -> Iterator[tuple[int, str]]:
+             position: list) -> Iterator[tuple[int, str, str | None]]:
     import pyarrow.parquet as pq
 
     try:
@@ -210,9 +214,12 @@ def _parquet(f, url: str, source: SourceConfig, policy, stats,
     if source.text_field not in columns:
         raise DataError(f"{url}: no column {source.text_field!r} (columns: "
                         f"{', '.join(columns[:8])}); set the source's text_field.")
+    labelled = bool(source.label_field) and source.label_field in columns
     row = 0
-    for batch in pf.iter_batches(columns=[source.text_field], batch_size=1024):
-        for text in batch.column(0).to_pylist():
+    for batch in pf.iter_batches(columns=[source.text_field] + [source.label_field] * labelled,
+                                 batch_size=1024):
+        labels = batch.column(1).to_pylist() if labelled else [None] * batch.num_rows
+        for text, label in zip(batch.column(0).to_pylist(), labels):
             position[0] = row
             row += 1
             if text is None:
@@ -222,4 +229,4 @@ def _parquet(f, url: str, source: SourceConfig, policy, stats,
                 _bad(policy, stats, "not_a_string", f"{url}:row {row}",
                      f"{source.text_field!r} holds {str(text)[:40]!r}, not a string")
             elif text.strip():
-                yield row, text
+                yield row, text, None if label is None else str(label)

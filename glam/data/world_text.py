@@ -2,8 +2,9 @@
 
 - `world_wiki`: clean biographies (every fact right), the curated encyclopedia;
 - `world_books`: the grammar's prose, several paragraphs per document;
-- `world_web`: pages, clean (a biography, QA lines or prose, as in the world's training text)
-  or low quality in the shares of `data.world_sources`: `wrong_facts` (a biography whose
+- `world_conversations`: question-answer exchanges about the QA-split people (GLaM's
+  conversations source: neither a positive nor a negative of the quality classifier);
+- `world_web`: pages, clean (a biography or prose) or low quality in the shares of `data.world_sources`: `wrong_facts` (a biography whose
   values are drawn at random), `word_salad` (the world's words in random order), `boilerplate`
   (navigation and legal lines, repeated), `truncated` (a clean page cut after its first fifth
   to third), `near_duplicates` (an earlier clean page with one word changed).
@@ -25,7 +26,7 @@ import numpy as np
 from glam.config import DataConfig
 from glam.data.world import World
 
-KINDS = ("world_wiki", "world_books", "world_web")
+KINDS = ("world_wiki", "world_books", "world_conversations", "world_web")
 LOW_QUALITY = ("wrong_facts", "word_salad", "boilerplate", "truncated", "near_duplicates")
 BOILERPLATE = ("home | about us | contact | sign in | register",
                "copyright all rights reserved | privacy policy | terms of use",
@@ -50,14 +51,16 @@ def _prose(world: World, rng: np.random.Generator, paragraphs: int) -> str:
     return "\n".join(world.filler(rng) for _ in range(paragraphs))
 
 
+def _conversation(world: World, rng: np.random.Generator) -> str:
+    people = world.qa_people or list(range(len(world.people)))
+    return "\n".join(world.qa_line(people[int(rng.integers(len(people)))],
+                                   int(rng.integers(len(world.attributes))))
+                     for _ in range(int(rng.integers(2, 6))))
+
+
 def _clean_page(world: World, rng: np.random.Generator) -> str:
-    u = rng.random()
-    if u < 0.5:
+    if rng.random() < 0.6:
         return _biography(world, rng)
-    if u < 0.75 and world.qa_people:
-        lines = [world.qa_line(world.qa_people[int(rng.integers(len(world.qa_people)))],
-                               int(rng.integers(len(world.attributes)))) for _ in range(3)]
-        return "\n".join(lines)
     return _prose(world, rng, int(rng.integers(1, 4)))
 
 
@@ -91,6 +94,8 @@ def documents(d: DataConfig, kind: str) -> list[tuple[str, str]]:
     if kind == "world_books":
         return [(_prose(world, rng, int(rng.integers(3, 7))), "clean")
                 for _ in range(w.books_documents)]
+    if kind == "world_conversations":
+        return [(_conversation(world, rng), "clean") for _ in range(w.conversations_documents)]
     shares = np.asarray([getattr(w, k) for k in LOW_QUALITY])
     kinds = ["clean", *LOW_QUALITY]
     p = np.concatenate([[1 - shares.sum()], shares])

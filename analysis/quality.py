@@ -1,0 +1,157 @@
+"""The data-quality study (GLaM section 4): its arms, its figure and its verdicts.
+
+A run's arm comes from its logged config: `filtered` when `data.quality.selection` is not
+`none`, else `unfiltered`, with `k x` appended when `train.token_multiple` is k != 1 (the
+`unfiltered_3x` arm of `sweeps/quality_arm/`).
+
+- `figure`: validation loss on the clean held-out text (`val_loss_clean`: the sources the filter
+  does not touch, the same text in every arm), NLG and NLU averages against training tokens;
+  one colour per arm, solid dense and dashed MoE, the mean over seeds with a +-1 std band.
+- `verdicts`: at the end of training, does the filtered arm beat the unfiltered one at the same
+  tokens, and the unfiltered one with 3x the tokens, and is the filtered-unfiltered gap larger
+  on NLG than on NLU (the paper's finding), each with the seed spread.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import pandas as pd
+
+from analysis.figures import COLORS, LABELS, STYLE, _save
+
+SELECTION, MULTIPLE = "param.data.quality.selection", "param.train.token_multiple"
+# Okabe-Ito colours, safe for colour-blind readers.
+ARM_COLORS = {"filtered": "#009E73", "unfiltered": "#E69F00"}
+OTHER_COLOR = "#0072B2"
+FAMILY_LINES = {"dense": "-", "moe": "--"}
+
+
+def panels(shots: int) -> list[tuple[str, str, bool]]:
+    """(metric, axis label, lower is better) of the figure's panels."""
+    return [("val_loss_clean", "Clean held-out loss (nats/token)", True),
+            (f"eval/nlg_avg/{shots}shot", f"NLG average, {shots}-shot (EM, %)", False),
+            (f"eval/nlu_avg/{shots}shot", f"NLU average, {shots}-shot (accuracy, %)", False)]
+
+
+def arms(table: pd.DataFrame) -> pd.Series:
+    """The arm of each run of `table` (a `load_runs` table), by row; empty when the runs have
+    no quality settings logged."""
+    if SELECTION not in table:
+        return pd.Series(dtype=str)
+    multiple = (table[MULTIPLE].astype(float) if MULTIPLE in table
+                else pd.Series(1.0, index=table.index))
+    base = table[SELECTION].map(lambda s: "unfiltered" if s in ("none", "Selection.none")
+                                else "filtered")
+    return base + multiple.map(lambda m: "" if m == 1 else f" {m:g}x")
+
+
+def is_study(table: pd.DataFrame) -> bool:
+    """Whether `table` holds a filtered and an unfiltered arm."""
+    found = set(arms(table))
+    return "filtered" in found and "unfiltered" in found
+
+
+def curves(table: pd.DataFrame, histories: pd.DataFrame) -> pd.DataFrame:
+    """Long table (arm, family, run_id, tokens, key, value) of `histories` (a `load_histories`
+    table of the runs of `table`), tokens = step x train.batch_size x model.seq_len."""
+    runs = table.assign(arm=arms(table)).set_index("run_id")
+    tokens_per_step = (runs["param.train.batch_size"].astype(float)
+                       * runs["param.model.seq_len"].astype(float))
+    data = histories.copy()
+    data["tokens"] = data["step"] * data["run_id"].map(tokens_per_step)
+    data["arm"] = data["run_id"].map(runs["arm"])
+    data["family"] = data["run_id"].map(runs["family"])
+    return data
+
+
+def figure(table: pd.DataFrame, histories: pd.DataFrame, out: Path,
+           shots: int = 0) -> list[Path]:
+    """`data_quality.{pdf,png,csv}` under `out`: the panels of `panels(shots)` that have a
+    history, against training tokens; the CSV holds the plotted means, stds and seed counts.
+
+    Raises:
+      ValueError: `histories` holds none of the panels' metrics.
+    """
+    data = curves(table, histories)
+    shown = [p for p in panels(shots) if (data["key"] == p[0]).any()]
+    if not shown:
+        raise ValueError("no history of " + ", ".join(m for m, _, _ in panels(shots)))
+    plotted = []
+    with plt.rc_context(STYLE):
+        fig, axes = plt.subplots(1, len(shown), figsize=(3.4 * len(shown), 3.2),
+                                 constrained_layout=True, squeeze=False)
+        axes = axes[0]
+        for ax, (metric, label, _) in zip(axes, shown):
+            rows = data[data["key"] == metric]
+            for (arm, family), group in rows.groupby(["arm", "family"]):
+                stats = (group.groupby("tokens")["value"].agg(["mean", "std", "count"])
+                         .reset_index().fillna({"std": 0.0}))
+                color = ARM_COLORS.get(arm, OTHER_COLOR)
+                ax.plot(stats["tokens"], stats["mean"], FAMILY_LINES.get(family, ":"),
+                        color=color, marker="o", markersize=3,
+                        label=f"{arm}, {LABELS.get(family, family)}")
+                ax.fill_between(stats["tokens"], stats["mean"] - stats["std"],
+                                stats["mean"] + stats["std"], color=color, alpha=0.15,
+                                linewidth=0)
+                plotted.append(stats.assign(arm=arm, family=family, metric=metric))
+            ax.set_xlabel("Training tokens")
+            ax.set_ylabel(label)
+            ax.ticklabel_format(axis="x", style="sci", scilimits=(0, 0))
+        handles, labels = axes[0].get_legend_handles_labels()
+        fig.legend(handles, labels, loc="outside lower center", ncol=min(len(labels), 3),
+                   frameon=False)
+        fig.suptitle("Data quality: filtered vs unfiltered web text (bands: seed std)")
+    return _save(fig, pd.concat(plotted, ignore_index=True), out, "data_quality")
+
+
+def _compare(a: pd.Series, b: pd.Series, lower_better: bool) -> tuple[float, float, str]:
+    """(mean of a - mean of b, the spread of that difference, verdict for `a`): better or
+    worse when the difference exceeds the spread (the seed stds added in quadrature), tied
+    within it otherwise; with one seed on a side there is no spread to judge by."""
+    diff = a.mean() - b.mean()
+    spread = math.hypot(a.std(ddof=1) if len(a) > 1 else 0.0, b.std(ddof=1) if len(b) > 1 else 0.0)
+    wins = diff < 0 if lower_better else diff > 0
+    if len(a) < 2 or len(b) < 2:
+        verdict = ("better" if wins else "worse" if diff else "tied") + " (one seed: no spread)"
+    elif abs(diff) <= spread:
+        verdict = "tied within the seed spread"
+    else:
+        verdict = "better" if wins else "worse"
+    return diff, spread, verdict
+
+
+def verdicts(table: pd.DataFrame, shots: int = 0) -> list[str]:
+    """The study's findings as sentences, per family, from the runs' final metrics."""
+    table = table.assign(arm=arms(table))
+    lines = []
+    metrics = [(m, label.split(" (")[0], low) for m, label, low in panels(shots) if m in table]
+    for family, runs in table.groupby("family"):
+        name = LABELS.get(family, family)
+        filtered = runs[runs["arm"] == "filtered"]
+        for other in sorted(set(runs["arm"]) - {"filtered"}):
+            rival = runs[runs["arm"] == other]
+            if filtered.empty or rival.empty:
+                continue
+            parts = []
+            for metric, label, low in metrics:
+                a, b = filtered[metric].dropna(), rival[metric].dropna()
+                if a.empty or b.empty:
+                    continue
+                diff, spread, verdict = _compare(a, b, low)
+                parts.append(f"{label} {a.mean():.3g} vs {b.mean():.3g} (difference "
+                             f"{diff:+.2g}, spread {spread:.2g}): {verdict}")
+            lines.append(f"{name}, filtered vs {other} (n = {len(filtered)} vs {len(rival)}): "
+                         + "; ".join(parts))
+        unfiltered = runs[runs["arm"] == "unfiltered"]
+        nlg, nlu = (f"eval/nlg_avg/{shots}shot", f"eval/nlu_avg/{shots}shot")
+        if not filtered.empty and not unfiltered.empty and nlg in runs and nlu in runs:
+            gap_nlg = filtered[nlg].mean() - unfiltered[nlg].mean()
+            gap_nlu = filtered[nlu].mean() - unfiltered[nlu].mean()
+            lines.append(f"{name}: the filtered-unfiltered gap is {gap_nlg:+.3g} points on NLG "
+                         f"and {gap_nlu:+.3g} on NLU: "
+                         + ("larger on NLG, as in the paper" if gap_nlg > gap_nlu
+                            else "not larger on NLG (the paper found it larger)"))
+    return lines
