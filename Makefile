@@ -35,4 +35,4 @@ study-data-quality: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" STUDY=study_data_quality bash scripts/study.sh
 
 clean:
-	rm -rf $(VENV) outputs mlflow.db mlflow.db.lock .pytest_cache build dist
+	rm -rf $(VENV) outputs mlflow.db mlflow.db.lock mlflow.db-journal .pytest_cache build dist

@@ -55,17 +55,23 @@ def expert_loads(client: MlflowClient, table: pd.DataFrame) -> dict:
 def analyze(table: pd.DataFrame, out: Path, which: list[str], shots: int,
             client: MlflowClient | None) -> list[Path]:
     written: list[Path] = []
-    if "compute_vs_accuracy" in which and table["forward_flops_per_token"].nunique() >= 2:
+    # A data-quality study's arms are not seeds: the per-size and per-E figures would pool them.
+    arms = quality.is_study(table)
+    if ("compute_vs_accuracy" in which and not arms
+            and table["forward_flops_per_token"].nunique() >= 2):
         written += figures.compute_vs_accuracy(table, out, shots)
-    if "expert_count" in which and table["n_experts"].nunique() >= 2:
+    if "expert_count" in which and not arms and table["n_experts"].nunique() >= 2:
         written += figures.expert_count(table, out, shots)
     if client is not None and "data_efficiency" in which:
         histories = load_histories(client.tracking_uri, list(table["run_id"]), ["lm_loss"])
         written += figures.data_efficiency(table, histories, out)
-    if client is not None and "data_quality" in which and quality.is_study(table):
+    if client is not None and "data_quality" in which and arms:
         keys = [metric for metric, _, _ in quality.panels(shots)]
         histories = load_histories(client.tracking_uri, list(table["run_id"]), keys)
-        written += quality.figure(table, histories, out, shots)
+        try:
+            written += quality.figure(table, histories, out, shots)
+        except ValueError as err:  # runs without evaluation histories
+            print(f"glam-analyze: data_quality figure skipped: {err}")
     if client is not None and "routing_health" in which and (table["family"] == "moe").any():
         written += figures.routing_health(expert_loads(client, table), table, out)
     experts = table["n_experts"].where(table["n_experts"] > 0, 1)

@@ -8,8 +8,8 @@ A run's arm comes from its logged config: `filtered` when `data.quality.selectio
   does not touch, the same text in every arm), NLG and NLU averages against training tokens;
   one colour per arm, solid dense and dashed MoE, the mean over seeds with a +-1 std band.
 - `verdicts`: at the end of training, does the filtered arm beat the unfiltered one at the same
-  tokens, and the unfiltered one with 3x the tokens, and is the filtered-unfiltered gap larger
-  on NLG than on NLU (the paper's finding), each with the seed spread.
+  tokens, and the unfiltered one with 3x the tokens (each with the seed spread), and is the
+  filtered-unfiltered gap larger on NLG than on NLU (the paper's finding).
 """
 
 from __future__ import annotations
@@ -36,22 +36,28 @@ def panels(shots: int) -> list[tuple[str, str, bool]]:
             (f"eval/nlu_avg/{shots}shot", f"NLU average, {shots}-shot (accuracy, %)", False)]
 
 
+def _arm(selection, multiple) -> str | None:
+    if selection is None or pd.isna(selection):
+        return None
+    base = "unfiltered" if selection in ("none", "Selection.none") else "filtered"
+    m = pd.to_numeric(multiple, errors="coerce")
+    return base if pd.isna(m) or m == 1 else f"{base} {m:g}x"
+
+
 def arms(table: pd.DataFrame) -> pd.Series:
-    """The arm of each run of `table` (a `load_runs` table), by row; empty when the runs have
-    no quality settings logged."""
-    if SELECTION not in table:
-        return pd.Series(dtype=str)
-    multiple = (table[MULTIPLE].astype(float) if MULTIPLE in table
-                else pd.Series(1.0, index=table.index))
-    base = table[SELECTION].map(lambda s: "unfiltered" if s in ("none", "Selection.none")
-                                else "filtered")
-    return base + multiple.map(lambda m: "" if m == 1 else f" {m:g}x")
+    """The arm of each run of `table` (a `load_runs` table), by row: None for a run without its
+    quality selection logged (a run older than the filter); a run without a token multiple
+    logged trained on x1."""
+    selections = table[SELECTION] if SELECTION in table else [None] * len(table)
+    multiples = table[MULTIPLE] if MULTIPLE in table else [1.0] * len(table)
+    return pd.Series([_arm(s, m) for s, m in zip(selections, multiples)], index=table.index,
+                     dtype=object)
 
 
 def is_study(table: pd.DataFrame) -> bool:
-    """Whether `table` holds a filtered and an unfiltered arm."""
-    found = set(arms(table))
-    return "filtered" in found and "unfiltered" in found
+    """Whether `table` holds runs of two or more arms, one of them filtered."""
+    found = set(arms(table).dropna())
+    return len(found) >= 2 and "filtered" in found
 
 
 def curves(table: pd.DataFrame, histories: pd.DataFrame) -> pd.DataFrame:
@@ -75,7 +81,7 @@ def figure(table: pd.DataFrame, histories: pd.DataFrame, out: Path,
     Raises:
       ValueError: `histories` holds none of the panels' metrics.
     """
-    data = curves(table, histories)
+    data = curves(table, histories).dropna(subset=["arm", "value"])
     shown = [p for p in panels(shots) if (data["key"] == p[0]).any()]
     if not shown:
         raise ValueError("no history of " + ", ".join(m for m, _, _ in panels(shots)))
@@ -107,25 +113,25 @@ def figure(table: pd.DataFrame, histories: pd.DataFrame, out: Path,
     return _save(fig, pd.concat(plotted, ignore_index=True), out, "data_quality")
 
 
-def _compare(a: pd.Series, b: pd.Series, lower_better: bool) -> tuple[float, float, str]:
-    """(mean of a - mean of b, the spread of that difference, verdict for `a`): better or
-    worse when the difference exceeds the spread (the seed stds added in quadrature), tied
-    within it otherwise; with one seed on a side there is no spread to judge by."""
+def _compare(a: pd.Series, b: pd.Series, lower_better: bool) -> str:
+    """"<mean a> vs <mean b> (difference, spread): verdict for `a`": better or worse when the
+    difference exceeds the spread (the seed stds added in quadrature), tied within it
+    otherwise; with one seed on a side there is no spread to judge by."""
     diff = a.mean() - b.mean()
-    spread = math.hypot(a.std(ddof=1) if len(a) > 1 else 0.0, b.std(ddof=1) if len(b) > 1 else 0.0)
     wins = diff < 0 if lower_better else diff > 0
+    head = f"{a.mean():.3g} vs {b.mean():.3g} (difference {diff:+.2g}"
     if len(a) < 2 or len(b) < 2:
-        verdict = ("better" if wins else "worse" if diff else "tied") + " (one seed: no spread)"
-    elif abs(diff) <= spread:
-        verdict = "tied within the seed spread"
-    else:
-        verdict = "better" if wins else "worse"
-    return diff, spread, verdict
+        return head + ", one seed: no spread): " + ("better" if wins else "worse" if diff
+                                                    else "tied")
+    spread = math.hypot(a.std(ddof=1), b.std(ddof=1))
+    verdict = ("tied within the seed spread" if abs(diff) <= spread
+               else "better" if wins else "worse")
+    return head + f", spread {spread:.2g}): {verdict}"
 
 
 def verdicts(table: pd.DataFrame, shots: int = 0) -> list[str]:
     """The study's findings as sentences, per family, from the runs' final metrics."""
-    table = table.assign(arm=arms(table))
+    table = table.assign(arm=arms(table)).dropna(subset=["arm"])
     lines = []
     metrics = [(m, label.split(" (")[0], low) for m, label, low in panels(shots) if m in table]
     for family, runs in table.groupby("family"):
@@ -133,23 +139,19 @@ def verdicts(table: pd.DataFrame, shots: int = 0) -> list[str]:
         filtered = runs[runs["arm"] == "filtered"]
         for other in sorted(set(runs["arm"]) - {"filtered"}):
             rival = runs[runs["arm"] == other]
-            if filtered.empty or rival.empty:
-                continue
-            parts = []
-            for metric, label, low in metrics:
-                a, b = filtered[metric].dropna(), rival[metric].dropna()
-                if a.empty or b.empty:
-                    continue
-                diff, spread, verdict = _compare(a, b, low)
-                parts.append(f"{label} {a.mean():.3g} vs {b.mean():.3g} (difference "
-                             f"{diff:+.2g}, spread {spread:.2g}): {verdict}")
-            lines.append(f"{name}, filtered vs {other} (n = {len(filtered)} vs {len(rival)}): "
-                         + "; ".join(parts))
+            parts = [f"{label} " + _compare(filtered[m].dropna(), rival[m].dropna(), low)
+                     for m, label, low in metrics
+                     if filtered[m].notna().any() and rival[m].notna().any()]
+            if parts:
+                lines.append(f"{name}, filtered vs {other} (n = {len(filtered)} vs "
+                             f"{len(rival)}): " + "; ".join(parts))
         unfiltered = runs[runs["arm"] == "unfiltered"]
         nlg, nlu = (f"eval/nlg_avg/{shots}shot", f"eval/nlu_avg/{shots}shot")
-        if not filtered.empty and not unfiltered.empty and nlg in runs and nlu in runs:
+        if nlg in runs and nlu in runs:
             gap_nlg = filtered[nlg].mean() - unfiltered[nlg].mean()
             gap_nlu = filtered[nlu].mean() - unfiltered[nlu].mean()
+            if math.isnan(gap_nlg) or math.isnan(gap_nlu):
+                continue
             lines.append(f"{name}: the filtered-unfiltered gap is {gap_nlg:+.3g} points on NLG "
                          f"and {gap_nlu:+.3g} on NLU: "
                          + ("larger on NLG, as in the paper" if gap_nlg > gap_nlu

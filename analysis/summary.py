@@ -23,8 +23,10 @@ def dense_vs_moe(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def by_experts(table: pd.DataFrame) -> pd.DataFrame:
+    """Rows: activated size, arm (when the table has one), expert count."""
     metrics = [m for m in METRICS if m in table]
-    return table.groupby([size_key(table), "n_experts"])[metrics].agg(_mean_std)
+    keys = [size_key(table)] + (["arm"] if "arm" in table else [])
+    return table.groupby([*keys, "n_experts"])[metrics].agg(_mean_std)
 
 
 def print_summary(table: pd.DataFrame) -> None:

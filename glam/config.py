@@ -318,9 +318,9 @@ class SourceConfig(Section):
                                                "(data.world_sources)")
     text_field: str = doc("text", "JSONL key / parquet column holding a document's text")
     label_field: Optional[str] = doc(None, "JSONL key / parquet column with a known quality "
-                                           "label per document (e.g. a generator's kind): read "
-                                           "only to report the quality filter per label, never "
-                                           "a feature")
+                                           "label per document (e.g. a generator's kind): used "
+                                           "only to report the quality filter per label (in the "
+                                           "manifest), never a feature")
     txt_unit: TextUnit = doc(TextUnit.file, ".txt files: one document per file or per line")
     weight: float = doc(1.0, "mixture weight: share of training tokens drawn from this source")
     quality: Optional[QualityRole] = doc(None, "quality filter: curated (its positive "
@@ -336,6 +336,8 @@ class SourceConfig(Section):
               "give at least one file or glob." if self.builtin is None else
               f"a builtin source ({self.builtin}) takes no paths; remove them.")
         check(bool(self.text_field), f"{prefix}.text_field", "must not be empty.")
+        check(self.label_field != self.text_field, f"{prefix}.label_field",
+              f"is the text field ({self.text_field!r}); name the field holding the labels.")
         check(self.weight >= 0, f"{prefix}.weight",
               f"must be >= 0 (a share of the mixture), got {self.weight}.")
         check(0 <= self.val_share < 1, f"{prefix}.val_share",

@@ -89,8 +89,9 @@ def validation(eval_step, model_state, corpus: WorldCorpus | TextCorpus,
     """Validation loss (nats/token) and perplexity, and each MoE layer's mean expert load
     ([E] fractions of assignments) over `train.eval_batches` validation batches (per source for
     text: `val_loss/<source>`, and `val_loss` their mean weighted by the mixture weights; with a
-    quality-filtered web source, also `val_loss_clean`, the weighted mean over the other
-    sources: held-out text that is the same whether or not the web was filtered)."""
+    source marked `quality: web`, filtered or not, also `val_loss_clean`, the weighted mean
+    over the other sources: held-out text that is the same whether or not the web was
+    filtered)."""
     losses, loads, batches = {}, {}, 0
     for name, sets in validation_sets(corpus, cfg).items():
         nll, n = 0.0, 0.0

@@ -122,6 +122,21 @@ def test_the_data_quality_figure_and_verdicts(tmp_path):
     assert "larger on NLG, as in the paper" in dense[2]
 
 
+def test_data_quality_verdicts_with_missing_values_and_settings():
+    """Runs without the quality settings get no arm (not 'filtered'); a run without a token
+    multiple trained on x1; NaN metrics neither crash nor give a verdict; one seed says so."""
+    table, _ = _quality_study()
+    table = table[table["run_id"].str.endswith("0")].copy()  # one seed
+    table.loc[table.index[0], "param.data.quality.selection"] = np.nan
+    table.loc[table.index[1], "param.train.token_multiple"] = np.nan
+    assert quality.arms(table).iloc[0] is None and quality.arms(table).iloc[1] == "unfiltered"
+    table["eval/nlg_avg/0shot"] = np.nan
+    lines = quality.verdicts(table)
+    assert lines and not any("nan" in line or "NLG" in line for line in lines)
+    assert all("one seed: no spread" in line for line in lines)
+    assert not quality.is_study(table[table["family"] == "dense"].iloc[:1])
+
+
 def test_table_export_roundtrip_and_energy(run_table, tmp_path):
     for suffix in ("csv", "parquet"):
         path = export(run_table, tmp_path / f"runs.{suffix}")

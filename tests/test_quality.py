@@ -11,6 +11,7 @@ from glam.config import ConfigError, DataConfig, QualityConfig, SourceConfig, To
 from glam.data import quality
 from glam.data.prepare import _unit_hash, prepare
 from glam.data.sources import DataError
+from glam.data.text import load_manifest
 from glam.resolve import load_raw
 
 _SUBJECTS = "the old teacher|a quiet child|every river|the bright market|this strange bridge".split("|")
@@ -193,6 +194,9 @@ def test_the_world_as_wiki_books_and_web_with_low_quality_pages(tmp_path):
                  "data.world_sources.wiki_documents=600", "data.world_sources.books_documents=300",
                  "data.world_sources.web_documents=1500", "data.n_entities=100"]
     d = load_raw(overrides).data
+    with pytest.raises(ConfigError, match="data.qa_entity_fraction"):  # its answers would leak
+        world_text.documents(load_raw([*overrides, "data.qa_entity_fraction=0"]).data,
+                             "world_conversations")
     rows = {}
     for kind in world_text.KINDS:
         paths = world_text.export(kind, tmp_path / "raw", d)
@@ -230,6 +234,8 @@ def test_a_run_on_the_world_rendered_as_text_is_evaluated_on_the_worlds_tasks(tm
                  "data.world_sources.conversations_documents=300",
                  "data.tokenizer.vocab_size=400", "data.engine.workers=1"]
     prepare(load_raw(overrides).data, progress=False)
+    with pytest.raises(ConfigError, match="differing: data.n_entities"):  # another world
+        load_manifest(load_raw([*overrides, "data.n_entities=101"]).data)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     final = run(load([*overrides, "model=tiny_moe", "train.steps=6", "train.batch_size=4",
                       "train.progress=false", "train.eval_batches=1", "checkpoint.every=0",

@@ -93,14 +93,14 @@ def test_plan_lists_every_seed_of_a_range():
 
 
 def test_the_data_quality_study_plans_its_arms_and_prepares_each_corpus_once():
-    """Filtered, unfiltered and 3x unfiltered arms x dense, MoE: the 3x arm plans three times
-    the tokens; `glam-data prepare +study=data_quality` finds two corpora (the 3x arm reuses
-    the unfiltered one) with different selections and folders."""
+    """Filtered, unfiltered and 3x unfiltered arms x dense, MoE x 2 seeds: the 3x arm plans
+    three times the tokens; `glam-data prepare +study=data_quality` finds two corpora (the 3x
+    arm reuses the unfiltered one) with different selections and folders."""
     from glam.data.cli import corpora
 
     rows = plan(["+study=data_quality"])
     tokens = {(r.overrides.split()[0], r.family): r.train_tokens for r in rows}
-    assert len(rows) == 6 and len(set(tokens)) == 6
+    assert len(rows) == 12 and len(set(tokens)) == 6  # 2 seeds
     for family in ("dense", "moe"):
         base = tokens[("+quality_arm=filtered", family)]
         assert tokens[("+quality_arm=unfiltered", family)] == base
@@ -111,6 +111,21 @@ def test_the_data_quality_study_plans_its_arms_and_prepares_each_corpus_once():
     assert filtered.data.prepared_dir == "data/data_quality/filtered"
     assert unfiltered.data.prepared_dir == "data/data_quality/unfiltered"
     assert corpora(["+study=expert_count"])[0].data.kind == "world"
+    # a launcher's settings are not the data's: dropped, not refused
+    assert len(corpora(["+study=data_quality", "hydra.launcher.n_jobs=4"])) == 2
+    with pytest.raises(ConfigError, match="data.prepared_dir: 'data/one' would hold two"):
+        corpora(["+study=data_quality", "data.prepared_dir=data/one"])
+
+
+def test_glam_data_exits_2_on_bad_input_and_0_on_help():
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "glam.data.cli", *args],
+                              capture_output=True, text=True, timeout=120)
+
+    bad = run("prepare", "data=world_quality", "data.quality.alpha=0")
+    assert bad.returncode == 2 and "data.quality.alpha: must be > 0" in bad.stderr
+    assert run("prepare", "data=world_quality", "data.no_such_key=1").returncode == 2
+    assert run("prepare", "--help").returncode == 0
 
 
 def test_token_multiple_scales_the_steps_and_says_so():

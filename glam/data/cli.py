@@ -21,7 +21,7 @@ from dataclasses import asdict
 from hydra.errors import HydraException
 from omegaconf.errors import OmegaConfBaseException
 
-from glam.config import Config, ConfigError, DataKind
+from glam.config import Config, ConfigError, DataKind, check
 from glam.data.sources import DataError
 from glam.interrupts import SIGNALS, Interrupted
 
@@ -43,19 +43,29 @@ def _stop(signum, frame) -> None:
 
 def corpora(overrides: list[str]) -> list[Config]:
     """One raw config per distinct data section among the points `overrides` select (a single
-    point without sweeps), in the order of the points.
+    point without sweeps), in the order of the points. Hydra's own settings (`hydra.*`,
+    `hydra/<group>=`: a launcher's) are left out: they decide how runs launch, not their data.
 
     Raises:
-      ConfigError: a point's config is invalid (field named). Hydra's and OmegaConf's errors
-        for overrides they cannot parse or compose.
+      ConfigError: a point's config is invalid (field named), or two points with different
+        data would share one `data.prepared_dir` (each preparation would replace the other's).
+        Hydra's and OmegaConf's errors for overrides they cannot parse or compose.
     """
     from glam.resolve import load_raw
     from glam.study.points import expand
 
+    overrides = [o for o in overrides if not o.lstrip("+~").startswith(("hydra.", "hydra/"))]
     seen: dict[str, Config] = {}
+    folders: dict[str, dict] = {}
     for point in expand(overrides) or [overrides]:
         cfg = load_raw(point)
-        seen.setdefault(json.dumps(asdict(cfg.data), sort_keys=True, default=str), cfg)
+        data = asdict(cfg.data)
+        seen.setdefault(json.dumps(data, sort_keys=True, default=str), cfg)
+        if cfg.data.kind == DataKind.text:
+            first = folders.setdefault(cfg.data.prepared_dir, data)
+            check(first == data, "data.prepared_dir", f"{cfg.data.prepared_dir!r} would hold two "
+                  "different corpora of these runs (their data settings differ); give each its "
+                  "own folder.")
     return list(seen.values())
 
 
@@ -103,7 +113,8 @@ def prepare_all(overrides: list[str]) -> None:
 
 def main() -> None:
     args = sys.argv[1:]
-    if args and args[0] in ("-h", "--help"):
+    if args and (args[0] in ("-h", "--help") or args[:1] == ["prepare"]
+                 and any(a in ("-h", "--help") for a in args[1:])):
         print(USAGE)
         raise SystemExit(0)
     if not args or args[0] not in COMMANDS:

@@ -42,6 +42,7 @@ log = logging.getLogger("glam.data")
 
 MANIFEST = "manifest.json"
 QUALITY_DIR = "quality"
+MAX_LABELS, OTHER_LABEL = 64, "(other labels)"  # distinct labels reported per file
 CONNECT_TIMEOUT = "15s"  # for a Dask scheduler to answer
 SPLITS = ("train", "val")
 FORMAT_VERSION = 1
@@ -60,11 +61,15 @@ def _unit_hash(seed: int, salt: str, text: str) -> float:
 
 def shard_settings(d: DataConfig) -> dict:
     """The settings that decide the shards' contents (mixture weights do not: they are read
-    when training, and reach the shards only through a trained tokenizer's sample)."""
+    when training, and reach the shards only through a trained tokenizer's sample; nor does
+    what the quality report calls good), with the world's fields when a source is rendered
+    from the world."""
+    world = any(str(s.builtin) in world_text.KINDS for s in d.sources)
     return {"sources": [{k: v for k, v in asdict(s).items() if k != "weight"}
                         for s in d.sources],
             "malformed": str(d.malformed), "seed": d.seed, "format": FORMAT_VERSION,
-            "quality": asdict(d.quality)}
+            "quality": {k: v for k, v in asdict(d.quality).items() if k != "good_label"},
+            **(world_text.settings(d) if world else {})}
 
 
 def tokenizer_settings(d: DataConfig) -> dict:
@@ -179,6 +184,8 @@ class _Selector:
         for text, label, score, kept in zip(texts, labels, scores, decisions):
             (self.kept if kept else self.dropped).append(float(score))
             if label is not None:
+                if label not in self.labels and len(self.labels) >= MAX_LABELS:
+                    label = OTHER_LABEL  # a field of unique values (a URL) is not a label
                 counts = self.labels.setdefault(label, {"documents": 0, "kept": 0,
                                                         "score_sum": 0.0, "scores": []})
                 counts["documents"] += 1

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from glam.config import DataConfig
+from glam.config import DataConfig, check
 from glam.data.world import World
 
 KINDS = ("world_wiki", "world_books", "world_conversations", "world_web")
@@ -52,7 +52,7 @@ def _prose(world: World, rng: np.random.Generator, paragraphs: int) -> str:
 
 
 def _conversation(world: World, rng: np.random.Generator) -> str:
-    people = world.qa_people or list(range(len(world.people)))
+    people = world.qa_people
     return "\n".join(world.qa_line(people[int(rng.integers(len(people)))],
                                    int(rng.integers(len(world.attributes))))
                      for _ in range(int(rng.integers(2, 6))))
@@ -95,6 +95,9 @@ def documents(d: DataConfig, kind: str) -> list[tuple[str, str]]:
         return [(_prose(world, rng, int(rng.integers(3, 7))), "clean")
                 for _ in range(w.books_documents)]
     if kind == "world_conversations":
+        # Only the QA-split people: the others' facts are what world_qa asks about.
+        check(bool(world.qa_people), "data.qa_entity_fraction", "world_conversations holds QA "
+              "lines of the QA-split people, and there are none; set it above 0.")
         return [(_conversation(world, rng), "clean") for _ in range(w.conversations_documents)]
     shares = np.asarray([getattr(w, k) for k in LOW_QUALITY])
     kinds = ["clean", *LOW_QUALITY]
@@ -107,14 +110,18 @@ def documents(d: DataConfig, kind: str) -> list[tuple[str, str]]:
     return out
 
 
+def settings(d: DataConfig) -> dict:
+    """The `data.*` fields that decide the world sources' documents, by field name."""
+    return {k: v for k, v in asdict(d).items()
+            if k in ("n_entities", "n_attributes", "templates_per_attribute", "filler_share",
+                     "qa_share", "qa_entity_fraction", "seed", "world_sources")}
+
+
 def export(kind: str, folder: Path, d: DataConfig, n_files: int = 4) -> list[str]:
     """Write the documents of world source `kind` as `n_files` JSONL files under `folder`, in
     a subfolder named by the settings that decide them (kept when already complete); returns
     their paths."""
-    settings = {k: v for k, v in asdict(d).items()
-                if k in ("n_entities", "n_attributes", "templates_per_attribute", "filler_share",
-                         "qa_share", "qa_entity_fraction", "seed", "world_sources")}
-    key = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
+    key = hashlib.sha256(json.dumps(settings(d), sort_keys=True, default=str).encode()).hexdigest()
     target = Path(folder) / f"world-{key[:12]}" / kind
     paths = [target / f"part-{i:02d}.jsonl" for i in range(n_files)]
     if all(p.is_file() for p in paths):
