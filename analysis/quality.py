@@ -8,8 +8,8 @@ A run's arm comes from its logged config: `filtered` when `data.quality.selectio
   does not touch, the same text in every arm), NLG and NLU averages against training tokens;
   one colour per arm, solid dense and dashed MoE, the mean over seeds with a +-1 std band.
 - `verdicts`: at the end of training, does the filtered arm beat the unfiltered one at the same
-  tokens, and the unfiltered one with 3x the tokens (each with the seed spread), and is the
-  filtered-unfiltered gap larger on NLG than on NLU (the paper's finding).
+  tokens, and the unfiltered one with 3x the tokens, and is the filtered-unfiltered gap larger
+  on NLG than on NLU (the paper's finding), each with the seed spread.
 """
 
 from __future__ import annotations
@@ -113,6 +113,12 @@ def figure(table: pd.DataFrame, histories: pd.DataFrame, out: Path,
     return _save(fig, pd.concat(plotted, ignore_index=True), out, "data_quality")
 
 
+def _spread(a: pd.Series, b: pd.Series) -> float | None:
+    """The seed spread of mean(a) - mean(b): the two stds in quadrature; None with one seed on
+    a side."""
+    return None if len(a) < 2 or len(b) < 2 else math.hypot(a.std(ddof=1), b.std(ddof=1))
+
+
 def _compare(a: pd.Series, b: pd.Series, lower_better: bool) -> str:
     """"<mean a> vs <mean b> (difference, spread): verdict for `a`": better or worse when the
     difference exceeds the spread (the seed stds added in quadrature), tied within it
@@ -120,10 +126,10 @@ def _compare(a: pd.Series, b: pd.Series, lower_better: bool) -> str:
     diff = a.mean() - b.mean()
     wins = diff < 0 if lower_better else diff > 0
     head = f"{a.mean():.3g} vs {b.mean():.3g} (difference {diff:+.2g}"
-    if len(a) < 2 or len(b) < 2:
+    spread = _spread(a, b)
+    if spread is None:
         return head + ", one seed: no spread): " + ("better" if wins else "worse" if diff
                                                     else "tied")
-    spread = math.hypot(a.std(ddof=1), b.std(ddof=1))
     verdict = ("tied within the seed spread" if abs(diff) <= spread
                else "better" if wins else "worse")
     return head + f", spread {spread:.2g}): {verdict}"
@@ -152,8 +158,13 @@ def verdicts(table: pd.DataFrame, shots: int = 0) -> list[str]:
             gap_nlu = filtered[nlu].mean() - unfiltered[nlu].mean()
             if math.isnan(gap_nlg) or math.isnan(gap_nlu):
                 continue
-            lines.append(f"{name}: the filtered-unfiltered gap is {gap_nlg:+.3g} points on NLG "
-                         f"and {gap_nlu:+.3g} on NLU: "
-                         + ("larger on NLG, as in the paper" if gap_nlg > gap_nlu
+            spreads = [_spread(filtered[m].dropna(), unfiltered[m].dropna()) for m in (nlg, nlu)]
+            text = [f"{gap:+.3g}" + ("" if spread is None else f" (spread {spread:.2g})")
+                    for gap, spread in zip((gap_nlg, gap_nlu), spreads)]
+            within = None not in spreads and abs(gap_nlg - gap_nlu) <= math.hypot(*spreads)
+            lines.append(f"{name}: the filtered-unfiltered gap is {text[0]} points on NLG and "
+                         f"{text[1]} on NLU: "
+                         + ("the two differ by less than the seed spread" if within
+                            else "larger on NLG, as in the paper" if gap_nlg > gap_nlu
                             else "not larger on NLG (the paper found it larger)"))
     return lines
