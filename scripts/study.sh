@@ -18,7 +18,7 @@ cat > "${out}/RUN.md" <<MSG
 
 - command: \`STUDY=${study} bash scripts/study.sh\` (glam-data prepare +study=${study}; glam-train -m +study=${study} hydra/launcher=joblib hydra.launcher.n_jobs=2 $*)
 - started: ${start}; finished: $(date -u +%FT%TZ)
-- machine: $(nproc) CPU cores, $(python -c 'import platform; print(platform.processor() or platform.machine())'), $(free -g | awk '/Mem/ {print $2}') GiB; jax $(python -c 'import jax; print(jax.__version__)') on $(python -c 'import jax; print(jax.default_backend())')
+- machine: $(nproc) CPU cores, $(lscpu 2>/dev/null | sed -n 's/^Model name: *//p' | head -1 || uname -m), $(free -g | awk '/Mem/ {print $2}') GiB; jax $(python -c 'import jax; print(jax.__version__)') on $(python -c 'import jax; print(jax.default_backend())')
 - git: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)
 - files: runs.csv (one row per run), the figures with their CSVs, summary.txt (glam-analyze output)
 MSG
