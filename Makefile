@@ -30,7 +30,7 @@ bench: $(STAMP)
 study: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" bash scripts/study.sh
 
-# GLaM's data-quality study at 5x the demo's budget, 3 seeds: docs/results/study_data_quality/.
+# GLaM's data-quality study at 2.5x the demo's budget, 3 seeds: docs/results/study_data_quality/.
 study-data-quality: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" STUDY=study_data_quality bash scripts/study.sh
 
