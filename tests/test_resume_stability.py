@@ -44,39 +44,65 @@ def _trivia(tmp_path) -> str:
     return f"eval.tasks=[{{name: trivia, kind: nlg, path: {path}}}]"
 
 
-@pytest.mark.parametrize("data", ["world", "text"])
-@pytest.mark.parametrize("crash_at", [17, 20])  # between checkpoints; right after one
-def test_resume_reproduces_the_uninterrupted_run(tmp_path, crash_at, data, request):
-    """Also on prepared text, where the grain iterator's state is in the checkpoint."""
+def _resume_case(data: str, tmp_path, pydocs: list[str]) -> tuple[list[str], list[str]]:
+    """(overrides, metric keys compared) of the resume test on `data`."""
     common = ["eval.every=10", "eval.max_examples=8", "faults.nonfinite_steps=[12]"]
     keys = ["lm_loss", "aux_loss", "skipped_steps", "val_loss"]
     if data == "text":
-        common += [*request.getfixturevalue("pydocs"), "data.segment_ids=true", _trivia(tmp_path)]
+        common += [*pydocs, "data.segment_ids=true", _trivia(tmp_path)]
         keys += ["val_loss/reference", "val_loss/docstrings", "data/tokens/reference",
                  "eval/trivia/0shot"]
     else:
         keys += ["eval/world_facts/0shot"]
-    straight, client = _run(tmp_path, "straight", *common)
+    return common, keys
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    """The uninterrupted run of each corpus, trained once for every crash point:
+    get(data, pydocs) -> (final result, final metrics, {key: history})."""
+    done = {}
+
+    def get(data: str, pydocs: list[str]):
+        if data not in done:
+            tmp_path = tmp_path_factory.mktemp(f"straight-{data}")
+            common, keys = _resume_case(data, tmp_path, pydocs)
+            final, client = _run(tmp_path, "straight", *common)
+            done[data] = (final, client.get_run(final["run_id"]).data.metrics,
+                          {k: _history(client, final["run_id"], k) for k in keys})
+        return done[data]
+
+    return get
+
+
+# One worker per corpus (make test runs pytest-xdist with --dist loadgroup), so the
+# uninterrupted run is trained once for both crash points.
+@pytest.mark.parametrize("data", [pytest.param(d, marks=pytest.mark.xdist_group(f"straight-{d}"))
+                                  for d in ("world", "text")])
+@pytest.mark.parametrize("crash_at", [17, 20])  # between checkpoints; right after one
+def test_resume_reproduces_the_uninterrupted_run(tmp_path, crash_at, data, request, straight):
+    """Also on prepared text, where the grain iterator's state is in the checkpoint."""
+    pydocs = request.getfixturevalue("pydocs") if data == "text" else []
+    common, keys = _resume_case(data, tmp_path, pydocs)
+    reference, metrics, histories = straight(data, pydocs)
     with pytest.raises(SimulatedCrash):
         _run(tmp_path, "crashed", *common, f"faults.crash_at_step={crash_at}")
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     exp = client.get_experiment_by_name("glam")
-    crashed = [r for r in client.search_runs([exp.experiment_id]) if r.info.run_id != straight["run_id"]]
-    assert len(crashed) == 1 and crashed[0].info.status == "FAILED"
+    (crashed,) = client.search_runs([exp.experiment_id])
+    assert crashed.info.status == "FAILED"
 
     resumed, _ = _run(tmp_path, "crashed", *common)  # same run directory, resume=auto
-    assert resumed["run_id"] == crashed[0].info.run_id  # the MLflow run continues
-    assert len(client.search_runs([exp.experiment_id])) == 2  # no new run
+    assert resumed["run_id"] == crashed.info.run_id  # the MLflow run continues
+    assert len(client.search_runs([exp.experiment_id])) == 1  # no new run
     assert client.get_run(resumed["run_id"]).info.status == "FINISHED"
-    a = client.get_run(straight["run_id"]).data.metrics
-    b = client.get_run(resumed["run_id"]).data.metrics
-    assert a.keys() == b.keys()
+    assert client.get_run(resumed["run_id"]).data.metrics.keys() == metrics.keys()
     for key in keys:
-        steps_a, values_a = _history(client, straight["run_id"], key)
-        steps_b, values_b = _history(client, resumed["run_id"], key)
-        assert steps_a == steps_b, key
-        np.testing.assert_array_equal(values_a, values_b)  # bit-identical on CPU
-    assert _history(client, straight["run_id"])[0] == [s for s in range(30) if s != 12]
-    assert resumed["skipped_steps"] == straight["skipped_steps"] == 1
+        steps, values = _history(client, resumed["run_id"], key)
+        assert steps == histories[key][0], key
+        np.testing.assert_array_equal(values, histories[key][1])  # bit-identical on CPU
+    assert histories["lm_loss"][0] == [s for s in range(30) if s != 12]
+    assert resumed["skipped_steps"] == reference["skipped_steps"] == 1
 
 
 def test_resume_never_refuses_existing_checkpoints(tmp_path):
@@ -85,14 +111,23 @@ def test_resume_never_refuses_existing_checkpoints(tmp_path):
         _run(tmp_path, "r", "train.steps=10", "train.resume=never")
 
 
+@pytest.fixture(scope="module")
+def ten_steps(tmp_path_factory):
+    """A folder holding run directory `r` of 10 steps and its MLflow database."""
+    tmp_path = tmp_path_factory.mktemp("ten_steps")
+    _run(tmp_path, "r", "train.steps=10")
+    return tmp_path
+
+
 @pytest.mark.parametrize("override,message", [
     ("model.d_model=48", r"model\.d_model: checkpoint 32, config 48"),
     ("train.seed=5", r"train\.seed: checkpoint 0, config 5"),
     ("data.n_entities=30", r"data_fingerprint: checkpoint"),
     ("schedule.learning_rate=0.1", r"schedule\.learning_rate"),
 ])
-def test_checkpoint_of_another_config_is_refused(tmp_path, override, message):
-    _run(tmp_path, "r", "train.steps=10")
+@pytest.mark.xdist_group("ten_steps")  # one worker: the 10-step run is trained once
+def test_checkpoint_of_another_config_is_refused(tmp_path, override, message, ten_steps):
+    shutil.copytree(ten_steps, tmp_path, dirs_exist_ok=True)
     with pytest.raises(ConfigError, match=message):
         _run(tmp_path, "r", "train.steps=10", override)
 
