@@ -564,6 +564,10 @@ class TrainConfig(Section):
     progress: bool = doc(True, "show a progress bar")
     resume: Resume = doc(Resume.auto, "auto: continue the newest checkpoint of the run "
                                       "directory; never: refuse a directory with checkpoints")
+    compilation_cache_dir: Optional[str] = doc(None, "JAX's persistent compilation cache: "
+                                                     "programs compiled once are loaded by "
+                                                     "every later run using this folder (a "
+                                                     "study shares one); null: off")
 
     def check(self, prefix: str = "train") -> None:
         _positive(self, prefix, ("steps", "token_multiple", "batch_size", "log_every",

@@ -73,7 +73,8 @@ _TABLE: dict[Role, dict[str, str]] = {
         "derived": "backend",
     },
     Role.RECORD: {
-        "train": "log_every progress resume token_multiple",  # folded into train.steps
+        # token_multiple is folded into train.steps; a cached program is the same executable
+        "train": "log_every progress resume token_multiple compilation_cache_dir",
         "checkpoint": "every keep async_save",
         "plan": "tolerance",
         "study": "name match_flops",

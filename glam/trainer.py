@@ -24,7 +24,7 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
-from glam import accounting, distributed
+from glam import accounting, compile_cache, distributed
 from glam.checkpoint import CheckpointError, Checkpointer
 from glam.config import ConfigError, DataKind, QualityRole, Resume
 from glam.data import World, WorldCorpus
@@ -182,6 +182,8 @@ class Trainer:
         # Read (and check) the newest readable record before building or compiling anything.
         self.record = self._newest_record() if latest is not None else None
         tasks = build_tasks(cfg, self.corpus)
+        compile_cache.use(t.compilation_cache_dir)  # before the first program is compiled
+        self.cache_counts = compile_cache.counts()
         self.schedule = lr_schedule(cfg.schedule, t.steps)
         self.graphdef, model_graphdef, self.state, state_sharding = init_state(
             m, make_optimizer(cfg.optimizer, self.schedule), t.seed, self.mesh, self.rules)
@@ -457,6 +459,9 @@ class Trainer:
             "train_flops_total": t.steps * self.tokens_per_step * self.counts.train_flops_per_token,
             "skipped_steps": self.skipped,
             "rollbacks": len(self.rollbacks),
+            # programs loaded from / compiled into train.compilation_cache_dir by this run
+            **{f"compile_cache_{k}": n - self.cache_counts[k]
+               for k, n in compile_cache.counts().items()},
         }
         logger.publish([(t.steps, final)])
         logger.write_artifacts({"expert_load.json": self.expert_load,

@@ -112,3 +112,30 @@ def test_a_password_in_the_tracking_uri_is_never_written_or_printed(tmp_path):
     assert "s3cret" not in proc.stdout + proc.stderr
     written = [p for p in (tmp_path / "run").rglob("*") if p.is_file()]
     assert written and not [p for p in written if "s3cret" in p.read_text()]
+
+
+@pytest.mark.slow
+def test_a_second_identical_run_loads_its_programs_from_the_compilation_cache(tmp_path):
+    """Two runs of one config sharing train.compilation_cache_dir: the first compiles and
+    stores its programs, the second compiles none (cache hits) and reaches bit-identical
+    results."""
+    from glam import compile_cache
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    overrides = ["model=tiny_moe", "train.steps=4", "train.batch_size=4", "train.progress=false",
+                 "train.eval_batches=1", "checkpoint.every=0", "eval.max_examples=4",
+                 "eval.shots=[0]", "data.train_tokens=20000", "data.val_tokens=2048",
+                 f"logger.tracking_uri={uri}",
+                 f"train.compilation_cache_dir={tmp_path / 'jax_cache'}"]
+    try:
+        first = run(load(overrides), tmp_path / "first")
+        second = run(load(overrides), tmp_path / "second")
+    finally:
+        compile_cache.use(None)
+    assert first["compile_cache_misses"] > 0 and first["compile_cache_hits"] == 0
+    # nothing compiled again: each program loaded from the folder (or, for the few jitted
+    # helpers this process still holds from the first run, from memory)
+    assert second["compile_cache_hits"] > 0 and second["compile_cache_misses"] == 0
+    assert any((tmp_path / "jax_cache").iterdir())
+    for key in ("val_loss", "eval/world_facts/0shot"):
+        assert second[key] == first[key], key
