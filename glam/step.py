@@ -28,15 +28,17 @@ def init_state(cfg: ModelConfig, tx: optax.GradientTransformation, seed: int, me
       ValueError: a parameter without declared axes (`glam.mesh.state_shardings`).
     """
 
-    def create():
-        model = GLaM(cfg, rngs=nnx.Rngs(seed))
+    def create(key):
+        model = GLaM(cfg, rngs=nnx.Rngs(key))
         return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
 
-    abstract_model, abstract_optimizer = nnx.eval_shape(create)
+    key = jax.random.key(seed)
+    abstract_model, abstract_optimizer = nnx.eval_shape(create, key)
     model_graphdef, _ = nnx.split(abstract_model)
     graphdef, abstract_state = nnx.split((abstract_model, abstract_optimizer))
     sharding = state_shardings(abstract_state, mesh, rules)
-    state = jax.jit(lambda: nnx.state(create()), out_shardings=sharding)()
+    # The key is an argument, not a constant: one program for every seed (compilation cache).
+    state = jax.jit(lambda key: nnx.state(create(key)), out_shardings=sharding)(key)
     return graphdef, model_graphdef, state, sharding
 
 
