@@ -49,7 +49,9 @@ def load_runs(tracking_uri: str, experiment: str | None = None,
                "experiment_id": r.info.experiment_id,
                "parent_run_id": tags.get("mlflow.parentRunId"),
                "study": tags.get("study"), "study_point": tags.get("study_point"),
-               "family": tags["family"], "model": tags.get("model")}
+               "family": tags["family"], "model": tags.get("model"),
+               "run_seconds": ((r.info.end_time - r.info.start_time) / 1000
+                               if r.info.end_time and r.info.start_time else None)}
         row.update({k: float(tags[k]) for k in NUMERIC_TAGS if k in tags})
         row.update({f"param.{k}": v for k, v in r.data.params.items()})
         # The dense shape: what dense and MoE points of one size share (preset names differ).

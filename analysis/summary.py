@@ -29,6 +29,23 @@ def by_experts(table: pd.DataFrame) -> pd.DataFrame:
     return table.groupby([*keys, "n_experts"])[metrics].agg(_mean_std)
 
 
+def time_split(table: pd.DataFrame) -> str | None:
+    """Where the runs' time went: their summed wall time (MLflow start to end) and the shares
+    spent in training steps and in compilation (to the first step's result); None without the
+    columns."""
+    columns = ("run_seconds", "train_seconds", "compile_seconds")
+    if not all(c in table for c in columns):
+        return None
+    rows = table.dropna(subset=list(columns))
+    total = rows["run_seconds"].sum()
+    if not total:
+        return None
+    train, compile_ = rows["train_seconds"].sum() / total, rows["compile_seconds"].sum() / total
+    return (f"Run time: {total:.0f} s over {len(rows)} runs: {train:.0%} training steps, "
+            f"{compile_:.0%} compilation, {1 - train - compile_:.0%} start-up, evaluation and "
+            "logging")
+
+
 def print_summary(table: pd.DataFrame) -> None:
     with pd.option_context("display.width", 200, "display.max_columns", 20,
                            "display.max_colwidth", 40):
@@ -38,3 +55,6 @@ def print_summary(table: pd.DataFrame) -> None:
         else:
             print("By expert count (0 = dense; mean +- seed std):")
             print(by_experts(table).to_string())
+    split = time_split(table)
+    if split:
+        print(split)

@@ -137,6 +137,11 @@ class Throughput:
         self.train_s, self.steps, self.mark = self.train_s + now - self.mark, self.steps + n_steps, now
         return self.tokens_per_second
 
+    def restart(self) -> None:
+        """What came since the last check was not training (an evaluation, a checkpoint): the
+        clock starts again from now."""
+        self.mark = time.perf_counter()
+
     @property
     def tokens_per_second(self) -> float:
         return self.steps * self.tokens_per_step / max(self.train_s, 1e-9)
@@ -406,6 +411,8 @@ class Trainer:
                            self.ledger.checkpoint(logger.publish, logger.confirmed))
             elif not every and len(self.ledger.verified) >= cfg.logger.flush_every:
                 self.ledger.publish_verified(logger.publish)
+            if eval_due or checkpoint_due:
+                timer.restart()
         bar.close()
         if self.ckpt:
             self.ckpt.wait()

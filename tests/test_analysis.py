@@ -181,3 +181,13 @@ def test_load_runs_from_mlflow(tmp_path):
     assert row["n_experts"] == 8
     hist = load_histories(uri, list(table["run_id"]), ["val_loss"])
     assert len(hist) == 6
+
+
+def test_the_summary_says_where_the_run_time_went():
+    from analysis.summary import time_split
+
+    table = pd.DataFrame({"run_seconds": [10.0, 30.0], "train_seconds": [5.0, 23.0],
+                          "compile_seconds": [3.0, 5.0]})
+    assert time_split(table) == ("Run time: 40 s over 2 runs: 70% training steps, 20% "
+                                 "compilation, 10% start-up, evaluation and logging")
+    assert time_split(table.drop(columns="run_seconds")) is None

@@ -139,3 +139,19 @@ def test_a_second_identical_run_loads_its_programs_from_the_compilation_cache(tm
     assert any((tmp_path / "jax_cache").iterdir())
     for key in ("val_loss", "eval/world_facts/0shot"):
         assert second[key] == first[key], key
+
+
+def test_training_time_leaves_out_evaluations_and_checkpoints(monkeypatch):
+    """Throughput on a fake clock: compilation to the first result, training between checks,
+    and an 8 s evaluation after a check not counted as training."""
+    from glam import trainer
+
+    clock = iter([0.0, 1.0, 2.0, 10.0, 11.0])
+    monkeypatch.setattr(trainer.time, "perf_counter", lambda: next(clock))
+    timer = trainer.Throughput(tokens_per_step=10)  # 0: start
+    timer.first_step({})  # 1: the first step's result
+    timer.checked(5)  # 2: five steps trained
+    timer.restart()  # 10: after an evaluation
+    timer.checked(5)  # 11: five more
+    assert timer.as_dict() == {"compile_seconds": 1.0, "train_seconds": 2.0,
+                               "tokens_per_second": 50.0}
