@@ -7,6 +7,8 @@ Prompts longer than the window lose their oldest tokens (demonstrations first).
 
 from __future__ import annotations
 
+import logging
+import time
 from dataclasses import dataclass
 
 import jax
@@ -18,6 +20,8 @@ from glam.data.tokenizer import Tokenizer
 from glam.distributed import fetch
 from glam.eval.scoring import exact_match, token_f1
 from glam.eval.tasks import STOP_STRINGS, Task
+
+log = logging.getLogger("glam.eval")
 
 
 @dataclass
@@ -161,11 +165,17 @@ class Evaluator:
         """Score every task at every shot count; `state` is the model's nnx state."""
         metrics: dict[str, float] = {}
         predictions: list[dict] = []
+        done, total = 0, len(self.shots) * len(self.tasks)
         for shots in self.shots:
             groups: dict[str, list[float]] = {}
             for task in self.tasks:
                 run = self._nlg if task.kind == "nlg" else self._nlu
+                start = time.perf_counter()
                 scores, preds = run(state, task, shots)
+                done += 1
+                log.info("eval %d/%d: %s %d-shot, %d examples: %.1f (%.1f s)", done, total,
+                         task.name, shots, len(task.examples), scores[""],
+                         time.perf_counter() - start)
                 for suffix, value in scores.items():
                     metrics[f"eval/{task.name}/{shots}shot{suffix}"] = float(value)
                 groups.setdefault(task.kind, []).append(float(scores[""]))
