@@ -208,6 +208,28 @@ def test_prepare_writes_a_manifest_and_a_rerun_does_nothing(tmp_path):
     assert prepare(d, progress=False)["fingerprint"] != manifest["fingerprint"]
 
 
+def test_the_same_files_in_another_folder_give_the_same_shard_order(tmp_path):
+    """Shards are listed in the input files' order, not by a hash of their paths: the same
+    corpus copied elsewhere trains on the same documents in the same order."""
+    from array_record.python.array_record_module import ArrayRecordReader
+
+    records = []
+    for copy in ("first", "second/deeper"):
+        for i in range(5):
+            _jsonl(tmp_path / copy / "raw" / f"part-{i}.jsonl", _docs(20, i))
+        d = _config(tmp_path / copy, [{"name": "s", "paths": [str(tmp_path / copy / "raw" / "*")],
+                                       "val_share": 0.1}], vocab=300)
+        manifest = prepare(d, progress=False)
+        shards = manifest["sources"]["s"]["splits"]["train"]["shards"]
+        read = []
+        for shard in shards:
+            reader = ArrayRecordReader(str(Path(d.prepared_dir) / shard))
+            read += reader.read_all()
+            reader.close()
+        records.append(read)
+    assert len(records[0]) > 80 and records[0] == records[1]
+
+
 def test_a_failed_preparation_leaves_the_previous_data_whole(tmp_path):
     """New settings that fail halfway write new files beside the old ones: the old manifest and
     every shard it lists stay as they were, and training on them still works."""

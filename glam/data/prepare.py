@@ -497,7 +497,7 @@ def prepare(d: DataConfig, model_vocab: int | None = None, progress: bool = True
             if manifest.get("fingerprint") == fingerprint and _shards_exist(out, manifest):
                 log.info("%s is up to date (fingerprint %s): nothing to do", out, fingerprint)
                 return manifest
-        results, jobs = {}, []
+        results, jobs, order = {}, [], {}
         for source, source_settings in zip(d.sources, settings["sources"]):
             folder = out / "shards" / source.name
             folder.mkdir(parents=True, exist_ok=True)
@@ -514,6 +514,7 @@ def prepare(d: DataConfig, model_vocab: int | None = None, progress: bool = True
                              "quality": [settings["quality"], classifier_sha] if filtered
                              else None})
                 stem = str(folder / f"{_hash(url)[:12]}-{key[:12]}")
+                order[stem] = len(order)  # the files' order, whatever folder they are in
                 done = {"source": source.name, "input": identity, "key": key}
                 stamp = Path(f"{stem}.done.json")
                 finished = stamp.is_file() and all(
@@ -530,7 +531,7 @@ def prepare(d: DataConfig, model_vocab: int | None = None, progress: bool = True
     finally:
         if engine is not None:
             engine.__exit__(None, None, None)
-    manifest = _manifest(d, p, out, tokenizer_file, tokenizer, fingerprint, results)
+    manifest = _manifest(d, p, out, tokenizer_file, tokenizer, fingerprint, results, order)
     write_atomic(out / MANIFEST, json.dumps(manifest, indent=1).encode())
     _remove_unlisted(out, manifest)
     _warn_unusable(d, manifest)
@@ -593,10 +594,13 @@ def _run_tokenize(engine: Engine, jobs: list, results: dict, progress: bool) -> 
 
 
 def _manifest(d: DataConfig, p: Plan, out: Path, tokenizer_file: str, tokenizer,
-              fingerprint: str, results: dict) -> dict:
+              fingerprint: str, results: dict, order: dict[str, int]) -> dict:
+    """The manifest; each source's shards listed in its input files' order (`order`: stem ->
+    position), so the same files read from another folder give the same training order."""
     sources, samples = {}, []
     for source in d.sources:
-        stems = sorted(k for k, r in results.items() if r["source"] == source.name)
+        stems = sorted((k for k, r in results.items() if r["source"] == source.name),
+                       key=order.__getitem__)
         splits = {split: {"documents": sum(results[k]["splits"][split]["documents"]
                                           for k in stems),
                           "tokens": sum(results[k]["splits"][split]["tokens"] for k in stems),
