@@ -40,7 +40,7 @@ def test_expert_count_series_is_flat_and_an_unmatched_one_is_refused():
     assert all(abs(r.forward_flops_per_token / dense - 1) <= 0.02 for r in rows)
     with pytest.raises(ConfigError, match=r"plan.tolerance: 10 study point\(s\)") as err:
         plan(["+study=expert_count", "plan.placement=glam"])  # experts as wide as the FFN
-    assert "model.n_experts=32 train.seed=1" in str(err.value)
+    assert "train.seed=1 model.n_experts=32" in str(err.value)  # seeds outermost
 
 
 def test_a_series_without_its_dense_point_is_still_checked():
@@ -99,7 +99,8 @@ def test_the_data_quality_study_plans_its_arms_and_prepares_each_corpus_once():
     from glam.data.cli import corpora
 
     rows = plan(["+study=data_quality"])
-    tokens = {(r.overrides.split()[0], r.family): r.train_tokens for r in rows}
+    tokens = {(next(o for o in r.overrides.split() if o.startswith("+quality_arm=")), r.family):
+              r.train_tokens for r in rows}
     assert len(rows) == 12 and len(set(tokens)) == 6  # 2 seeds
     for family in ("dense", "moe"):
         base = tokens[("+quality_arm=filtered", family)]
