@@ -173,7 +173,7 @@ class _Selector:
         self.cfg, self.seed = quality["cfg"], seed
         self.kept, self.dropped = [], []  # scores
         self.samples: dict[str, list] = {"kept": [], "dropped": []}  # (-hash, score, text) heaps
-        self.labels: dict[str, dict] = {}  # label -> documents, kept, score histogram
+        self.labels: dict[str, dict] = {}  # label -> documents kept, scores
 
     def __call__(self, texts: list[str], labels: list[str | None]) -> list[str]:
         import heapq
@@ -186,11 +186,8 @@ class _Selector:
             if label is not None:
                 if label not in self.labels and len(self.labels) >= MAX_LABELS:
                     label = OTHER_LABEL  # a field of unique values (a URL) is not a label
-                counts = self.labels.setdefault(label, {"documents": 0, "kept": 0,
-                                                        "score_sum": 0.0, "scores": []})
-                counts["documents"] += 1
+                counts = self.labels.setdefault(label, {"kept": 0, "scores": []})
                 counts["kept"] += int(kept)
-                counts["score_sum"] += float(score)
                 counts["scores"].append(float(score))
             heap = self.samples["kept" if kept else "dropped"]
             item = (-_unit_hash(self.seed, "show", text), float(score), text[:2000])
@@ -204,8 +201,8 @@ class _Selector:
         return {"kept": len(self.kept), "dropped": len(self.dropped),
                 "histogram_kept": quality_filter.histogram(self.kept),
                 "histogram_dropped": quality_filter.histogram(self.dropped),
-                "labels": {label: {"documents": c["documents"], "kept": c["kept"],
-                                   "score_sum": c["score_sum"],
+                "labels": {label: {"documents": len(c["scores"]), "kept": c["kept"],
+                                   "score_sum": sum(c["scores"]),
                                    "histogram": quality_filter.histogram(c["scores"])}
                            for label, c in self.labels.items()},
                 "samples": {k: [{"score": score, "text": text} for _, score, text in sorted(v)]
