@@ -93,15 +93,12 @@ def top_k_gating(logits: jax.Array, *, top_k: int, capacity: int, policy: str = 
     logits = logits.astype(jnp.float32)
     g, s, e = logits.shape
     probs = jax.nn.softmax(logits, axis=-1)
-    top1 = jnp.argmax(probs, axis=-1)
-    top1_mask = jax.nn.one_hot(top1, e, dtype=jnp.float32)
-
-    if top_k > 1:
-        scores = logits + noise if policy == "sampling" and noise is not None else probs
-        _, rest = jax.lax.top_k(jnp.where(top1_mask > 0, -jnp.inf, scores), top_k - 1)
-        index = jnp.concatenate([top1[..., None], rest], axis=-1).astype(jnp.int32)
+    if top_k > 1 and policy == "sampling" and noise is not None:
+        top1 = best_experts(probs, 1)
+        rest = best_experts(logits + noise, top_k - 1, exclude=top1)
+        index = jnp.concatenate([top1, rest], axis=-1)
     else:
-        index = top1[..., None].astype(jnp.int32)
+        index = best_experts(probs, top_k)
     gates = jnp.take_along_axis(probs, index, axis=-1)
     normalised = gates / (gates.sum(-1, keepdims=True) + _EPS) if top_k > 1 else gates
 
@@ -111,17 +108,7 @@ def top_k_gating(logits: jax.Array, *, top_k: int, capacity: int, policy: str = 
         attempted = attempted.at[..., 1:].set(attempted[..., 1:]
                                               & (top_k * normalised[..., 1:] > noise))
 
-    onehot = jax.nn.one_hot(index, e, dtype=jnp.int32) * attempted[..., None]  # [G, S, K, E]
-    filled = jnp.zeros((g, e), jnp.int32)
-    positions = []
-    for rank in range(top_k):
-        mask = onehot[:, :, rank]  # [G, S, E]
-        pos = jnp.cumsum(mask, axis=1) - mask + filled[:, None, :]
-        pos = (pos * mask).sum(-1)  # [G, S]
-        placed = attempted[:, :, rank] & (pos < capacity)
-        filled = filled + (mask * placed[..., None]).sum(1)
-        positions.append(jnp.where(placed, pos, capacity))
-    position = jnp.stack(positions, axis=-1).astype(jnp.int32)
+    position, demand = slot_positions(index, attempted, e, capacity)
     placed = position < capacity
 
     if gate_norm == "after" and top_k > 1:
@@ -133,24 +120,96 @@ def top_k_gating(logits: jax.Array, *, top_k: int, capacity: int, policy: str = 
     # Means over real tokens only; groups with no real token are left out of the mean.
     weight_s = real.astype(jnp.float32)
     n_real = weight_s.sum(axis=1)  # [G]
-    per_token = weight_s[..., None] / jnp.maximum(n_real, 1.0)[:, None, None]
-    density = (top1_mask * per_token).sum(axis=1)  # [G, E] share of real tokens with top-1 e
-    density_proxy = (probs * per_token).sum(axis=1)  # [G, E] mean router probability of e
+    per_token = weight_s / jnp.maximum(n_real, 1.0)[:, None]  # [G, S]
+    # [G, E] share of real tokens whose top-1 is e: a segment sum, not a one-hot [G, S, E].
+    density = jax.ops.segment_sum(per_token.reshape(-1),
+                                  (jnp.arange(g)[:, None] * e + index[..., 0]).reshape(-1),
+                                  num_segments=g * e).reshape(g, e)
+    density_proxy = (probs * per_token[..., None]).sum(axis=1)  # [G, E] mean router probability of e
     group_aux = (density * density_proxy).sum(axis=-1) * e  # [G], 1 under perfect balance
     has_real = (n_real > 0).astype(jnp.float32)
     aux_loss = (group_aux * has_real).sum() / jnp.maximum(has_real.sum(), 1.0)
     z = jax.nn.logsumexp(logits, axis=-1) ** 2
     z_loss = (z * weight_s).sum() / jnp.maximum(weight_s.sum(), 1.0)
 
-    stats = {**routing_stats(probs, onehot, attempted, placed, real), "aux_loss": aux_loss}
+    stats = {**routing_stats(probs, demand, attempted, placed, real), "aux_loss": aux_loss}
     return Routing(expert_index=index, position=position, weight=weight, aux_loss=aux_loss,
                    z_loss=z_loss, stats=stats, capacity=capacity)
 
 
-def routing_stats(probs: jax.Array, onehot: jax.Array, attempted: jax.Array,
+def best_experts(scores: jax.Array, k: int, exclude: Optional[jax.Array] = None) -> jax.Array:
+    """The k highest-scoring experts, best first; ties go to the lower expert index (as argmax).
+
+    Args:
+      scores: [G, S, E] float32.
+      k: how many to pick.
+      exclude: [G, S, J] int32 experts never picked (the top-1 when drawing the rest), or None.
+
+    Returns: [G, S, k] int32.
+
+    k rounds of (max, lowest index attaining it): O(k E) per token in plain reductions. XLA's
+    CPU backend turns lax.top_k over E into a full sort of every token's E scores in some
+    graphs (47 ms for 4096 tokens at E = 128 where these rounds take ~1 ms) and runs argmax
+    several times slower than max.
+    """
+    expert = jnp.arange(scores.shape[-1], dtype=jnp.int32)
+    taken = (jnp.zeros(scores.shape, bool) if exclude is None else
+             (expert == exclude[..., None]).any(-2))
+    picks = []
+    for _ in range(k):
+        masked = jnp.where(taken, -jnp.inf, scores)
+        best = masked.max(-1, keepdims=True)
+        pick = jnp.min(jnp.where(masked == best, expert, scores.shape[-1]), axis=-1)
+        picks.append(pick)
+        taken = taken | (expert == pick[..., None])
+    return jnp.stack(picks, axis=-1)
+
+
+def slot_positions(index: jax.Array, attempted: jax.Array, n_experts: int,
+                   capacity: int) -> tuple[jax.Array, jax.Array]:
+    """Each assignment's slot in its expert's buffer, filled rank by rank in token order.
+
+    Args:
+      index: [G, S, K] int32, the experts chosen, rank order.
+      attempted: [G, S, K] bool, the assignments that ask for a slot (real tokens the policy
+        keeps); the others take none.
+      n_experts: E.
+      capacity: C, slots per expert per group.
+
+    Returns:
+      position: [G, S, K] int32, the slot; == C where the assignment is not placed.
+      demand: [G, E] int32, attempted assignments per expert (before capacity).
+
+    A stable sort of the assignments by expert, in priority order (rank-major, then token),
+    numbers each expert's queue; a slot is its place in that queue. That is GShard's rank-by-rank
+    filling: the top-2 queue of an expert starts after its top-1 queue, which is also where it
+    starts when capacity is filled rank by rank (once the top-1 queue reaches C, everything
+    after it is dropped either way). Cost O(S K log(S K)) per group and O(E) for the queue
+    starts, where per-rank cumulative sums over one-hot [G, S, E] tensors cost O(S K E).
+    """
+    g, s, k = index.shape
+    # Priority order: all top-1 assignments in token order, then all top-2, ...
+    expert = jnp.where(attempted, index, n_experts).transpose(0, 2, 1).reshape(g, k * s)
+    order = jnp.argsort(expert, axis=-1, stable=True)
+    queue = jnp.take_along_axis(expert, order, axis=-1)  # [G, K*S] expert of each sorted place
+    # Queue lengths per (group, expert) as one segment sum; the sentinel E collects the rest.
+    segment = (jnp.arange(g)[:, None] * (n_experts + 1) + expert).reshape(-1)
+    counts = jax.ops.segment_sum(jnp.ones(g * k * s, jnp.int32), segment,
+                                 num_segments=g * (n_experts + 1)).reshape(g, n_experts + 1)
+    start = jnp.cumsum(counts, axis=-1) - counts
+    in_queue = jnp.arange(k * s)[None, :] - jnp.take_along_axis(start, queue, axis=-1)
+    rows = jnp.arange(g)[:, None]
+    place = jnp.zeros((g, k * s), jnp.int32).at[rows, order].set(in_queue.astype(jnp.int32))
+    place = place.reshape(g, k, s).transpose(0, 2, 1)
+    position = jnp.where(attempted & (place < capacity), place, capacity).astype(jnp.int32)
+    return position, counts[:, :n_experts]
+
+
+def routing_stats(probs: jax.Array, demand: jax.Array, attempted: jax.Array,
                   placed: jax.Array, real: jax.Array) -> dict:
-    """Health signals over the real tokens (`real` [G, S] bool): load per expert, dropped
-    fractions, experts per token, router entropy.
+    """Health signals over the real tokens (`real` [G, S] bool): load per expert (from
+    `demand` [G, E], attempted assignments per expert), dropped fractions, experts per token,
+    router entropy.
 
     `expert_load[e]` is expert e's demand (assignments before capacity) as a multiple of its fair
     share, so a balanced router gives all ones. `dropped_top1` is the fraction of top-1
@@ -164,7 +223,7 @@ def routing_stats(probs: jax.Array, onehot: jax.Array, attempted: jax.Array,
     def mean_over_real(x):  # x [G, S]
         return jnp.sum(jnp.where(real, x, 0).astype(jnp.float32)) / n_real
 
-    demand = onehot.sum(axis=(0, 1, 2)).astype(jnp.float32)  # [E]; padding attempts nothing
+    demand = demand.sum(axis=0).astype(jnp.float32)  # [E]; padding attempts nothing
     stats = {
         "expert_load": demand * e / jnp.maximum(demand.sum(), 1.0),
         "dropped_top1": mean_over_real(~placed[..., 0]),
