@@ -3,7 +3,9 @@
 1. matmul peak (float32, bfloat16) on the current device: the denominator of MFU (the peak
    of the benchmarked dtype: bfloat16 on GPU/TPU, float32 on CPU, or `--dtype`);
 2. MoE FFN forward+backward against a dense two-matrix GELU FFN of equal activated FLOPs
-   (width K x H), for E in 8..128 and each dispatch path, at capacity factor 1.25;
+   (width K x H), for E in 8..128 and each dispatch path, at capacity factor 1.25, with
+   routing alone and the expert matmuls alone, and a large elementwise op's bandwidth (the
+   expert parameters and gradients grow with E at fixed FLOPs);
 3. a whole training step, MoE (GLaM placement) vs the dense model it extends and vs a
    FLOP-matched MoE: step time ratio, tokens/s, model FLOPs utilisation, peak memory;
 4. the expert-parallel step on 8 fake CPU devices vs 1 device (overhead, not speed; run in a
@@ -37,7 +39,7 @@ from glam.config import ConfigError
 from glam.data.bench import data_bench
 from glam.data.bench import render as render_data
 from glam.model.layers import project
-from glam.model.moe import DISPATCH
+from glam.model.moe import DISPATCH, experts_ffn
 from glam.model.routing import expert_capacity, top_k_gating
 from glam.resolve import CONF_DIR, load
 
@@ -58,8 +60,20 @@ def matmul_peak(dtype, n: int = 2048) -> float:
     return 2 * n**3 / seconds
 
 
+def copy_bandwidth(mib: int = 256) -> float:
+    """Bytes/s of a large elementwise op (read one array, write a fresh one) as XLA runs it:
+    the rate at which a step can stream parameters and gradients that do not fit in cache."""
+    a = jnp.ones((mib * 2**18,), jnp.float32)
+    return 2 * a.nbytes / median_seconds(jax.jit(lambda a: a * 2.0), a)
+
+
 def moe_vs_dense(tokens: int, m: int, h: int, group: int, experts: list[int], k: int = 2,
                  dispatches=("gather", "einsum", "dropless"), dtype=jnp.float32) -> list[dict]:
+    """Forward+backward of one MoE FFN per (E, dispatch) against the dense FFN of equal
+    activated FLOPs (width K x H), with its parts timed alone: routing (router matmul and
+    `top_k_gating`, with their gradients) and the experts' batched matmuls on a full
+    [G, E, C, M] buffer (no dispatch). Also the expert parameters' size: they and their
+    gradients stream through memory once per step whatever the token count."""
     key = jax.random.split(jax.random.key(0), 6)
     x = jax.random.normal(key[0], (tokens // group, group, m), dtype)
     w1 = (jax.random.normal(key[1], (m, k * h)) / np.sqrt(m)).astype(dtype)
@@ -74,18 +88,31 @@ def moe_vs_dense(tokens: int, m: int, h: int, group: int, experts: list[int], k:
         router = jax.random.normal(key[3], (m, e)) / np.sqrt(m)
         w_in = (jax.random.normal(key[4], (e, m, h)) / np.sqrt(m)).astype(dtype)
         w_out = (jax.random.normal(key[5], (e, h, m)) / np.sqrt(h)).astype(dtype)
-        for dispatch in dispatches:
-            capacity = group if dispatch == "dropless" else expert_capacity(group, e, k, 1.25)
+        capacity = expert_capacity(group, e, k, 1.25)
 
-            def moe(x, router, w_in, w_out, dispatch=dispatch, capacity=capacity):
-                routing = top_k_gating(x @ router, top_k=k, capacity=capacity)
+        def routing_only(x, router):
+            r = top_k_gating(project(x, router), top_k=k, capacity=capacity)
+            return jnp.sum(r.weight) + r.aux_loss
+
+        routing_s = median_seconds(jax.jit(jax.grad(routing_only, argnums=(0, 1))), x, router)
+        buffer = jnp.ones((tokens // group, e, capacity, m), dtype)
+        experts_s = median_seconds(
+            jax.jit(jax.grad(lambda b, w_in, w_out: jnp.sum(experts_ffn(b, w_in, w_out)),
+                             argnums=(0, 1, 2))), buffer, w_in, w_out)
+        for dispatch in dispatches:
+            cap = group if dispatch == "dropless" else capacity
+
+            def moe(x, router, w_in, w_out, dispatch=dispatch, cap=cap):
+                routing = top_k_gating(project(x, router), top_k=k, capacity=cap)
                 return jnp.sum(DISPATCH[dispatch](x, routing, w_in, w_out))
 
             seconds = median_seconds(jax.jit(jax.grad(moe, argnums=(0, 1, 2, 3))),
                                      x, router, w_in, w_out)
             rows.append({"m": m, "h": h, "experts": e, "dispatch": dispatch,
-                         "moe_ms": seconds * 1e3,
-                         "dense_ms": dense_s * 1e3, "ratio": seconds / dense_s})
+                         "moe_ms": seconds * 1e3, "routing_ms": routing_s * 1e3,
+                         "experts_ms": experts_s * 1e3, "dense_ms": dense_s * 1e3,
+                         "ratio": seconds / dense_s,
+                         "expert_param_mib": 2 * e * m * h * jnp.dtype(dtype).itemsize / 2**20})
     return rows
 
 
@@ -169,13 +196,21 @@ def render(results: dict, command: str) -> str:
     lines = [f"## {results['date']} — {results['machine']}", "", f"Command: `{command}`", "",
              f"Matmul peak (2048^3): float32 {f32 / 1e9:.1f} GFLOP/s, bfloat16 "
              f"{bf16 / 1e9:.1f} GFLOP/s.", "",
+             f"Large elementwise op (256 MiB in, a fresh 256 MiB out): "
+             f"{results['bandwidth'] / 1e9:.1f} GB/s.", "",
              "MoE FFN forward+backward vs a dense FFN of equal activated FLOPs "
-             f"({results['ffn_shape']}, {dtype}), capacity factor 1.25:", "",
-             "| M x H | E | dispatch | MoE ms | dense ms | MoE / dense |",
-             "|---|---|---|---|---|---|"]
+             f"({results['ffn_shape']}, {dtype}), capacity factor 1.25 (floor 1.25x: the "
+             "experts compute 1.25x the FLOPs; dropless has no padding). Routing: router matmul "
+             "and gating alone; experts: the batched expert matmuls alone on a full buffer; "
+             "params: expert weights (their gradients are as large):", "",
+             "| M x H | E | dispatch | MoE ms | routing ms | experts ms | dense ms | "
+             "MoE / dense | experts / dense | params MiB |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results["ffn"]:
         lines.append(f"| {r['m']} x {r['h']} | {r['experts']} | {r['dispatch']} | "
-                     f"{r['moe_ms']:.1f} | {r['dense_ms']:.1f} | {r['ratio']:.2f} |")
+                     f"{r['moe_ms']:.1f} | {r['routing_ms']:.1f} | {r['experts_ms']:.1f} | "
+                     f"{r['dense_ms']:.1f} | {r['ratio']:.2f} | "
+                     f"{r['experts_ms'] / r['dense_ms']:.2f} | {r['expert_param_mib']:.0f} |")
     dense = results["steps"]["dense"]
     lines += ["", f"Whole training step ({results['step_shape']}, {dtype}):", "",
               f"| model | s/step | tokens/s | MFU ({dtype} peak) | vs dense | peak RSS GiB |",
@@ -222,6 +257,7 @@ def main(argv: list[str] | None = None) -> None:
     dtype = args.dtype or ("bfloat16" if jax.default_backend() in ("gpu", "tpu") else "float32")
     results = {"date": datetime.date.today().isoformat(), "machine": machine(),
                "peak_f32": matmul_peak(jnp.float32), "peak_bf16": matmul_peak(jnp.bfloat16),
+               "bandwidth": copy_bandwidth(),
                "ffn_shape": "4096 tokens in groups of 1024, top-2",
                "step_shape": " ".join(STEP_SHAPE), "dtype": dtype}
     results["ffn"] = [row for m, h in FFN_SHAPES
