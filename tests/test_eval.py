@@ -20,6 +20,21 @@ from glam.model import GLaM
 SMALL_WORLD = DataConfig(n_entities=40, train_tokens=5000, val_tokens=2000)
 
 
+@pytest.mark.parametrize("shares", [(0.3, 0.2), (0.0, 0.0), (0.9, 0.05)])
+def test_world_stream_is_the_encoded_text_of_its_documents(shares):
+    """The fast stream (cached ids of facts and QA lines) equals encoding each rendered document,
+    with the same random draws: the slow, obviously correct form."""
+    from glam.data.world import END
+
+    cfg = dataclasses.replace(SMALL_WORLD, filler_share=shares[0], qa_share=shares[1])
+    world = World(cfg)
+    want: list[int] = []
+    rng = np.random.default_rng([3, 1])
+    while len(want) < 4000:
+        want += world.tokenizer.encode(world.document(rng)) + world.tokenizer.encode(END)
+    np.testing.assert_array_equal(world.stream(4000, np.random.default_rng([3, 1])), want[:4000])
+
+
 def test_answer_normalisation_and_scores():
     assert normalize_answer("  The  Eiffel-Tower! ") == "eiffeltower"
     assert normalize_answer("an Apple, a pear") == "apple pear"
