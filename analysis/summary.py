@@ -30,20 +30,22 @@ def by_experts(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def time_split(table: pd.DataFrame) -> str | None:
-    """Where the runs' time went: their summed wall time (MLflow start to end) and the shares
-    spent in training steps and in compilation (to the first step's result); None without the
-    columns."""
+    """Where the runs' time went: their summed wall time (the trainer's set-up, logged as
+    `setup_seconds`, plus MLflow start to end) and the shares spent in training steps, in
+    compilation (to the first step's result) and in set-up; None without the columns."""
     columns = ("run_seconds", "train_seconds", "compile_seconds")
     if not all(c in table for c in columns):
         return None
     rows = table.dropna(subset=list(columns))
-    total = rows["run_seconds"].sum()
+    setup = rows["setup_seconds"].fillna(0).sum() if "setup_seconds" in rows else 0.0
+    total = rows["run_seconds"].sum() + setup
     if not total:
         return None
     train, compile_ = rows["train_seconds"].sum() / total, rows["compile_seconds"].sum() / total
+    setup = setup / total
     return (f"Run time: {total:.0f} s over {len(rows)} runs: {train:.0%} training steps, "
-            f"{compile_:.0%} compilation, {1 - train - compile_:.0%} start-up, evaluation and "
-            "logging")
+            f"{compile_:.0%} compilation, {setup:.0%} set-up (corpus, tasks, initial state), "
+            f"{1 - train - compile_ - setup:.0%} evaluation, checkpoints and logging")
 
 
 def print_summary(table: pd.DataFrame) -> None:

@@ -22,7 +22,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -36,6 +35,7 @@ import optax
 
 from glam import accounting
 from glam.config import ConfigError
+from glam.hardware import cpu_model
 from glam.data.bench import data_bench
 from glam.data.bench import render as render_data
 from glam.model.layers import project
@@ -179,14 +179,8 @@ def expert_parallel() -> dict:
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
-                   if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
     return (f"{jax.default_backend()} ({jax.devices()[0].device_kind}), {os.cpu_count()} cores "
-            f"{cpu}; jax {jax.__version__}")
+            f"{cpu_model()}; jax {jax.__version__}")
 
 
 def render(results: dict, command: str) -> str:

@@ -10,6 +10,7 @@ on the CPU presets.
 
 from __future__ import annotations
 
+import platform
 from dataclasses import dataclass
 
 
@@ -45,3 +46,13 @@ def profile(name: str) -> Hardware:
     if name not in PROFILES:
         raise KeyError(f"unknown hardware profile {name!r}; choose one of {', '.join(PROFILES)}")
     return PROFILES[name]
+
+
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo), else what `platform` knows."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f
+                        if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()

@@ -164,6 +164,7 @@ class Trainer:
     """
 
     def __init__(self, cfg: ResolvedConfig, output_dir: Path, extra_tags: dict | None = None):
+        started = time.perf_counter()
         self.cfg, self.output_dir, self.extra_tags = cfg, output_dir, extra_tags or {}
         m, t = cfg.model, cfg.train
         self.mesh = make_mesh(cfg.mesh)  # refused here, before any compilation, if impossible
@@ -215,6 +216,7 @@ class Trainer:
         self.single_process = jax.process_count() == 1
         if self.record is not None:
             self._restore_newest(with_data=True)
+        self.setup_seconds = time.perf_counter() - started  # before the MLflow run starts
 
     # -- checkpoints ---------------------------------------------------------------------------
     def _set_aside(self, step: int, err: Exception) -> None:
@@ -461,7 +463,7 @@ class Trainer:
     def _finish(self, logger: RunLogger, timing: dict) -> dict:
         t = self.cfg.train
         final = {
-            **self._evaluate(), **timing,
+            **self._evaluate(), **timing, "setup_seconds": self.setup_seconds,
             "train_tokens": t.steps * self.tokens_per_step,
             "train_flops_total": t.steps * self.tokens_per_step * self.counts.train_flops_per_token,
             "skipped_steps": self.skipped,

@@ -266,3 +266,58 @@ def test_an_empty_multirun_is_refused_before_launch(tmp_path):
         proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True,
                               timeout=300)
         assert proc.returncode == 2 and "select no point" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_probe_costs_add_up_to_a_run():
+    """The estimate counts set-up (imports are once per launcher process), the first step (warm when the cache holds its programs),
+    the other steps, the evaluations every `eval.every` plus the final one (the first compiles)
+    and a checkpoint at step 0, every `checkpoint.every` steps and at the end."""
+    from glam.study.probe import Costs
+
+    c = Costs(import_s=3, setup_cold_s=4, setup_warm_s=2, first_step_cold_s=10, first_step_warm_s=1, step_s=0.1,
+              eval_cold_s=5, eval_warm_s=2, checkpoint_s=0.5)
+    assert c.run_seconds(100, 0, 0, cache_warm=False) == pytest.approx(4 + 10 + 9.9 + 5)
+    # evaluations at 25, 50, 75 and the final one; checkpoints at 0, 40, 80, 100
+    assert c.run_seconds(100, 25, 40, cache_warm=True) == pytest.approx(
+        2 + 1 + 9.9 + 2 + 3 * 2 + 4 * 0.5)
+
+
+def test_a_shape_key_ignores_run_length_and_seed_but_not_shape_or_sharing():
+    from glam.study.probe import shape_key
+
+    base = ["model=tiny_moe"]
+    key = shape_key(load(base), jobs=1)
+    assert key == shape_key(load([*base, "train.seed=3", "train.steps=7", "eval.every=2",
+                                  "checkpoint.every=5"]), jobs=1)
+    assert key != shape_key(load([*base, "model.d_model=64"]), jobs=1)
+    assert key != shape_key(load([*base, "eval.max_answer_tokens=3"]), jobs=1)
+    assert key != shape_key(load(base), jobs=2)
+
+
+@pytest.mark.slow
+def test_plan_probe_measures_each_shape_once_and_reuses_the_cache(tmp_path):
+    """`glam-plan --probe` over two seeds of one tiny shape probes it once (in a child process),
+    estimates both runs from it (the second with a warm compilation cache) and reads the cache
+    the next time; a point that cannot run keeps its FLOPs-only estimate and says why."""
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "glam.study.plan", "--json", "--probe", *args],
+                              capture_output=True, text=True, timeout=600, cwd=tmp_path,
+                              env={**os.environ, "PYTHONPATH": str(CONF_DIR.parent)})
+
+    args = ["model=tiny_moe", "train.steps=20", "eval.max_examples=4", "train.seed=0,1",
+            f"train.compilation_cache_dir={tmp_path}/jax"]
+    first = run(*args)
+    assert first.returncode == 0, first.stderr
+    assert "probing 1 shape(s)" in first.stderr
+    rows = json.loads(first.stdout)
+    assert [r["estimate"] for r in rows] == ["probe", "probe"]
+    assert rows[0]["est_seconds"] > rows[1]["est_seconds"] > 0  # the second loads its programs
+    costs = next(iter(json.loads((tmp_path / "outputs/plan/calibration.json").read_text())
+                      .values()))
+    assert all(v >= 0 for v in costs.values()) and costs["step_s"] > 0
+    again = run(*args)
+    assert "probing" not in again.stderr and json.loads(again.stdout) == rows
+    unprepared = run("model=tiny_dense", "data=pydocs", f"data.prepared_dir={tmp_path}/none")
+    assert unprepared.returncode == 0, unprepared.stderr
+    assert "no probe for" in unprepared.stderr
+    assert json.loads(unprepared.stdout)[0]["estimate"] == "flops"

@@ -55,8 +55,10 @@ def test_mlflow_run_read_back(moe_run):
                 "skipped_steps", "tokens_per_second", "train_flops", "train_flops_total",
                 "moe/layer0/load_max", "moe/layer0/dropped_top1", "moe/layer0/aux_loss",
                 "val_loss", "eval/world_qa/0shot", "eval/world_facts/3shot",
-                "eval/nlg_avg/1shot", "eval/nlu_avg/0shot"):
+                "eval/nlg_avg/1shot", "eval/nlu_avg/0shot", "setup_seconds", "compile_seconds",
+                "train_seconds"):
         assert key in metrics, key
+    assert metrics["setup_seconds"] > 0
     evals = client.get_metric_history(final["run_id"], "eval/world_facts/0shot")
     assert sorted(m.step for m in evals) == [40, 80]  # periodic, then final
     steps = [m.step for m in client.get_metric_history(final["run_id"], "aux_loss")]

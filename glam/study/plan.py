@@ -39,7 +39,8 @@ class PlanRow:
     dense_flops_per_token: int  # of the same config with n_experts = 0
     train_tokens: int  # steps x batch x seq_len
     train_flops: float  # train_tokens x 3 x forward FLOPs/token
-    est_seconds: float  # train_flops at the hardware profile's assumed utilisation
+    est_seconds: float  # wall time: probed on this machine, or FLOPs at the profile's utilisation
+    estimate: str  # "probe" (measured costs, glam.study.probe) or "flops" (training FLOPs only)
     overrides: str  # what distinguishes this point from the command line
 
     @classmethod
@@ -51,7 +52,7 @@ class PlanRow:
         return cls(m.name, m.family, m.n_experts, m.d_model, m.n_layers, m.d_ff,
                    m.expert_hidden if m.family == "moe" else None, c.total_params,
                    c.activated_params, c.forward_flops_per_token, flops(dense_counterpart(m)),
-                   tokens, train_flops, train_flops * seconds_per_flop, overrides)
+                   tokens, train_flops, train_flops * seconds_per_flop, "flops", overrides)
 
 
 def check_matched(rows: list[PlanRow], tolerance: float) -> None:
@@ -72,27 +73,54 @@ def check_matched(rows: list[PlanRow], tolerance: float) -> None:
                           "activated-FLOPs match:\n  " + "\n  ".join(bad))
 
 
-def plan(overrides: list[str], hardware: str = "cpu", backend: str = "cpu") -> list[PlanRow]:
+def plan(overrides: list[str], hardware: str = "cpu", backend: str = "cpu", probe: bool = False,
+         jobs: int = 1) -> list[PlanRow]:
     """Plan rows of every point `overrides` select (`glam.study.points.expand`); refuses a
     FLOP-matched study that breaks its tolerance. `backend` only fixes `dispatch=auto`, which
-    changes no count.
+    changes no count. With `probe`, each distinct shape is measured on this machine
+    (`glam.study.probe`, `jobs` at a time, as many as the launcher runs at once) and the
+    estimates are wall times; a shape whose probe fails keeps its FLOPs-only estimate.
 
     Raises:
       ConfigError: no point, a point's config is invalid, or the FLOP match is broken.
     """
     seconds_per_flop = profile(hardware).seconds(1.0)
-    rows, cfg = [], None
+    rows, cfgs = [], []
     points = expand(overrides)
     if not points:
         raise ConfigError("the overrides select no point (an empty sweep such as range(0,0)); "
                           "give at least one value to every swept key.")
     for point in points:
-        cfg = load(point, backend)
+        cfgs.append(load(point, backend))
         distinct = " ".join(o for o in point if o not in overrides)
-        rows.append(PlanRow.of(cfg, distinct, seconds_per_flop))
-    if cfg is not None and cfg.study.match_flops:
-        check_matched(rows, cfg.plan.tolerance)
+        rows.append(PlanRow.of(cfgs[-1], distinct, seconds_per_flop))
+    if cfgs and cfgs[-1].study.match_flops:
+        check_matched(rows, cfgs[-1].plan.tolerance)
+    if probe:
+        rows = probed(rows, cfgs, points, jobs)
     return rows
+
+
+def probed(rows: list[PlanRow], cfgs: list[ResolvedConfig], points: list[list[str]],
+           jobs: int) -> list[PlanRow]:
+    """`rows` with wall-time estimates from probes of their shapes (`glam.study.probe`): a
+    run's first step is warm when an earlier point of its shape shares its compilation cache."""
+    from glam.study.probe import calibrate, shape_key
+
+    keys = [shape_key(c, jobs) for c in cfgs]
+    costs = calibrate(dict(zip(keys, points)), jobs)
+    seen, out = set(), []
+    for row, cfg, key in zip(rows, cfgs, keys):
+        c = costs[key]
+        if isinstance(c, str):
+            print(f"glam-plan: no probe for {row.overrides or row.name}: {c}", file=sys.stderr)
+            out.append(row)
+            continue
+        warm = key in seen and bool(cfg.train.compilation_cache_dir)
+        seen.add(key)
+        seconds = c.run_seconds(cfg.train.steps, cfg.eval.every, cfg.checkpoint.every, warm)
+        out.append(dataclasses.replace(row, est_seconds=seconds, estimate="probe"))
+    return out
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -101,10 +129,18 @@ def main(argv: list[str] | None = None) -> None:
 
     parser = argparse.ArgumentParser(prog="glam-plan", description=main.__doc__)
     parser.add_argument("--json", action="store_true", help="print JSON rows")
-    parser.add_argument("--hardware", default="cpu", help="profile for the run-time estimate")
+    parser.add_argument("--hardware", default="cpu", help="profile for the FLOPs-only estimate")
+    parser.add_argument("--probe", action="store_true",
+                        help="measure each distinct shape on this machine (a few seconds each, "
+                             "cached in outputs/plan/calibration.json) and estimate wall times")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="runs the launcher runs at once (hydra.launcher.n_jobs); the probes "
+                             "share the machine the same way")
     args, overrides = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
+    if args.jobs < 1:
+        parser.error(f"--jobs must be at least 1, got {args.jobs}")
     try:
-        rows = plan(overrides, args.hardware)
+        rows = plan(overrides, args.hardware, probe=args.probe, jobs=args.jobs)
     except (ConfigError, KeyError, HydraException, OmegaConfBaseException) as err:
         print(f"glam-plan: {err}", file=sys.stderr)
         raise SystemExit(2) from None
@@ -115,4 +151,13 @@ def main(argv: list[str] | None = None) -> None:
     table["est_minutes"] = (table.pop("est_seconds") / 60).round(1)
     with pd.option_context("display.width", 250, "display.max_columns", 30):
         print(table.to_string(index=False))
-    print(f"total estimated time on {args.hardware}: {table['est_minutes'].sum():.1f} min")
+    basis = ("wall time probed on this machine" if (table["estimate"] == "probe").all() else
+             f"training FLOPs on the {args.hardware} profile only (no compilation, evaluation or "
+             "start-up; --probe measures them)")
+    total = table["est_minutes"].sum()
+    print(f"total estimated time: {total:.1f} min of runs, {total / args.jobs:.1f} min with "
+          f"{args.jobs} at a time ({basis})")
+
+
+if __name__ == "__main__":
+    main()
