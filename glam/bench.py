@@ -26,6 +26,7 @@ import resource
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import jax
@@ -54,7 +55,7 @@ def median_seconds(fn, *args, repeats: int = 5) -> float:
     return float(np.median(times))
 
 
-def matmul_peak(dtype, n: int = 2048) -> float:
+def matmul_peak(dtype, n: int) -> float:
     a = jnp.ones((n, n), dtype)
     seconds = median_seconds(jax.jit(jnp.dot), a, a)
     return 2 * n**3 / seconds
@@ -148,16 +149,39 @@ def train_step_bench(overrides: list[str], steps: int = 10, n_devices: int | Non
             "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
 
 
-# The whole-step bench shape: the CPU presets widened until their matmuls fill the device.
-STEP_BATCH, STEP_SEQ_LEN = 8, 128
-STEP_SHAPE = ["model.d_model=512", "model.d_ff=2048", "model.n_heads=8",
-              f"model.seq_len={STEP_SEQ_LEN}", f"train.batch_size={STEP_BATCH}"]
-STEP_MODELS = {
-    "dense": ["model=cpu_dense", *STEP_SHAPE],
-    "moe_glam": ["model=cpu_moe", *STEP_SHAPE],
-    "moe_matched": ["model=cpu_moe", "plan.placement=matched", *STEP_SHAPE],
-}
-FFN_SHAPES = [(128, 512), (256, 1024)]  # (M, expert H)
+@dataclass(frozen=True)
+class Shapes:
+    """What the bench measures on a backend: the FFN shapes (tokens in routing groups, M x
+    expert H) and the whole-step shape (presets widened until their matmuls fill the device)."""
+
+    matmul_n: int
+    ffn_tokens: int
+    ffn_group: int
+    ffn: tuple[tuple[int, int], ...]
+    step_batch: int
+    step_seq_len: int
+    step_width: tuple[str, ...]
+
+    @property
+    def step_shape(self) -> list[str]:
+        return [*self.step_width, f"model.seq_len={self.step_seq_len}",
+                f"train.batch_size={self.step_batch}"]
+
+    def step_models(self) -> dict[str, list[str]]:
+        return {"dense": ["model=cpu_dense", *self.step_shape],
+                "moe_glam": ["model=cpu_moe", *self.step_shape],
+                "moe_matched": ["model=cpu_moe", "plan.placement=matched", *self.step_shape]}
+
+
+CPU = Shapes(2048, 4096, 1024, ((128, 512), (256, 1024)), 8, 128,
+             ("model.d_model=512", "model.d_ff=2048", "model.n_heads=8"))
+# A GPU or TPU needs ~16x larger matmuls than 2 CPU cores to approach its peak.
+ACCELERATOR = Shapes(8192, 65536, 1024, ((1024, 4096), (2048, 8192)), 16, 1024,
+                     ("model.d_model=2048", "model.d_ff=8192", "model.n_heads=16"))
+
+
+def shapes_for(backend: str) -> Shapes:
+    return ACCELERATOR if backend in ("gpu", "tpu") else CPU
 
 
 def expert_parallel() -> dict:
@@ -188,7 +212,7 @@ def render(results: dict, command: str) -> str:
     dtype = results["dtype"]
     peak = f32 if dtype == "float32" else bf16
     lines = [f"## {results['date']} — {results['machine']}", "", f"Command: `{command}`", "",
-             f"Matmul peak (2048^3): float32 {f32 / 1e9:.1f} GFLOP/s, bfloat16 "
+             f"Matmul peak ({results.get('matmul_n', 2048)}^3): float32 {f32 / 1e9:.1f} GFLOP/s, bfloat16 "
              f"{bf16 / 1e9:.1f} GFLOP/s.", "",
              f"Large elementwise op (256 MiB in, a fresh 256 MiB out): "
              f"{results['bandwidth'] / 1e9:.1f} GB/s.", "",
@@ -243,23 +267,27 @@ def main(argv: list[str] | None = None) -> None:
         p.error(f"--experts: {args.experts!r} is not a comma-separated list of integers")
     if any(e < 2 for e in experts):
         p.error(f"--experts: every count must be at least 2 (top-2 routing), got {experts}")
-    for overrides in STEP_MODELS.values():
+    shapes = shapes_for(jax.default_backend())
+    for overrides in shapes.step_models().values():
         try:
             load(overrides, backend="cpu")
         except ConfigError as err:
             p.error(f"step model {' '.join(overrides)}: {err}")
     dtype = args.dtype or ("bfloat16" if jax.default_backend() in ("gpu", "tpu") else "float32")
+    n = shapes.matmul_n
     results = {"date": datetime.date.today().isoformat(), "machine": machine(),
-               "peak_f32": matmul_peak(jnp.float32), "peak_bf16": matmul_peak(jnp.bfloat16),
-               "bandwidth": copy_bandwidth(),
-               "ffn_shape": "4096 tokens in groups of 1024, top-2",
-               "step_shape": " ".join(STEP_SHAPE), "dtype": dtype}
-    results["ffn"] = [row for m, h in FFN_SHAPES
-                      for row in moe_vs_dense(4096, m, h, 1024, experts, dtype=jnp.dtype(dtype))]
+               "matmul_n": n, "peak_f32": matmul_peak(jnp.float32, n),
+               "peak_bf16": matmul_peak(jnp.bfloat16, n), "bandwidth": copy_bandwidth(),
+               "ffn_shape": f"{shapes.ffn_tokens} tokens in groups of {shapes.ffn_group}, top-2",
+               "step_shape": " ".join(shapes.step_shape), "dtype": dtype}
+    results["ffn"] = [row for m, h in shapes.ffn
+                      for row in moe_vs_dense(shapes.ffn_tokens, m, h, shapes.ffn_group, experts,
+                                              dtype=jnp.dtype(dtype))]
     results["steps"] = {name: train_step_bench(o + [f"model.dtype={dtype}"], n_devices=1)
-                        for name, o in STEP_MODELS.items()}  # one device: MFU of one peak
+                        for name, o in shapes.step_models().items()}  # MFU of one peak
     results["expert_parallel"] = expert_parallel()
-    results["data"] = data_bench(results["steps"]["dense"]["seconds"], STEP_BATCH, STEP_SEQ_LEN)
+    results["data"] = data_bench(results["steps"]["dense"]["seconds"], shapes.step_batch,
+                                 shapes.step_seq_len)
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(results, indent=1))
     text = render(results, "make bench")

@@ -8,7 +8,7 @@ launcher=(hydra/launcher=joblib hydra.launcher.n_jobs=2)
 studies=(compute_vs_accuracy expert_count data_quality)
 
 for study in "${studies[@]}"; do
-  echo "== study ${study}: $(glam-plan "+study=${study}" | tail -1)"
+  echo "== study ${study}: $(glam-plan --jobs 2 "+study=${study}" | tail -1)"
   glam-data prepare "+study=${study}" "$@"  # the text corpora a study trains on, if any
   glam-train -m "+study=${study}" "${launcher[@]}" "$@"
 done

@@ -152,8 +152,8 @@ def main(argv: list[str] | None = None) -> None:
     with pd.option_context("display.width", 250, "display.max_columns", 30):
         print(table.to_string(index=False))
     basis = ("wall time probed on this machine" if (table["estimate"] == "probe").all() else
-             f"training FLOPs on the {args.hardware} profile only (no compilation, evaluation or "
-             "start-up; --probe measures them)")
+             f"training FLOPs only, {args.hardware} profile; --probe adds set-up, compilation and "
+             "evaluation")
     total = table["est_minutes"].sum()
     print(f"total estimated time: {total:.1f} min of runs, {total / args.jobs:.1f} min with "
           f"{args.jobs} at a time ({basis})")
