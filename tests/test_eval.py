@@ -150,6 +150,37 @@ def test_generation_is_scored_by_exact_match():
     assert {p["prediction"] for p in result.predictions} == {"market"}
 
 
+def test_greedy_decode_stops_early_without_changing_any_answer():
+    """Against a plain loop of every step: each row's tokens up to its first stop id are equal,
+    and the rest is the stop id, whether all rows stop early, some never do, or one stops at
+    once; the next token depends on the whole window (as attention does)."""
+    from glam.eval.harness import greedy_decode
+
+    eos, pad, vocab, new = 2, 0, 11, 6
+
+    def next_token(tokens, mask):  # a function of the visible window, eos for some windows
+        return (jnp.sum(jnp.where(mask, tokens * (1 + jnp.arange(tokens.shape[1])), 0), 1)
+                % vocab).astype(jnp.int32)
+
+    def reference(tokens, mask):
+        out = []
+        for _ in range(new):
+            nxt = next_token(tokens, mask)
+            out.append(nxt)
+            tokens = jnp.concatenate([tokens[:, 1:], nxt[:, None]], axis=1)
+            mask = jnp.concatenate([mask[:, 1:], jnp.ones_like(mask[:, :1])], axis=1)
+        out = np.stack(out, axis=1)
+        stopped = np.cumsum(np.isin(out, [eos, pad]), axis=1)
+        first = (stopped == 1) & np.isin(out, [eos, pad])
+        return np.where((stopped > 0) & ~first, eos, out)
+
+    for seed in range(6):
+        tokens = jax.random.randint(jax.random.key(seed), (5, 9), 3, vocab)
+        mask = jnp.arange(9)[None] >= jax.random.randint(jax.random.key(seed + 9), (5, 1), 0, 8)
+        got = jax.jit(lambda t, m: greedy_decode(next_token, t, m, new, (eos, pad)))(tokens, mask)
+        np.testing.assert_array_equal(got, reference(tokens, mask), err_msg=f"seed {seed}")
+
+
 def test_harness_runs_a_real_model_on_world_tasks():
     world = World(SMALL_WORLD)
     ev, state, _ = _evaluator(world_tasks(world, max_examples=6, seed=0))

@@ -274,24 +274,37 @@ def test_probe_costs_add_up_to_a_run():
     and a checkpoint at step 0, every `checkpoint.every` steps and at the end."""
     from glam.study.probe import Costs
 
-    c = Costs(import_s=3, setup_cold_s=4, setup_warm_s=2, first_step_cold_s=10, first_step_warm_s=1, step_s=0.1,
-              eval_cold_s=5, eval_warm_s=2, checkpoint_s=0.5)
+    c = Costs(import_s=3, setup_cold_s=4, setup_warm_s=2, first_step_cold_s=10,
+              first_step_warm_s=1, step_s=0.1, eval_cold_s=5, eval_cached_s=3, eval_warm_s=2,
+              checkpoint_s=0.5)
     assert c.run_seconds(100, 0, 0, cache_warm=False) == pytest.approx(4 + 10 + 9.9 + 5)
     # evaluations at 25, 50, 75 and the final one; checkpoints at 0, 40, 80, 100
     assert c.run_seconds(100, 25, 40, cache_warm=True) == pytest.approx(
-        2 + 1 + 9.9 + 2 + 3 * 2 + 4 * 0.5)
+        2 + 1 + 9.9 + 3 + 3 * 2 + 4 * 0.5)
 
 
-def test_a_shape_key_ignores_run_length_and_seed_but_not_shape_or_sharing():
+def test_a_shape_key_ignores_seed_and_intervals_but_not_shape_steps_or_sharing():
+    """Steps count: the learning-rate schedule is compiled into the training step."""
     from glam.study.probe import shape_key
 
     base = ["model=tiny_moe"]
     key = shape_key(load(base), jobs=1)
-    assert key == shape_key(load([*base, "train.seed=3", "train.steps=7", "eval.every=2",
-                                  "checkpoint.every=5"]), jobs=1)
+    assert key == shape_key(load([*base, "train.seed=3", "eval.every=2", "checkpoint.every=5"]),
+                            jobs=1)
     assert key != shape_key(load([*base, "model.d_model=64"]), jobs=1)
+    assert key != shape_key(load([*base, "train.steps=7"]), jobs=1)
     assert key != shape_key(load([*base, "eval.max_answer_tokens=3"]), jobs=1)
     assert key != shape_key(load(base), jobs=2)
+
+
+def test_a_damaged_or_outdated_calibration_file_counts_as_missing(tmp_path):
+    from glam.study.probe import _read
+
+    cache = tmp_path / "calibration.json"
+    cache.write_text('{"a": {"import_s": 1')  # cut short
+    assert _read(cache) == {}
+    cache.write_text('{"a": {"import_s": 1, "setup_s": 2}}')  # fields of an older version
+    assert _read(cache) == {}
 
 
 @pytest.mark.slow

@@ -136,8 +136,9 @@ class World:
         self.tokenizer = WordTokenizer(sorted(words))
         # Token ids of each fact and QA line, encoded once: `document_ids` assembles documents
         # from them instead of rendering and re-encoding the same sentences (3x faster).
-        self._fact_ids = functools.cache(lambda p, a, t: self.tokenizer.encode(self.fact(p, a, t)))
-        self._qa_ids = functools.cache(lambda p, a: self.tokenizer.encode(self.qa_line(p, a)))
+        self._fact_ids = functools.cache(
+            lambda p, a, t: tuple(self.tokenizer.encode(self.fact(p, a, t))))
+        self._qa_ids = functools.cache(lambda p, a: tuple(self.tokenizer.encode(self.qa_line(p, a))))
 
     @property
     def knowledge_bits(self) -> float:
@@ -198,7 +199,7 @@ class World:
             return self.tokenizer.encode(self.filler(rng))
         if self.qa_people and u < self.cfg.filler_share + self.cfg.qa_share:
             person = self.qa_people[int(rng.integers(len(self.qa_people)))]
-            return self._qa_ids(person, int(rng.integers(len(self.attributes))))
+            return list(self._qa_ids(person, int(rng.integers(len(self.attributes)))))
         person = int(rng.integers(len(self.people)))
         k = self.cfg.templates_per_attribute
         return [i for a in rng.permutation(len(self.attributes))

@@ -30,22 +30,55 @@ class EvalResult:
     predictions: list[dict]
 
 
-def make_generate(graphdef: nnx.GraphDef, new_tokens: int):
-    """(state, tokens [B, T], mask [B, T]) -> greedy continuation [B, new_tokens]."""
+def greedy_decode(next_token, tokens: jax.Array, mask: jax.Array, new_tokens: int,
+                  stop_ids: tuple[int, ...]) -> jax.Array:
+    """Greedy continuation of left-padded prompts in a fixed window, stopping early.
+
+    Args:
+      next_token: (tokens [B, T] int32, mask [B, T] bool) -> [B] int32, the argmax at the last
+        position.
+      tokens, mask: the prompts, left-padded; the window slides left one token per step.
+      new_tokens: the most tokens to generate.
+      stop_ids: ids that end an answer (eos, pad).
+
+    Returns: [B, new_tokens] int32; a row holds its tokens up to and including its first stop
+    id, then stop_ids[0]. Every row is computed exactly as without early stopping (finished
+    rows keep generating, so rows that share MoE routing groups see the same batch); the loop
+    ends once every row has emitted a stop id, where the rest could not change any answer.
+    """
+    b = tokens.shape[0]
+    stops = jnp.asarray(stop_ids, tokens.dtype)
+
+    def unfinished(carry):
+        step, _, _, _, done = carry
+        return (step < new_tokens) & ~jnp.all(done)
+
+    def step_fn(carry):
+        step, tokens, mask, out, done = carry
+        nxt = next_token(tokens, mask).astype(tokens.dtype)
+        out = out.at[:, step].set(jnp.where(done, stops[0], nxt))
+        done = done | jnp.isin(nxt, stops)
+        tokens = jnp.concatenate([tokens[:, 1:], nxt[:, None]], axis=1)
+        mask = jnp.concatenate([mask[:, 1:], jnp.ones_like(mask[:, :1])], axis=1)
+        return step + 1, tokens, mask, out, done
+
+    out = jnp.full((b, new_tokens), stops[0], tokens.dtype)
+    carry = (jnp.int32(0), tokens, mask, out, jnp.zeros((b,), bool))
+    return jax.lax.while_loop(unfinished, step_fn, carry)[3]
+
+
+def make_generate(graphdef: nnx.GraphDef, new_tokens: int, stop_ids: tuple[int, ...]):
+    """(state, tokens [B, T], mask [B, T]) -> greedy continuation [B, new_tokens]
+    (`greedy_decode`: stops once every row has emitted one of `stop_ids`)."""
 
     def generate(state, tokens, mask):
         model = nnx.merge(graphdef, state)
 
-        def step(carry, _):
-            tokens, mask = carry
+        def next_token(tokens, mask):
             logits, _ = model(tokens, mask=mask)
-            nxt = jnp.argmax(logits[:, -1], axis=-1).astype(tokens.dtype)
-            tokens = jnp.concatenate([tokens[:, 1:], nxt[:, None]], axis=1)
-            mask = jnp.concatenate([mask[:, 1:], jnp.ones_like(mask[:, :1])], axis=1)
-            return (tokens, mask), nxt
+            return jnp.argmax(logits[:, -1], axis=-1)
 
-        _, out = jax.lax.scan(step, (tokens, mask), None, length=new_tokens)
-        return out.T
+        return greedy_decode(next_token, tokens, mask, new_tokens, stop_ids)
 
     return jax.jit(generate)
 
@@ -93,7 +126,9 @@ class Evaluator:
         self.seq_len, self.batch_size, self.shots = seq_len, batch_size, shots
         self.max_answer_tokens, self.length_normalize, self.seed = (max_answer_tokens,
                                                                     length_normalize, seed)
-        self.generate = make_generate(graphdef, max_answer_tokens)
+        # An answer ends at <eos> or padding (`answer_text`): generation stops there.
+        self.generate = make_generate(graphdef, max_answer_tokens,
+                                      (tokenizer.eos_id, tokenizer.pad_id))
         self.score = make_score(graphdef)
 
     def _encode(self, task: Task, index: int, shots: int) -> list[int]:

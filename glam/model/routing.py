@@ -159,7 +159,10 @@ def best_experts(scores: jax.Array, k: int, exclude: Optional[jax.Array] = None)
     for _ in range(k):
         masked = jnp.where(taken, -jnp.inf, scores)
         best = masked.max(-1, keepdims=True)
-        pick = jnp.min(jnp.where(masked == best, expert, scores.shape[-1]), axis=-1)
+        # min(..., E - 1): a NaN row matches no maximum; keep its index in range (the step's
+        # loss is NaN anyway and the step is skipped).
+        pick = jnp.minimum(jnp.min(jnp.where(masked == best, expert, scores.shape[-1]), axis=-1),
+                           scores.shape[-1] - 1)
         picks.append(pick)
         taken = taken | (expert == pick[..., None])
     return jnp.stack(picks, axis=-1)

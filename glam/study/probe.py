@@ -3,15 +3,15 @@
 A probe builds a point's trainer (world or prepared corpus, tasks, initial state, evaluator)
 in a child process, as `glam-train` would, and times each part of a run: imports; the trainer's
 set-up and first training step cold (compiling into an empty cache) and warm (a second trainer
-loading its programs from that cache); the following steps; one evaluation cold and warm; one
-checkpoint. `glam-plan` turns these into a wall-time estimate per run:
+loading its programs from that cache); the following steps; one evaluation cold, from the cache and
+warm; one checkpoint. `glam-plan` turns these into a wall-time estimate per run:
 
     set-up + first step + (steps - 1) x step + evaluations + checkpoints
 
 warm for every run after the first of its shape when the study shares a compilation cache
 (`train.compilation_cache_dir`). `jobs` probes run at once, as a launcher with `n_jobs` parallel
 runs shares the cores. Results are cached per machine and per shape (the resolved config less
-seed, steps, evaluation and checkpoint intervals) in `outputs/plan/calibration.json`.
+the seed and the evaluation and checkpoint intervals) in `outputs/plan/calibration.json`.
 
     python -m glam.study.probe OVERRIDES...   # one probe; prints its JSON
 """
@@ -26,16 +26,18 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
+from importlib.metadata import version
 from pathlib import Path
 
 from glam.hardware import cpu_model
 from glam.resolve import ResolvedConfig, to_container
 
 CALIBRATION = Path("outputs/plan/calibration.json")
+PROBE_TIMEOUT_S = 600
 # Fields that change how long a run takes but not what one step, evaluation or checkpoint costs.
-_RUN_LENGTH = {"train": ("seed", "steps", "token_multiple", "compilation_cache_dir", "progress",
-                         "resume"),
+# (train.steps stays: the learning-rate schedule is compiled into the training step.)
+_RUN_LENGTH = {"train": ("seed", "compilation_cache_dir", "progress", "resume"),
                "eval": ("every",), "checkpoint": ("every", "keep")}
 
 
@@ -49,7 +51,8 @@ class Costs:
     first_step_cold_s: float  # first training step, compiling into an empty cache
     first_step_warm_s: float  # first training step, programs loaded from the cache
     step_s: float  # median of the following steps
-    eval_cold_s: float  # first evaluation (compiles the evaluation programs)
+    eval_cold_s: float  # first evaluation, compiling its programs
+    eval_cached_s: float  # first evaluation, its programs loaded from the cache
     eval_warm_s: float  # a later evaluation
     checkpoint_s: float  # one checkpoint, written to completion
 
@@ -63,21 +66,24 @@ class Costs:
         evals = (steps - 1) // eval_every if eval_every else 0  # the final one comes on top
         saves = (1 + -(-steps // checkpoint_every)) if checkpoint_every else 0  # + step 0
         return (setup + first + (steps - 1) * self.step_s
-                + (self.eval_warm_s if cache_warm else self.eval_cold_s)
+                + (self.eval_cached_s if cache_warm else self.eval_cold_s)
                 + evals * self.eval_warm_s + saves * self.checkpoint_s)
 
 
 def shape_key(cfg: ResolvedConfig, jobs: int) -> str:
-    """What a probe's costs depend on: the resolved config less the run-length fields, the CPU
-    and how many runs share it."""
+    """What a probe's costs depend on: the resolved config less seed and intervals, the CPU,
+    how many runs share it, and the glam and JAX versions (the backend follows from the config's
+    resolved dispatch and the machine)."""
     tree = to_container(cfg)
-    for section, fields in _RUN_LENGTH.items():
-        for name in fields:
+    for section, names in _RUN_LENGTH.items():
+        for name in names:
             tree[section].pop(name, None)
     tree["derived"].pop("filled", None)
     tree.pop("logger", None), tree.pop("study", None)
     blob = json.dumps({"config": tree, "machine": cpu_model(), "cores": os.cpu_count(),
-                       "jobs": jobs}, sort_keys=True, default=str)
+                       "jobs": jobs, "fields": [f.name for f in fields(Costs)],
+                       "glam": version("glam"), "jax": version("jax")},
+                      sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -104,8 +110,9 @@ def measure(overrides: list[str], steps: int = 4) -> Costs:
 
     import_s = time.time() - float(os.environ.get("GLAM_PROBE_SPAWNED", time.time()))
     with tempfile.TemporaryDirectory() as tmp:
+        # A checkpointer whatever the point says: its save is timed (the key ignores intervals).
         overrides = [*overrides, "train.progress=false", f"train.compilation_cache_dir={tmp}/jax",
-                     "train.resume=auto"]
+                     "train.resume=auto", f"checkpoint.every={2**31 - 1}"]
         start = time.perf_counter()
         trainer = Trainer(load(overrides), Path(tmp) / "cold")
         setup_cold = time.perf_counter() - start
@@ -113,48 +120,76 @@ def measure(overrides: list[str], steps: int = 4) -> Costs:
         step_s = float(np.median([_timed(trainer._train_step) for _ in range(steps)]))
         eval_cold = _timed(trainer._evaluate)
         eval_warm = _timed(trainer._evaluate)
-        checkpoint_s = 0.0
-        if trainer.ckpt:
-            checkpoint_s = _timed(lambda: (trainer._save("probe", []), trainer.ckpt.wait()))
-            trainer.ckpt.close()
+        checkpoint_s = _timed(lambda: (trainer._save("probe", []), trainer.ckpt.wait()))
+        trainer.ckpt.close()
         # A second trainer: new jitted functions, so its programs come from the disk cache.
         start = time.perf_counter()
         warm_trainer = Trainer(load(overrides), Path(tmp) / "warm")
         setup_warm = time.perf_counter() - start
         warm = _timed(warm_trainer._train_step)
-        if warm_trainer.ckpt:
-            warm_trainer.ckpt.close()
-    return Costs(import_s, setup_cold, setup_warm, cold, warm, step_s, eval_cold, eval_warm,
-                 checkpoint_s)
+        eval_cached = _timed(warm_trainer._evaluate)
+        warm_trainer.ckpt.close()
+    return Costs(import_s, setup_cold, setup_warm, cold, warm, step_s, eval_cold, eval_cached,
+                 eval_warm, checkpoint_s)
 
 
 def _probe_child(point: list[str]) -> Costs | str:
     """One probe in a child process: its Costs, or the last line of the error it printed."""
     env = {**os.environ, "GLAM_PROBE_SPAWNED": repr(time.time())}
-    out = subprocess.run([sys.executable, "-m", "glam.study.probe", *point], capture_output=True,
-                         text=True, env=env)
+    try:
+        out = subprocess.run([sys.executable, "-m", "glam.study.probe", *point],
+                             capture_output=True, text=True, env=env, timeout=PROBE_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        return f"the probe took over {PROBE_TIMEOUT_S} s"
     if out.returncode:
         return (out.stderr.strip().splitlines() or ["probe failed"])[-1]
-    return Costs(**json.loads(out.stdout.strip().splitlines()[-1]))
+    try:
+        return Costs(**json.loads(out.stdout.strip().splitlines()[-1]))
+    except (IndexError, ValueError, TypeError) as err:
+        return f"unreadable probe output ({err})"
+
+
+def _read(cache: Path) -> dict[str, Costs]:
+    """The cached costs; an unreadable file or entry (older fields, damage) counts as missing."""
+    try:
+        raw = json.loads(cache.read_text())
+    except (OSError, ValueError):
+        return {}
+    out = {}
+    for key, value in raw.items() if isinstance(raw, dict) else ():
+        try:
+            out[key] = Costs(**value)
+        except TypeError:
+            pass
+    return out
 
 
 def calibrate(points: dict[str, list[str]], jobs: int = 1,
               cache: Path = CALIBRATION) -> dict[str, Costs | str]:
     """Costs for every shape key in `points` (key -> one point's overrides), probing the ones
-    not cached, `jobs` at a time; failed probes map to their error message (not cached)."""
-    known = json.loads(cache.read_text()) if cache.exists() else {}
+    not cached, `jobs` at a time; failed probes map to their error message (not cached). With
+    fewer shapes to probe than `jobs`, the last one is probed again beside them, so each probe
+    shares the machine as the launcher's runs will."""
+    known = _read(cache)
     todo = [k for k in points if k not in known]
     if todo:
         print(f"glam-plan: probing {len(todo)} shape(s) on this machine, {jobs} at a time",
               file=sys.stderr)
+        fillers = [todo[-1]] * max(0, jobs - len(todo))
         with ThreadPoolExecutor(max_workers=jobs) as pool:
-            for key, result in zip(todo, pool.map(lambda k: _probe_child(points[k]), todo)):
-                known[key] = asdict(result) if isinstance(result, Costs) else result
-    out = {k: Costs(**known[k]) if isinstance(known[k], dict) else known[k] for k in points}
-    good = {k: v for k, v in known.items() if isinstance(v, dict)}
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    cache.write_text(json.dumps(good, indent=1))
-    return out
+            results = list(pool.map(lambda k: _probe_child(points[k]), todo + fillers))
+        failed = {}
+        for key, result in zip(todo, results):
+            if isinstance(result, Costs):
+                known[key] = result
+            else:
+                failed[key] = result
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        part = cache.with_suffix(".part")
+        part.write_text(json.dumps({k: asdict(v) for k, v in known.items()}, indent=1))
+        os.replace(part, cache)  # whole or not at all
+        return {k: known.get(k, failed.get(k)) for k in points}
+    return {k: known[k] for k in points}
 
 
 def main(argv: list[str]) -> None:
