@@ -30,22 +30,27 @@ def by_experts(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def time_split(table: pd.DataFrame) -> str | None:
-    """Where the runs' time went: their summed wall time (the trainer's set-up, logged as
-    `setup_seconds`, plus MLflow start to end) and the shares spent in training steps, in
-    compilation (to the first step's result) and in set-up; None without the columns."""
+    """Where the runs' time went: their summed time inside the runs (MLflow start to end) and
+    the shares spent in training steps, in compilation (to the first step's result) and in the
+    rest; then the trainer's set-up before each run (`setup_seconds`) and the training share
+    with it counted. None without the columns."""
     columns = ("run_seconds", "train_seconds", "compile_seconds")
     if not all(c in table for c in columns):
         return None
     rows = table.dropna(subset=list(columns))
-    setup = rows["setup_seconds"].fillna(0).sum() if "setup_seconds" in rows else 0.0
-    total = rows["run_seconds"].sum() + setup
-    if not total:
+    inside = rows["run_seconds"].sum()
+    if not inside:
         return None
-    train, compile_ = rows["train_seconds"].sum() / total, rows["compile_seconds"].sum() / total
-    setup = setup / total
-    return (f"Run time: {total:.0f} s over {len(rows)} runs: {train:.0%} training steps, "
-            f"{compile_:.0%} compilation, {setup:.0%} set-up (corpus, tasks, initial state), "
-            f"{1 - train - compile_ - setup:.0%} evaluation, checkpoints and logging")
+    train = rows["train_seconds"].sum()
+    compile_ = rows["compile_seconds"].sum()
+    text = (f"Run time: {inside:.0f} s inside {len(rows)} runs: {train / inside:.0%} training "
+            f"steps, {compile_ / inside:.0%} compilation, {1 - (train + compile_) / inside:.0%} "
+            "evaluation, checkpoints and logging")
+    setup = rows["setup_seconds"].fillna(0).sum() if "setup_seconds" in rows else 0.0
+    if setup:
+        text += (f"; set-up before the runs (corpus, tasks, initial state) {setup:.0f} s more, "
+                 f"{train / (inside + setup):.0%} training with it")
+    return text
 
 
 def print_summary(table: pd.DataFrame) -> None:

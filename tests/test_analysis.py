@@ -188,11 +188,11 @@ def test_the_summary_says_where_the_run_time_went():
 
     table = pd.DataFrame({"run_seconds": [10.0, 30.0], "train_seconds": [5.0, 23.0],
                           "compile_seconds": [3.0, 5.0]})
-    assert time_split(table) == ("Run time: 40 s over 2 runs: 70% training steps, 20% "
-                                 "compilation, 0% set-up (corpus, tasks, initial state), 10% "
-                                 "evaluation, checkpoints and logging")
-    table["setup_seconds"] = [6.0, 4.0]  # before each MLflow run: added to the total
-    assert time_split(table) == ("Run time: 50 s over 2 runs: 56% training steps, 16% "
-                                 "compilation, 20% set-up (corpus, tasks, initial state), 8% "
-                                 "evaluation, checkpoints and logging")
+    assert time_split(table) == ("Run time: 40 s inside 2 runs: 70% training steps, 20% "
+                                 "compilation, 10% evaluation, checkpoints and logging")
+    table["setup_seconds"] = [6.0, 4.0]  # before each MLflow run
+    assert time_split(table) == ("Run time: 40 s inside 2 runs: 70% training steps, 20% "
+                                 "compilation, 10% evaluation, checkpoints and logging; set-up "
+                                 "before the runs (corpus, tasks, initial state) 10 s more, 56% "
+                                 "training with it")
     assert time_split(table.drop(columns="run_seconds")) is None

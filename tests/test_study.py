@@ -297,6 +297,17 @@ def test_a_shape_key_ignores_seed_and_intervals_but_not_shape_steps_or_sharing()
     assert key != shape_key(load(base), jobs=2)
 
 
+def test_two_corpora_of_one_vocabulary_share_their_programs_but_not_their_costs():
+    from glam.study.probe import program_key, shape_key
+
+    filtered, unfiltered = (load(["+study=data_quality", f"+quality_arm={arm}"])
+                            for arm in ("filtered", "unfiltered"))
+    assert program_key(filtered) == program_key(unfiltered)
+    assert shape_key(filtered, 2) != shape_key(unfiltered, 2)
+    longer = load(["+study=data_quality", "+quality_arm=unfiltered_3x"])
+    assert program_key(longer) != program_key(unfiltered)  # its schedule is compiled in
+
+
 def test_a_damaged_or_outdated_calibration_file_counts_as_missing(tmp_path):
     from glam.study.probe import _read
 

@@ -104,20 +104,22 @@ def plan(overrides: list[str], hardware: str = "cpu", backend: str = "cpu", prob
 def probed(rows: list[PlanRow], cfgs: list[ResolvedConfig], points: list[list[str]],
            jobs: int) -> list[PlanRow]:
     """`rows` with wall-time estimates from probes of their shapes (`glam.study.probe`): a
-    run's first step is warm when an earlier point of its shape shares its compilation cache."""
-    from glam.study.probe import calibrate, shape_key
+    run's compilation is warm when an earlier point compiled the same programs into the
+    compilation cache it shares."""
+    from glam.study.probe import calibrate, program_key, shape_key
 
     keys = [shape_key(c, jobs) for c in cfgs]
     costs = calibrate(dict(zip(keys, points)), jobs)
-    seen, out = set(), []
+    compiled, out = set(), []
     for row, cfg, key in zip(rows, cfgs, keys):
         c = costs[key]
         if isinstance(c, str):
             print(f"glam-plan: no probe for {row.overrides or row.name}: {c}", file=sys.stderr)
             out.append(row)
             continue
-        warm = key in seen and bool(cfg.train.compilation_cache_dir)
-        seen.add(key)
+        program = program_key(cfg)  # e.g. two arms' corpora share their programs
+        warm = program in compiled and bool(cfg.train.compilation_cache_dir)
+        compiled.add(program)
         seconds = c.run_seconds(cfg.train.steps, cfg.eval.every, cfg.checkpoint.every, warm)
         out.append(dataclasses.replace(row, est_seconds=seconds, estimate="probe"))
     return out

@@ -9,8 +9,8 @@ warm; one checkpoint. `glam-plan` turns these into a wall-time estimate per run:
     set-up + first step + (steps - 1) x step + evaluations + checkpoints
 
 warm for every run after the first of its shape when the study shares a compilation cache
-(`train.compilation_cache_dir`). `jobs` probes run at once, as a launcher with `n_jobs` parallel
-runs shares the cores. Results are cached per machine and per shape (the resolved config less
+(`train.compilation_cache_dir`). With `jobs` > 1, that many copies of a probe run side by side
+and their costs are averaged, as a launcher's `n_jobs` parallel runs share the cores. Results are cached per machine and per shape (the resolved config less
 the seed and the evaluation and checkpoint intervals) in `outputs/plan/calibration.json`.
 
     python -m glam.study.probe OVERRIDES...   # one probe; prints its JSON
@@ -26,7 +26,7 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, astuple, dataclass, fields
 from importlib.metadata import version
 from pathlib import Path
 
@@ -50,7 +50,7 @@ class Costs:
     setup_warm_s: float  # the same with the initial state's program loaded from the cache
     first_step_cold_s: float  # first training step, compiling into an empty cache
     first_step_warm_s: float  # first training step, programs loaded from the cache
-    step_s: float  # median of the following steps
+    step_s: float  # mean of the following steps (at least 3 s of them)
     eval_cold_s: float  # first evaluation, compiling its programs
     eval_cached_s: float  # first evaluation, its programs loaded from the cache
     eval_warm_s: float  # a later evaluation
@@ -87,6 +87,19 @@ def shape_key(cfg: ResolvedConfig, jobs: int) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def program_key(cfg: ResolvedConfig) -> str:
+    """What a run's compiled programs depend on: the resolved config less the data section (two
+    corpora of one vocabulary size train the same programs), seed and intervals."""
+    tree = to_container(cfg)
+    for section, names in _RUN_LENGTH.items():
+        for name in names:
+            tree[section].pop(name, None)
+    for section in ("data", "logger", "study"):
+        tree.pop(section, None)
+    tree["derived"].pop("filled", None)
+    return hashlib.sha256(json.dumps(tree, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 def _timed(fn):
     import jax
 
@@ -95,7 +108,7 @@ def _timed(fn):
     return time.perf_counter() - start
 
 
-def measure(overrides: list[str], steps: int = 4) -> Costs:
+def measure(overrides: list[str], min_steps: int = 5, step_seconds: float = 3.0) -> Costs:
     """Probe one point in this process (to be called in a fresh child: it measures imports and
     fixes JAX's compilation cache). Reads the point's corpus like the run; writes nothing but a
     temporary folder.
@@ -103,7 +116,7 @@ def measure(overrides: list[str], steps: int = 4) -> Costs:
     Raises:
       ConfigError: as `glam-train` would for this point (e.g. an unprepared corpus).
     """
-    import numpy as np
+    import jax
 
     from glam.resolve import load
     from glam.trainer import Trainer
@@ -117,7 +130,13 @@ def measure(overrides: list[str], steps: int = 4) -> Costs:
         trainer = Trainer(load(overrides), Path(tmp) / "cold")
         setup_cold = time.perf_counter() - start
         cold = _timed(trainer._train_step)
-        step_s = float(np.median([_timed(trainer._train_step) for _ in range(steps)]))
+        # Steps for `step_seconds` at least: one step varies with what the other jobs do.
+        n, start = 0, time.perf_counter()
+        while n < min_steps or time.perf_counter() - start < step_seconds:
+            metrics = trainer._train_step()
+            n += 1
+        jax.block_until_ready(metrics)
+        step_s = (time.perf_counter() - start) / n
         eval_cold = _timed(trainer._evaluate)
         eval_warm = _timed(trainer._evaluate)
         checkpoint_s = _timed(lambda: (trainer._save("probe", []), trainer.ckpt.wait()))
@@ -167,23 +186,23 @@ def _read(cache: Path) -> dict[str, Costs]:
 def calibrate(points: dict[str, list[str]], jobs: int = 1,
               cache: Path = CALIBRATION) -> dict[str, Costs | str]:
     """Costs for every shape key in `points` (key -> one point's overrides), probing the ones
-    not cached, `jobs` at a time; failed probes map to their error message (not cached). With
-    fewer shapes to probe than `jobs`, the last one is probed again beside them, so each probe
-    shares the machine as the launcher's runs will."""
+    not cached; failed probes map to their error message (not cached). Each shape is probed by
+    `jobs` identical children side by side, whose costs are averaged: the runs of a launcher
+    with `n_jobs` parallel jobs share the machine the same way."""
     known = _read(cache)
     todo = [k for k in points if k not in known]
     if todo:
-        print(f"glam-plan: probing {len(todo)} shape(s) on this machine, {jobs} at a time",
+        print(f"glam-plan: probing {len(todo)} shape(s) on this machine, {jobs} copies at a time",
               file=sys.stderr)
-        fillers = [todo[-1]] * max(0, jobs - len(todo))
-        with ThreadPoolExecutor(max_workers=jobs) as pool:
-            results = list(pool.map(lambda k: _probe_child(points[k]), todo + fillers))
         failed = {}
-        for key, result in zip(todo, results):
-            if isinstance(result, Costs):
-                known[key] = result
-            else:
-                failed[key] = result
+        with ThreadPoolExecutor(max_workers=jobs) as pool:
+            for key in todo:  # `jobs` copies side by side: the machine shared as by the runs
+                results = list(pool.map(lambda _: _probe_child(points[key]), range(jobs)))
+                good = [r for r in results if isinstance(r, Costs)]
+                if len(good) == jobs:
+                    known[key] = Costs(*(sum(v) / jobs for v in zip(*(astuple(r) for r in good))))
+                else:
+                    failed[key] = next(r for r in results if not isinstance(r, Costs))
         cache.parent.mkdir(parents=True, exist_ok=True)
         part = cache.with_suffix(".part")
         part.write_text(json.dumps({k: asdict(v) for k, v in known.items()}, indent=1))
