@@ -308,6 +308,17 @@ def test_two_corpora_of_one_vocabulary_share_their_programs_but_not_their_costs(
     assert program_key(longer) != program_key(unfiltered)  # its schedule is compiled in
 
 
+def test_runs_are_scheduled_in_order_and_the_last_ones_speed_up_alone():
+    from glam.study.probe import schedule
+
+    assert schedule([3.0, 1.0], 1, 2.0) == ([3.0, 1.0], 4.0)
+    assert schedule([4.0, 2.0, 2.0], 2, 1.0) == ([4.0, 2.0, 2.0], 4.0)  # list scheduling
+    # Both start; at t = 2 the second ends, the first has 2 s of shared work left: alone, 1 s.
+    assert schedule([4.0, 2.0], 2, 2.0) == ([3.0, 2.0], 3.0)
+    walls, total = schedule([5.0, 1.0, 1.0, 1.0], 2, 1.5)
+    assert walls[1:] == [1.0, 1.0, 1.0] and total == walls[0] and 4.0 < walls[0] < 5.0
+
+
 def test_a_damaged_or_outdated_calibration_file_counts_as_missing(tmp_path):
     from glam.study.probe import _read
 

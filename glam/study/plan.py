@@ -105,8 +105,9 @@ def probed(rows: list[PlanRow], cfgs: list[ResolvedConfig], points: list[list[st
            jobs: int) -> list[PlanRow]:
     """`rows` with wall-time estimates from probes of their shapes (`glam.study.probe`): a
     run's compilation is warm when an earlier point compiled the same programs into the
-    compilation cache it shares."""
-    from glam.study.probe import calibrate, program_key, shape_key
+    compilation cache it shares; with `jobs` > 1 the runs are scheduled in order on that many
+    workers, the last ones faster as fewer share the machine."""
+    from glam.study.probe import alone_speedup, calibrate, program_key, schedule, shape_key
 
     keys = [shape_key(c, jobs) for c in cfgs]
     costs = calibrate(dict(zip(keys, points)), jobs)
@@ -122,6 +123,11 @@ def probed(rows: list[PlanRow], cfgs: list[ResolvedConfig], points: list[list[st
         compiled.add(program)
         seconds = c.run_seconds(cfg.train.steps, cfg.eval.every, cfg.checkpoint.every, warm)
         out.append(dataclasses.replace(row, est_seconds=seconds, estimate="probe"))
+    probes = [(p, costs[k]) for p, k in zip(points, keys) if not isinstance(costs[k], str)]
+    if jobs > 1 and probes:  # the last runs of a study share the machine with fewer others
+        walls, _ = schedule([r.est_seconds for r in out], jobs, alone_speedup(*probes[0], jobs))
+        out = [dataclasses.replace(r, est_seconds=w) if r.estimate == "probe" else r
+               for r, w in zip(out, walls)]
     return out
 
 
@@ -157,8 +163,14 @@ def main(argv: list[str] | None = None) -> None:
              f"training FLOPs only, {args.hardware} profile; --probe adds set-up, compilation and "
              "evaluation")
     total = table["est_minutes"].sum()
-    print(f"total estimated time: {total:.1f} min of runs, {total / args.jobs:.1f} min with "
-          f"{args.jobs} at a time ({basis})")
+    if (table["estimate"] == "probe").all():
+        from glam.study.probe import schedule
+
+        wall = schedule(list(table["est_minutes"] * 60), args.jobs, 1.0)[1] / 60
+    else:
+        wall = total / args.jobs
+    print(f"total estimated time: {total:.1f} min of runs, {wall:.1f} min with {args.jobs} at a "
+          f"time ({basis})")
 
 
 if __name__ == "__main__":

@@ -1,17 +1,21 @@
 """Run-time calibration for `glam-plan --probe`: measure what a run costs on this machine.
 
 A probe builds a point's trainer (world or prepared corpus, tasks, initial state, evaluator)
-in a child process, as `glam-train` would, and times each part of a run: imports; the trainer's
-set-up and first training step cold (compiling into an empty cache) and warm (a second trainer
-loading its programs from that cache); the following steps; one evaluation cold, from the cache and
-warm; one checkpoint. `glam-plan` turns these into a wall-time estimate per run:
+in a child process, as `glam-train` would, and times each part of a run: imports; the
+trainer's set-up and first training step cold (compiling into an empty cache) and warm (a
+second trainer loading its programs from that cache); the following steps; one evaluation
+cold, from the cache and warm; one checkpoint. `glam-plan` turns these into a wall-time
+estimate per run:
 
     set-up + first step + (steps - 1) x step + evaluations + checkpoints
 
-warm for every run after the first of its shape when the study shares a compilation cache
-(`train.compilation_cache_dir`). With `jobs` > 1, that many copies of a probe run side by side
-and their costs are averaged, as a launcher's `n_jobs` parallel runs share the cores. Results are cached per machine and per shape (the resolved config less
-the seed and the evaluation and checkpoint intervals) in `outputs/plan/calibration.json`.
+warm when an earlier point compiled the same programs into the compilation cache the study
+shares (`train.compilation_cache_dir`). With `jobs` > 1, that many copies of a probe run side
+by side and their costs are averaged, as a launcher's `n_jobs` parallel runs share the cores;
+`schedule` then runs the points in order on that many workers, the last ones faster by
+`alone_speedup` as fewer share the machine. Results are cached per machine and per shape (the
+resolved config less the seed and the evaluation and checkpoint intervals) in
+`outputs/plan/calibration.json`, the speed-up in `outputs/plan/speedup.json`.
 
     python -m glam.study.probe OVERRIDES...   # one probe; prints its JSON
 """
@@ -209,6 +213,52 @@ def calibrate(points: dict[str, list[str]], jobs: int = 1,
         os.replace(part, cache)  # whole or not at all
         return {k: known.get(k, failed.get(k)) for k in points}
     return {k: known[k] for k in points}
+
+
+def alone_speedup(point: list[str], contended: Costs, jobs: int,
+                  cache: Path = CALIBRATION) -> float:
+    """How much faster a step runs alone than beside `jobs - 1` others (1.0 for one job):
+    one more probe of `point` alone, against its costs measured side by side; cached per
+    machine beside the costs. A launcher's last runs run with fewer neighbours."""
+    if jobs == 1:
+        return 1.0
+    path = cache.with_name("speedup.json")
+    key = hashlib.sha256(json.dumps([cpu_model(), os.cpu_count(), jobs, version("glam"),
+                                     version("jax")]).encode()).hexdigest()[:16]
+    try:
+        known = json.loads(path.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if not isinstance(known.get(key), (int, float)):
+        alone = _probe_child(point)
+        if not isinstance(alone, Costs):
+            return 1.0
+        known[key] = max(1.0, contended.step_s / alone.step_s)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(known))
+    return float(known[key])
+
+
+def schedule(seconds: list[float], jobs: int, speedup: float) -> tuple[list[float], float]:
+    """Wall time of each run, and of all, when `jobs` workers take the runs in order (as Hydra's
+    joblib launcher does) and each run needs `seconds` while all workers are busy. With k < jobs
+    runs left, each progresses speedup ** ((jobs - k) / (jobs - 1)) times faster (speedup when
+    alone)."""
+    start, left, walls = {}, {}, [0.0] * len(seconds)
+    queue, now = list(range(len(seconds))), 0.0
+    while queue or left:
+        while queue and len(left) < jobs:
+            i = queue.pop(0)
+            start[i], left[i] = now, seconds[i]
+        rate = speedup ** ((jobs - len(left)) / (jobs - 1)) if jobs > 1 else 1.0
+        i = min(left, key=left.get)
+        step = left[i] / rate
+        now += step
+        for j in left:
+            left[j] -= step * rate
+        walls[i] = now - start[i]
+        del left[i]
+    return walls, now
 
 
 def main(argv: list[str]) -> None:
