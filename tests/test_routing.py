@@ -227,6 +227,9 @@ def test_best_experts_equal_a_stable_descending_sort(k):
     exclude = order[..., :1].astype(np.int32)
     np.testing.assert_array_equal(best_experts(scores, k, exclude=jnp.asarray(exclude)),
                                   order[..., 1:k + 1])
+    # A NaN row (a diverged step) still names experts in range, never E.
+    picked = best_experts(scores.at[0, 0].set(jnp.nan), k)
+    assert int(picked.max()) < scores.shape[-1]
 
 
 def test_dispatch_tensors_are_one_hot_per_placed_assignment():

@@ -274,7 +274,7 @@ def test_probe_costs_add_up_to_a_run():
     and a checkpoint at step 0, every `checkpoint.every` steps and at the end."""
     from glam.study.probe import Costs
 
-    c = Costs(import_s=3, setup_cold_s=4, setup_warm_s=2, first_step_cold_s=10,
+    c = Costs(setup_cold_s=4, setup_warm_s=2, first_step_cold_s=10,
               first_step_warm_s=1, step_s=0.1, eval_cold_s=5, eval_cached_s=3, eval_warm_s=2,
               checkpoint_s=0.5)
     assert c.run_seconds(100, 0, 0, cache_warm=False) == pytest.approx(4 + 10 + 9.9 + 5)
@@ -323,7 +323,7 @@ def test_a_damaged_or_outdated_calibration_file_counts_as_missing(tmp_path):
     from glam.study.probe import _read
 
     cache = tmp_path / "calibration.json"
-    cache.write_text('{"a": {"import_s": 1')  # cut short
+    cache.write_text('{"a": {"setup_cold_s": 1')  # cut short
     assert _read(cache) == {}
     cache.write_text('{"a": {"import_s": 1, "setup_s": 2}}')  # fields of an older version
     assert _read(cache) == {}

@@ -159,15 +159,15 @@ def main(argv: list[str] | None = None) -> None:
     table["est_minutes"] = (table.pop("est_seconds") / 60).round(1)
     with pd.option_context("display.width", 250, "display.max_columns", 30):
         print(table.to_string(index=False))
-    basis = ("wall time probed on this machine" if (table["estimate"] == "probe").all() else
-             f"training FLOPs only, {args.hardware} profile; --probe adds set-up, compilation and "
-             "evaluation")
     total = table["est_minutes"].sum()
     if (table["estimate"] == "probe").all():
         from glam.study.probe import schedule
 
+        basis = "wall time probed on this machine"
         wall = schedule(list(table["est_minutes"] * 60), args.jobs, 1.0)[1] / 60
     else:
+        basis = (f"training FLOPs only, {args.hardware} profile; --probe adds set-up, compilation "
+                 "and evaluation")
         wall = total / args.jobs
     print(f"total estimated time: {total:.1f} min of runs, {wall:.1f} min with {args.jobs} at a "
           f"time ({basis})")

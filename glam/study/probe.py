@@ -1,8 +1,7 @@
 """Run-time calibration for `glam-plan --probe`: measure what a run costs on this machine.
 
 A probe builds a point's trainer (world or prepared corpus, tasks, initial state, evaluator)
-in a child process, as `glam-train` would, and times each part of a run: imports; the
-trainer's set-up and first training step cold (compiling into an empty cache) and warm (a
+in a child process, as `glam-train` would, and times each part of a run: the trainer's set-up and first training step cold (compiling into an empty cache) and warm (a
 second trainer loading its programs from that cache); the following steps; one evaluation
 cold, from the cache and warm; one checkpoint. `glam-plan` turns these into a wall-time
 estimate per run:
@@ -49,7 +48,6 @@ _RUN_LENGTH = {"train": ("seed", "compilation_cache_dir", "progress", "resume"),
 class Costs:
     """Seconds each part of a run takes on this machine, measured by one probe."""
 
-    import_s: float  # interpreter start and imports (glam.train)
     setup_cold_s: float  # corpus, tasks, initial state (compiled), evaluator
     setup_warm_s: float  # the same with the initial state's program loaded from the cache
     first_step_cold_s: float  # first training step, compiling into an empty cache
@@ -74,34 +72,40 @@ class Costs:
                 + evals * self.eval_warm_s + saves * self.checkpoint_s)
 
 
-def shape_key(cfg: ResolvedConfig, jobs: int) -> str:
-    """What a probe's costs depend on: the resolved config less seed and intervals, the CPU,
-    how many runs share it, and the glam and JAX versions (the backend follows from the config's
-    resolved dispatch and the machine)."""
+def _machine() -> dict:
+    """What every measurement here depends on besides the config."""
+    return {"machine": cpu_model(), "cores": os.cpu_count(), "glam": version("glam"),
+            "jax": version("jax")}
+
+
+def _digest(tree) -> str:
+    return hashlib.sha256(json.dumps(tree, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _config(cfg: ResolvedConfig, drop: tuple[str, ...]) -> dict:
+    """The resolved config as a tree, less the run-length fields and the sections `drop`."""
     tree = to_container(cfg)
     for section, names in _RUN_LENGTH.items():
         for name in names:
             tree[section].pop(name, None)
+    for section in drop:
+        tree.pop(section, None)
     tree["derived"].pop("filled", None)
-    tree.pop("logger", None), tree.pop("study", None)
-    blob = json.dumps({"config": tree, "machine": cpu_model(), "cores": os.cpu_count(),
-                       "jobs": jobs, "fields": [f.name for f in fields(Costs)],
-                       "glam": version("glam"), "jax": version("jax")},
-                      sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    return tree
+
+
+def shape_key(cfg: ResolvedConfig, jobs: int) -> str:
+    """What a probe's costs depend on: the resolved config less seed and intervals, the CPU,
+    how many runs share it, and the glam and JAX versions (the backend follows from the config's
+    resolved dispatch and the machine)."""
+    return _digest({"config": _config(cfg, ("logger", "study")), "jobs": jobs,
+                    "fields": [f.name for f in fields(Costs)], **_machine()})
 
 
 def program_key(cfg: ResolvedConfig) -> str:
     """What a run's compiled programs depend on: the resolved config less the data section (two
     corpora of one vocabulary size train the same programs), seed and intervals."""
-    tree = to_container(cfg)
-    for section, names in _RUN_LENGTH.items():
-        for name in names:
-            tree[section].pop(name, None)
-    for section in ("data", "logger", "study"):
-        tree.pop(section, None)
-    tree["derived"].pop("filled", None)
-    return hashlib.sha256(json.dumps(tree, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return _digest(_config(cfg, ("data", "logger", "study")))
 
 
 def _timed(fn):
@@ -113,8 +117,8 @@ def _timed(fn):
 
 
 def measure(overrides: list[str], min_steps: int = 5, step_seconds: float = 3.0) -> Costs:
-    """Probe one point in this process (to be called in a fresh child: it measures imports and
-    fixes JAX's compilation cache). Reads the point's corpus like the run; writes nothing but a
+    """Probe one point in this process (to be called in a fresh child: it fixes JAX's
+    compilation cache). Reads the point's corpus like the run; writes nothing but a
     temporary folder.
 
     Raises:
@@ -125,7 +129,6 @@ def measure(overrides: list[str], min_steps: int = 5, step_seconds: float = 3.0)
     from glam.resolve import load
     from glam.trainer import Trainer
 
-    import_s = time.time() - float(os.environ.get("GLAM_PROBE_SPAWNED", time.time()))
     with tempfile.TemporaryDirectory() as tmp:
         # A checkpointer whatever the point says: its save is timed (the key ignores intervals).
         overrides = [*overrides, "train.progress=false", f"train.compilation_cache_dir={tmp}/jax",
@@ -152,16 +155,15 @@ def measure(overrides: list[str], min_steps: int = 5, step_seconds: float = 3.0)
         warm = _timed(warm_trainer._train_step)
         eval_cached = _timed(warm_trainer._evaluate)
         warm_trainer.ckpt.close()
-    return Costs(import_s, setup_cold, setup_warm, cold, warm, step_s, eval_cold, eval_cached,
+    return Costs(setup_cold, setup_warm, cold, warm, step_s, eval_cold, eval_cached,
                  eval_warm, checkpoint_s)
 
 
 def _probe_child(point: list[str]) -> Costs | str:
     """One probe in a child process: its Costs, or the last line of the error it printed."""
-    env = {**os.environ, "GLAM_PROBE_SPAWNED": repr(time.time())}
     try:
         out = subprocess.run([sys.executable, "-m", "glam.study.probe", *point],
-                             capture_output=True, text=True, env=env, timeout=PROBE_TIMEOUT_S)
+                             capture_output=True, text=True, timeout=PROBE_TIMEOUT_S)
     except subprocess.TimeoutExpired:
         return f"the probe took over {PROBE_TIMEOUT_S} s"
     if out.returncode:
@@ -193,12 +195,11 @@ def calibrate(points: dict[str, list[str]], jobs: int = 1,
     not cached; failed probes map to their error message (not cached). Each shape is probed by
     `jobs` identical children side by side, whose costs are averaged: the runs of a launcher
     with `n_jobs` parallel jobs share the machine the same way."""
-    known = _read(cache)
+    known, failed = _read(cache), {}
     todo = [k for k in points if k not in known]
     if todo:
         print(f"glam-plan: probing {len(todo)} shape(s) on this machine, {jobs} copies at a time",
               file=sys.stderr)
-        failed = {}
         with ThreadPoolExecutor(max_workers=jobs) as pool:
             for key in todo:  # `jobs` copies side by side: the machine shared as by the runs
                 results = list(pool.map(lambda _: _probe_child(points[key]), range(jobs)))
@@ -211,8 +212,7 @@ def calibrate(points: dict[str, list[str]], jobs: int = 1,
         part = cache.with_suffix(".part")
         part.write_text(json.dumps({k: asdict(v) for k, v in known.items()}, indent=1))
         os.replace(part, cache)  # whole or not at all
-        return {k: known.get(k, failed.get(k)) for k in points}
-    return {k: known[k] for k in points}
+    return {k: known.get(k, failed.get(k)) for k in points}
 
 
 def alone_speedup(point: list[str], contended: Costs, jobs: int,
@@ -223,8 +223,7 @@ def alone_speedup(point: list[str], contended: Costs, jobs: int,
     if jobs == 1:
         return 1.0
     path = cache.with_name("speedup.json")
-    key = hashlib.sha256(json.dumps([cpu_model(), os.cpu_count(), jobs, version("glam"),
-                                     version("jax")]).encode()).hexdigest()[:16]
+    key = _digest({"jobs": jobs, **_machine()})
     try:
         known = json.loads(path.read_text())
     except (OSError, ValueError):
