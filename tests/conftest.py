@@ -1,9 +1,25 @@
 import os
+import shutil
 import socket
+import tempfile
 
 import pytest
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+
+def pytest_configure(config):
+    """One persistent compilation cache for the whole session (its xdist workers and the
+    training processes tests start inherit the variable): the tests train the same tiny shapes
+    again and again. Tests of the cache itself set `train.compilation_cache_dir` explicitly."""
+    if not hasattr(config, "workerinput") and "GLAM_COMPILATION_CACHE_DIR" not in os.environ:
+        config._glam_jax_cache = tempfile.mkdtemp(prefix="glam-test-jax-cache-")
+        os.environ["GLAM_COMPILATION_CACHE_DIR"] = config._glam_jax_cache
+
+
+def pytest_unconfigure(config):
+    if getattr(config, "_glam_jax_cache", None):
+        shutil.rmtree(config._glam_jax_cache, ignore_errors=True)
 
 
 @pytest.fixture
