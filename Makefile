@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-fast demo study study-data-quality bench clean
+.PHONY: install test test-fast demo study study-data-quality study-ladder bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -33,6 +33,11 @@ study: $(STAMP)
 # GLaM's data-quality study at 2.5x the demo's budget, 3 seeds: docs/results/study_data_quality/.
 study-data-quality: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" STUDY=study_data_quality bash scripts/study.sh
+
+# A scaling ladder (3 sizes x 3 token budgets x dense/MoE) for glam-plan --budget:
+# docs/results/study_ladder/.
+study-ladder: $(STAMP)
+	PATH="$(CURDIR)/$(BIN):$$PATH" STUDY=study_ladder bash scripts/study.sh
 
 clean:
 	rm -rf $(VENV) outputs mlflow.db mlflow.db.lock mlflow.db-journal .pytest_cache build dist

@@ -557,6 +557,9 @@ class TrainConfig(Section):
     token_multiple: float = doc(1.0, "train on this multiple of the token budget: resolution "
                                      "sets steps to round(steps x token_multiple) (an arm with "
                                      "more data, as the data quality study's 3x unfiltered)")
+    flops_budget: Optional[float] = doc(None, "training FLOPs to spend: resolution sets steps "
+                                             "to round(budget / (3 x forward FLOPs per token "
+                                             "x batch_size x model.seq_len)); null: use steps")
     batch_size: int = doc(16, "global batch (sequences of model.seq_len + 1 tokens)")
     seed: int = doc(0, "seed of the initial weights, batches and routing noise")
     log_every: int = doc(10, "health check and metric fetch every this many steps")
@@ -572,6 +575,13 @@ class TrainConfig(Section):
     def check(self, prefix: str = "train") -> None:
         _positive(self, prefix, ("steps", "token_multiple", "batch_size", "log_every",
                                  "eval_batches"))
+        if self.flops_budget is not None:
+            check(math.isfinite(self.flops_budget) and self.flops_budget > 0,
+                  f"{prefix}.flops_budget", f"must be a positive number of FLOPs or null, got "
+                  f"{self.flops_budget}.")
+            check(self.token_multiple == 1, f"{prefix}.flops_budget",
+                  f"sets the steps itself; drop train.token_multiple={self.token_multiple} or "
+                  "the budget.")
 
 
 @dataclass

@@ -73,8 +73,9 @@ _TABLE: dict[Role, dict[str, str]] = {
         "derived": "backend",
     },
     Role.RECORD: {
-        # token_multiple is folded into train.steps; a cached program is the same executable
-        "train": "log_every progress resume token_multiple compilation_cache_dir",
+        # token_multiple and flops_budget are folded into train.steps; a cached program is
+        # the same executable
+        "train": "log_every progress resume token_multiple flops_budget compilation_cache_dir",
         "checkpoint": "every keep async_save",
         "plan": "tolerance",
         "study": "name match_flops",

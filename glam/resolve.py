@@ -31,6 +31,7 @@ from glam.config import (Config, ConfigError, DataKind, Dispatch, ModelConfig, P
                          check, doc, freeze)
 from glam.data.prepare import planned_vocab_size
 from glam.data.world import ATTRIBUTES, WORLD_TASKS, world_vocab_size
+from glam import accounting
 from glam.placement import expert_width
 
 
@@ -257,6 +258,10 @@ def resolve(cfg: Config, backend: str | None = None) -> ResolvedConfig:
     sections["model"] = model
     if t.token_multiple != 1:
         sections["train"].steps = max(1, round(t.steps * t.token_multiple))
+        filled.append("train.steps")
+    if t.flops_budget is not None:  # the budget at glam's own count of training FLOPs
+        per_step = accounting.count(model).train_flops_per_token * t.batch_size * model.seq_len
+        sections["train"].steps = max(1, round(t.flops_budget / per_step))
         filled.append("train.steps")
     derived = Derived(backend=backend,
                       drops_tokens=bool(model.moe_layers)

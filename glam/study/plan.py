@@ -10,6 +10,7 @@ import dataclasses
 import json
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 from hydra.errors import HydraException
 from omegaconf.errors import OmegaConfBaseException
@@ -131,6 +132,44 @@ def probed(rows: list[PlanRow], cfgs: list[ResolvedConfig], points: list[list[st
     return out
 
 
+def budget(flops: float, ladder: str, overrides: list[str], out: str | None) -> Path:
+    """`glam-plan --budget`: fit the ladder, propose, write the study (`analysis.budget`), print
+    the proposals and the command; returns the study file.
+
+    Raises:
+      ValueError: the ladder cannot determine the loss law (named), or is not a run table.
+      FileNotFoundError / ValueError: no such table or MLflow experiment.
+    """
+    import pandas as pd
+
+    from analysis import budget as proposals
+    from analysis.runs import load_runs, read_table
+    from glam.resolve import to_container
+
+    cfg = load(overrides, "cpu")
+    path = Path(ladder)
+    runs = (read_table(path) if path.suffix in (".csv", ".parquet") or path.exists()
+            else load_runs(cfg.logger.tracking_uri, ladder))
+    law = proposals.fit_ladder(runs)
+    experts = sorted({int(e) for e in proposals.ladder_points(runs)["experts"]} | {1})
+    tag = f"budget_{flops:.0e}".replace("+", "")
+    chosen = proposals.propose(law, flops, cfg.model, [0 if e == 1 else e for e in experts], tag)
+    plain = to_container(cfg)
+    folder = Path(out or f"outputs/plan/{tag}")
+    study = proposals.write_study(
+        chosen, flops, {"data": plain["data"], "eval": plain["eval"],
+                        "train": {"batch_size": cfg.train.batch_size}}, folder, tag)
+    law_text = (f"L(N, D{', E' if law.gamma else ''}) = {law.E:.3f} + {law.A:.4g} / (N^"
+                f"{law.alpha:.3f}{f' Ê^{law.gamma:.3f}' if law.gamma else ''}) + "
+                f"{law.B:.4g} / D^{law.beta:.3f}")
+    print(f"fitted on {law.n_points} runs of {ladder}: {law_text}")
+    with pd.option_context("display.width", 250, "display.max_columns", 30):
+        print(proposals.table(chosen).to_string(index=False, float_format="{:.4g}".format))
+    print(f"wrote {len(chosen)} presets and the study {study}; train them with:\n"
+          f"  glam-train -m --config-dir {folder} +study={tag}")
+    return study
+
+
 def main(argv: list[str] | None = None) -> None:
     """`glam-plan [--json] [--hardware NAME] OVERRIDES...`, e.g. `glam-plan +study=expert_count`."""
     import pandas as pd  # only for the table
@@ -144,9 +183,31 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--jobs", type=int, default=1,
                         help="runs the launcher runs at once (hydra.launcher.n_jobs); the probes "
                              "share the machine the same way")
+    parser.add_argument("--budget", type=float, metavar="FLOPS",
+                        help="propose the dense and MoE configurations of lowest expected "
+                             "validation loss for this many training FLOPs, from the loss law "
+                             "fitted to --ladder, and write them as a study")
+    parser.add_argument("--ladder", metavar="RUNS",
+                        help="with --budget: a finished ladder, as a run table (runs.csv or "
+                             ".parquet from glam-analyze) or an MLflow experiment name")
+    parser.add_argument("--out", metavar="DIR",
+                        help="with --budget: where the presets and the study go "
+                             "(default outputs/plan/budget_<FLOPS>)")
     args, overrides = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
     if args.jobs < 1:
         parser.error(f"--jobs must be at least 1, got {args.jobs}")
+    if args.budget is not None:
+        if not args.ladder:
+            parser.error("--budget needs --ladder (the finished ladder's runs)")
+        if not (args.budget > 0 and args.budget < float("inf")):
+            parser.error(f"--budget must be a positive number of FLOPs, got {args.budget}")
+        try:
+            budget(args.budget, args.ladder, overrides, args.out)
+        except (ConfigError, ValueError, FileNotFoundError, HydraException,
+                OmegaConfBaseException) as err:
+            print(f"glam-plan: {err}", file=sys.stderr)
+            raise SystemExit(2) from None
+        return
     try:
         rows = plan(overrides, args.hardware, probe=args.probe, jobs=args.jobs)
     except (ConfigError, KeyError, HydraException, OmegaConfBaseException) as err:

@@ -1,0 +1,98 @@
+"""`glam-plan --budget`: a training budget in FLOPs -> the compute-optimal dense and MoE configs
+of a fitted ladder, written as presets and a study (analysis.budget, train.flops_budget)."""
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from analysis import budget
+from analysis.loss_law import LossLaw, compute_optimal
+from glam import accounting
+from glam.config import ConfigError
+from glam.placement import dense_counterpart
+from glam.resolve import SWEEPS_DIR, load
+from glam.study.plan import main as plan_main
+
+# A ladder whose losses follow a known routed law exactly.
+TRUTH = LossLaw(E=0.5, A=60.0, B=400.0, alpha=0.3, beta=0.28, gamma=0.05)
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _ladder() -> pd.DataFrame:
+    rows = [{"activated_params": n, "train_tokens": d, "n_experts": e, "status": "FINISHED",
+             "val_loss": float(TRUTH(n, d, max(e, 1)))}
+            for n in (3e4, 1e5, 3e5, 1e6) for d in (1e6, 3e6, 1e7) for e in (0, 8)]
+    rows.append({**rows[0], "status": "FAILED", "val_loss": 99.0})  # left out
+    return pd.DataFrame(rows)
+
+
+def _steps_flops(cfg) -> float:
+    return (accounting.count(cfg.model).train_flops_per_token * cfg.train.steps
+            * cfg.train.batch_size * cfg.model.seq_len)
+
+
+def test_a_flops_budget_sets_the_steps():
+    cfg = load(["model=ladder_s", "train.flops_budget=2e12"], "cpu")
+    per_step = _steps_flops(cfg) / cfg.train.steps
+    assert cfg.train.steps == round(2e12 / per_step) and "train.steps" in cfg.derived.filled
+    with pytest.raises(ConfigError, match="train.flops_budget"):
+        load(["train.flops_budget=-1"], "cpu")
+    with pytest.raises(ConfigError, match="train.flops_budget.*token_multiple"):
+        load(["train.flops_budget=1e12", "train.token_multiple=3"], "cpu")
+
+
+def test_the_proposals_are_the_analytic_optimum_sized_and_written_as_a_study(tmp_path):
+    law = budget.fit_ladder(_ladder(), n_boot=10)
+    assert law.n_points == 24 and law.gamma == pytest.approx(TRUTH.gamma, abs=0.005)
+    base = load(["model=ladder_s", "data.n_entities=120"], "cpu").model  # the study's data
+    flops = 3e13
+    proposals = budget.propose(law, flops, base, [0, 8], "budget_3e13")
+    assert [p.experts for p in proposals] == [0, 8]
+    for p in proposals:
+        exact = compute_optimal(TRUTH, flops, experts=max(p.experts, 1))
+        assert p.allocation.params == pytest.approx(exact.params, rel=0.02)
+        assert p.allocation.loss == pytest.approx(exact.loss, rel=0.002)
+        assert p.allocation.loss_band[0] <= p.allocation.loss <= p.allocation.loss_band[1]
+    # more experts at the same budget: lower expected loss (gamma > 0)
+    assert proposals[1].allocation.loss < proposals[0].allocation.loss
+
+    study = budget.write_study(proposals, flops, {"data": {"n_entities": 120},
+                                                   "train": {"batch_size": 16}},
+                               tmp_path, "budget_3e13")
+    assert study == tmp_path / "study" / "budget_3e13.yaml"
+    for p in proposals:
+        cfg = load([f"hydra.searchpath=[file://{SWEEPS_DIR},file://{tmp_path}]",
+                    "+study=budget_3e13", f"model={p.name}"], "cpu")
+        assert cfg.model.n_experts == p.experts and cfg.data.n_entities == 120
+        # the sized model is the nearest of its family; the run spends the budget
+        assert cfg.model.d_model == p.model.d_model and cfg.model.n_layers == p.model.n_layers
+        dense = accounting.count(dense_counterpart(cfg.model)).activated_params
+        assert abs(dense / p.allocation.params - 1) < 0.2
+        per_step = _steps_flops(cfg) / cfg.train.steps
+        assert abs(_steps_flops(cfg) - flops) <= per_step / 2
+
+
+def test_the_cli_writes_the_study_and_prints_its_command(tmp_path, capsys):
+    table = tmp_path / "ladder.csv"
+    _ladder().to_csv(table, index=False)
+    plan_main(["--budget", "3e13", "--ladder", str(table), "--out", str(tmp_path / "next"),
+               "model=ladder_s"])
+    out = capsys.readouterr().out
+    assert "fitted on 24 runs" in out and "budget_3e13_e8" in out
+    assert f"glam-train -m --config-dir {tmp_path / 'next'} +study=budget_3e13" in out
+    assert (tmp_path / "next" / "model" / "budget_3e13_dense.yaml").is_file()
+
+
+@pytest.mark.parametrize("args,message", [
+    # the committed CPU study: one token count, two sizes
+    (["--ladder", str(REPO / "docs/results/study_expert_count/runs.csv")],
+     "one value of token counts"),
+    (["--ladder", "no/such/runs.csv"], "no run table at no/such/runs.csv"),
+    ([], "--budget needs --ladder"),
+])
+def test_a_ladder_that_cannot_answer_is_refused_with_the_reason(args, message, capsys):
+    with pytest.raises(SystemExit) as stop:
+        plan_main(["--budget", "1e13", *args])
+    assert stop.value.code == 2
+    assert message in capsys.readouterr().err
