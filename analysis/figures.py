@@ -1,18 +1,21 @@
-"""Paper-style figures from a run table. Each figure is written as PDF and PNG, with the
-plotted data as CSV beside it (and fitted coefficients as JSON where there is a fit).
+"""Paper-style figures from a run table. Each figure is written as PDF and 300 dpi PNG, with
+the plotted data as CSV beside it (and fitted coefficients as JSON where there is a fit), in one
+style: Okabe-Ito colours (safe for colour-blind readers), 8-9 pt text, legends under the panels.
 
-- `compute_vs_accuracy`: x = activated forward GFLOPs per token (log), panels validation loss,
-  NLG average and NLU average; dense and MoE as two series, seeds as error bars, fitted power
-  laws with bootstrap bands.
+- `compute_vs_accuracy`: x = activated forward FLOPs per token (log), panels validation loss,
+  NLG average and NLU average; dense and each expert count as its own series, seed means with
+  seed-std error bars, fitted power laws with bootstrap bands.
 - `expert_count`: x = experts (log2; the dense model at E = 1), same panels, one line per
-  activated size.
-- `data_efficiency`: a metric against training tokens, dense vs MoE.
+  activated size (labelled by its activated parameters).
+- `data_efficiency`: training loss against training tokens and against training FLOPs, one line
+  per size and series.
 - `routing_health`: expert load per MoE layer (heatmap) and dropped-assignment fractions.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import matplotlib
@@ -25,28 +28,36 @@ import pandas as pd  # noqa: E402
 
 from analysis.fit import fit_power_law  # noqa: E402
 
+# One style for every figure: 8-9 pt text stays readable when a 7-inch-wide figure is set at a
+# paper's full width (and a 3.4-inch one in a column), 300 dpi PNG beside the vector PDF.
 STYLE = {
     "font.size": 9, "axes.titlesize": 9, "axes.labelsize": 9, "legend.fontsize": 8,
     "xtick.labelsize": 8, "ytick.labelsize": 8, "axes.spines.top": False,
     "axes.spines.right": False, "axes.grid": True, "grid.alpha": 0.3, "lines.linewidth": 1.4,
-    "lines.markersize": 5, "savefig.dpi": 200, "pdf.fonttype": 42,
+    "lines.markersize": 5, "savefig.dpi": 300, "pdf.fonttype": 42,
 }
-COLORS = {"dense": "#1f77b4", "moe": "#d62728"}
-LABELS = {"dense": "Dense", "moe": "MoE (GLaM)"}
+# Okabe and Ito's colour-blind-safe palette: dense in blue, then one colour per series.
+OKABE_ITO = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#000000",
+             "#F0E442")
+COLORS = {"dense": OKABE_ITO[0], "moe": OKABE_ITO[1]}
+LABELS = {"dense": "Dense", "moe": "MoE"}
+WIDE = (7.0, 2.9)  # three panels at a paper's full text width (inches)
+PLACEMENTS = {"matched": "expert widths FLOP-matched to the dense model",
+              "glam": "GLaM placement, experts as wide as the dense FFN"}
 
 
 def panels(shots: int) -> list[tuple[str, str]]:
     """(metric column, axis label) of the three panels."""
     return [("val_loss", "Validation loss (nats/token)"),
-            (f"eval/nlg_avg/{shots}shot", f"NLG average, {shots}-shot (EM, %)"),
-            (f"eval/nlu_avg/{shots}shot", f"NLU average, {shots}-shot (accuracy, %)")]
+            (f"eval/nlg_avg/{shots}shot", f"NLG avg., {shots}-shot (EM %)"),
+            (f"eval/nlu_avg/{shots}shot", f"NLU avg., {shots}-shot (acc. %)")]
 
 
 def _save(fig, data: pd.DataFrame, out: Path, name: str, fits: dict | None = None) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / f"{name}.pdf", out / f"{name}.png", out / f"{name}.csv"]
     fig.savefig(paths[0], bbox_inches="tight")
-    fig.savefig(paths[1], bbox_inches="tight")
+    fig.savefig(paths[1], bbox_inches="tight", dpi=STYLE["savefig.dpi"])  # after the rc context
     plt.close(fig)
     data.to_csv(paths[2], index=False)
     if fits:
@@ -67,98 +78,210 @@ def size_key(table: pd.DataFrame) -> str:
     return "size" if "size" in table else "model"
 
 
+def count_label(n: float) -> str:
+    """12345 -> '12.3K', 1.5e9 -> '1.5B'."""
+    for scale, unit in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if abs(n) >= scale:
+            return f"{n / scale:.3g}{unit}"
+    return f"{n:.3g}"
+
+
+def size_label(activated_params: float) -> str:
+    """A size as a reader knows it: its activated parameters."""
+    return f"{count_label(activated_params)} activated params"
+
+
 def _flops_unit(flops: pd.Series) -> tuple[float, str]:
     return (1e9, "GFLOPs") if flops.max() >= 1e8 else (1e6, "MFLOPs")
 
 
+def _log_x(ax, values, base: float = 10) -> None:
+    """A log x axis whose data are labelled: at most 8 distinct x values get a tick each
+    (a span under a decade would otherwise have no labelled tick); more get the log ticks
+    with their minor ticks labelled."""
+    ax.set_xscale("log", base=base)
+    distinct = []
+    for x in np.unique(np.asarray(values, float)):
+        if not distinct or x >= 1.4 * distinct[-1]:  # nearby values (a MoE point 5% above
+            distinct.append(x)                       # its dense twin) share a tick
+    if len(distinct) <= 8:
+        ax.xaxis.set_major_locator(matplotlib.ticker.FixedLocator(distinct))
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(
+            lambda x, _: f"{x:.3g}"))
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+    else:
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.LogFormatterSciNotation(
+            base=base, labelOnlyBase=False, minor_thresholds=(1, 0.5)))
+
+
+def _y_range(ax, values) -> None:
+    """Scores (>= 0) start at 0; a panel of zeros gets 0..1 rather than -0.04..0.04."""
+    values = np.asarray(values, float)
+    values = values[np.isfinite(values)]
+    if len(values) and values.min() >= 0 and values.max() == 0:
+        ax.set_ylim(0, 1)
+
+
+def _legend_below(fig, axes, ncol: int = 4) -> None:
+    """One legend for the figure, under the panels (never over the data)."""
+    seen = {}
+    for ax in np.ravel(axes):
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            seen.setdefault(label, handle)
+    if seen:
+        fig.legend(list(seen.values()), list(seen), loc="outside lower center",
+                   ncol=min(len(seen), ncol), frameon=False)
+
+
+def series(table: pd.DataFrame) -> pd.Series:
+    """The series a run belongs to: 'Dense', or 'MoE, E=<n>' (runs with different expert
+    counts are never pooled)."""
+    experts = table["n_experts"].fillna(0).astype(int)
+    return pd.Series(np.where(experts > 0, "MoE, E=" + experts.astype(str), LABELS["dense"]),
+                     index=table.index)
+
+
+def series_order(name: str) -> int:
+    """Sort key of a `series` name: dense first, then by expert count."""
+    return 0 if name == LABELS["dense"] else int(name.rsplit("=", 1)[1])
+
+
+def _series_colors(names) -> dict[str, str]:
+    moe = sorted((n for n in set(names) if n != LABELS["dense"]), key=series_order)
+    return {LABELS["dense"]: OKABE_ITO[0],
+            **{n: OKABE_ITO[1 + i % (len(OKABE_ITO) - 1)] for i, n in enumerate(moe)}}
+
+
+def placement_note(table: pd.DataFrame) -> str:
+    """How the study placed its MoE models, from its `param.plan.placement` (empty if none)."""
+    values = table.get("param.plan.placement", pd.Series(dtype=str)).dropna().unique()
+    return "; ".join(PLACEMENTS.get(v, v) for v in values)
+
+
 def compute_vs_accuracy(table: pd.DataFrame, out: Path, shots: int = 0) -> list[Path]:
+    """Dense and each MoE expert count as separate series against activated forward FLOPs per
+    token; points are seed means with seed-std error bars; power laws (with bootstrap bands)
+    fitted per series with at least 3 sizes."""
     scale, unit = _flops_unit(table["forward_flops_per_token"])
-    table = table.assign(gflops=table["forward_flops_per_token"] / scale)
+    table = table.assign(gflops=table["forward_flops_per_token"] / scale, series=series(table))
+    colors = _series_colors(table["series"])
     with plt.rc_context(STYLE):
-        fig, axes = plt.subplots(1, 3, figsize=(10, 3.1), constrained_layout=True)
+        fig, axes = plt.subplots(1, 3, figsize=WIDE, layout="constrained")
         plotted, fits = [], {}
         for ax, (metric, label) in zip(axes, panels(shots)):
             if metric not in table:
                 ax.set_visible(False)
                 continue
-            for family, group in table.groupby("family"):
+            for name, group in sorted(table.groupby("series"), key=lambda g: series_order(g[0])):
                 stats = _seed_stats(group, [size_key(table), "gflops"], metric).sort_values("gflops")
                 ax.errorbar(stats["gflops"], stats["mean"], yerr=stats["std"], fmt="o",
-                            color=COLORS.get(family), label=LABELS.get(family, family), capsize=2)
-                plotted.append(stats.assign(family=family, metric=metric))
+                            color=colors[name], label=name, capsize=2)
+                plotted.append(stats.assign(series=name, metric=metric))
                 try:
                     law = fit_power_law(group["gflops"], group[metric])
                 except ValueError:
                     continue
                 xs = np.geomspace(stats["gflops"].min(), stats["gflops"].max(), 50)
                 lo, hi = law.band(xs)
-                ax.plot(xs, law(xs), color=COLORS.get(family), alpha=0.8)
-                ax.fill_between(xs, lo, hi, color=COLORS.get(family), alpha=0.15, linewidth=0)
-                fits[f"{metric}|{family}"] = law.summary()
-            ax.set_xscale("log")
-            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-            ax.set_xlabel(f"Activated {unit} per token (forward)")
+                ax.plot(xs, law(xs), color=colors[name], alpha=0.8)
+                ax.fill_between(xs, lo, hi, color=colors[name], alpha=0.15, linewidth=0)
+                fits[f"{metric}|{name}"] = law.summary()
+            _log_x(ax, table["gflops"])
+            _y_range(ax, table[metric])
+            ax.set_xlabel(f"Activated {unit}/token")
             ax.set_ylabel(label)
-        axes[0].legend(frameon=False)
-        fig.suptitle("Compute vs accuracy: dense and MoE against activated compute "
-                     "(error bars: seed std)")
+        _legend_below(fig, axes)
+        note = placement_note(table)
+        fig.suptitle("Compute vs accuracy: forward FLOPs per token (error bars: seed std)"
+                     + (f"\nMoE: {note}" if note else ""))
     return _save(fig, pd.concat(plotted, ignore_index=True), out, "compute_vs_accuracy", fits)
 
 
 def expert_count(table: pd.DataFrame, out: Path, shots: int = 0) -> list[Path]:
-    # E = 1 is the dense model: same activated compute, one (always chosen) expert.
+    """Each activated size as a line against the expert count (E = 1: the dense model)."""
     table = table.assign(experts=table["n_experts"].where(table["n_experts"] > 0, 1))
+    sizes = table.groupby(size_key(table))["activated_params"].median().sort_values()
+    colors = {size: OKABE_ITO[i % len(OKABE_ITO)] for i, size in enumerate(sizes.index)}
     with plt.rc_context(STYLE):
-        fig, axes = plt.subplots(1, 3, figsize=(10, 3.1), constrained_layout=True)
+        fig, axes = plt.subplots(1, 3, figsize=WIDE, layout="constrained")
         plotted = []
         for ax, (metric, label) in zip(axes, panels(shots)):
             if metric not in table:
                 ax.set_visible(False)
                 continue
-            for size, group in table.groupby(size_key(table)):
+            for size in sizes.index:
+                group = table[table[size_key(table)] == size]
                 stats = _seed_stats(group, ["experts"], metric).sort_values("experts")
-                scale, unit = _flops_unit(group["forward_flops_per_token"])
-                flops = group["forward_flops_per_token"].median() / scale
                 ax.errorbar(stats["experts"], stats["mean"], yerr=stats["std"], marker="o",
-                            capsize=2, label=f"{size} ({flops:.3g} {unit}/token)")
-                plotted.append(stats.assign(size=size, metric=metric))
-            ax.set_xscale("log", base=2)
+                            capsize=2, color=colors[size], label=size_label(sizes[size]))
+                plotted.append(stats.assign(size=size, activated_params=sizes[size],
+                                            metric=metric))
             ticks = sorted(table["experts"].unique())
+            ax.set_xscale("log", base=2)
             ax.set_xticks(ticks, [("1\n(dense)" if t == 1 else str(int(t))) for t in ticks])
+            ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+            _y_range(ax, table[metric])
             ax.set_xlabel("Experts per MoE layer (E)")
             ax.set_ylabel(label)
-        axes[0].legend(frameon=False)
-        fig.suptitle("Expert count at fixed activated compute (error bars: seed std)")
+        _legend_below(fig, axes)
+        note = placement_note(table)
+        fig.suptitle("Expert count at fixed activated compute (error bars: seed std)"
+                     + (f"\n{note}" if note else ""))
     return _save(fig, pd.concat(plotted, ignore_index=True), out, "expert_count")
 
 
 def data_efficiency(table: pd.DataFrame, histories: pd.DataFrame, out: Path,
                     key: str = "lm_loss", smooth: int = 20) -> list[Path]:
-    """`key` against training tokens (from a load_histories table), one line per run."""
-    runs = table.set_index("run_id")
+    """`key` (a `load_histories` table of the runs of `table`) against training tokens and
+    against training FLOPs (tokens x 3 x activated forward FLOPs per token, what the runs log
+    as `train_flops`): one line per size and series, the mean over seeds of a `smooth`-step
+    running mean. Colour: size; line: dense solid, MoE dashed (one dash pattern per E)."""
+    runs = table.assign(series=series(table)).set_index("run_id")
     tokens_per_step = (runs["train_tokens"] / runs["param.train.steps"].astype(float))
     data = histories[histories["key"] == key].copy()
     data["tokens"] = data["step"] * data["run_id"].map(tokens_per_step)
-    data["family"] = data["run_id"].map(runs["family"])
-    data["model"] = data["run_id"].map(runs["model"])
+    data["train_flops"] = 3 * data["tokens"] * data["run_id"].map(runs["forward_flops_per_token"])
+    data["series"] = data["run_id"].map(runs["series"])
+    data["activated_params"] = data["run_id"].map(runs["activated_params"])
     data["smoothed"] = data.groupby("run_id")["value"].transform(
         lambda v: v.rolling(smooth, min_periods=1).mean())
     stride = max(1, int(data["step"].max()) // 200)  # ~200 points a run: enough for the eye
-    data = data[data["step"] % stride == 0]
+    data = data[(data["step"] % stride == 0) & (data["step"] > 0)]
+    curves = (data.groupby(["activated_params", "series", "step"])
+              .agg(tokens=("tokens", "mean"), train_flops=("train_flops", "mean"),
+                   mean=("smoothed", "mean"), count=("smoothed", "count")).reset_index())
+    sizes = sorted(curves["activated_params"].unique())
+    names = sorted(curves["series"].unique(), key=series_order)
+    dashes = {n: (None if n == "Dense" else [(4, 2), (1, 1.5), (6, 2, 1, 2), (2, 2)][i % 4])
+              for i, n in enumerate(names[1:] if "Dense" in names else names)}
+    dashes.setdefault("Dense", None)
     with plt.rc_context(STYLE):
-        fig, ax = plt.subplots(figsize=(4.5, 3.2), constrained_layout=True)
-        seen = set()
-        for run_id, group in data.groupby("run_id"):
-            family = group["family"].iloc[0]
-            ax.plot(group["tokens"], group["smoothed"], color=COLORS.get(family), alpha=0.6,
-                    label=None if family in seen else LABELS.get(family, family))
-            seen.add(family)
-        ax.set_xscale("log")
-        ax.set_xlabel("Training tokens")
-        ax.set_ylabel(f"{key} (nats/token, {smooth}-step mean)" if "loss" in key else key)
-        ax.legend(frameon=False)
-        ax.set_title("Data efficiency: dense vs MoE")
-    return _save(fig, data, out, "data_efficiency")
+        fig, axes = plt.subplots(1, 2, figsize=(WIDE[0], WIDE[1] + 0.3), layout="constrained")
+        for ax, x, xlabel in ((axes[0], "tokens", "Training tokens"),
+                              (axes[1], "train_flops", "Training FLOPs")):
+            for (size, name), group in sorted(curves.groupby(["activated_params", "series"]),
+                                              key=lambda g: (g[0][0], series_order(g[0][1]))):
+                line, = ax.plot(group[x], group["mean"],
+                                color=OKABE_ITO[sizes.index(size) % len(OKABE_ITO)],
+                                label=f"{size_label(size)}, {name}")
+                if dashes[name]:
+                    line.set_dashes(dashes[name])
+            ax.set_xscale("log")
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel("Training loss (nats/token)" if key == "lm_loss" else key)
+        _legend_below(fig, axes, ncol=2 if len(names) * len(sizes) > 4 else 4)
+        fig.suptitle(f"Data efficiency: against tokens and compute ({smooth}-step running "
+                     "mean, mean over seeds)")
+    return _save(fig, curves, out, "data_efficiency")
+
+
+def _drop_label(column: str) -> str:
+    """'moe/layer0/dropped_top2' -> 'layer 0, 2nd choices'."""
+    match = re.fullmatch(r"moe/layer(\d+)/dropped_top(\d+)", column)
+    if not match:
+        return column.removeprefix("moe/").replace("_", " ")
+    rank = {"1": "1st", "2": "2nd", "3": "3rd"}.get(match[2], f"{match[2]}th")
+    return f"layer {match[1]}, {rank} choices"
 
 
 def routing_health(loads: dict[str, dict[str, list[float]]], table: pd.DataFrame,
@@ -169,19 +292,31 @@ def routing_health(loads: dict[str, dict[str, list[float]]], table: pd.DataFrame
     data = pd.DataFrame(rows, columns=["run", "layer", "expert", "load"])
     drop_cols = sorted(c for c in table.columns if c.startswith("moe/") and "dropped" in c)
     with plt.rc_context(STYLE):
-        fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.4), constrained_layout=True)
+        fig, (left, right) = plt.subplots(1, 2, figsize=(WIDE[0], 3.6), layout="constrained")
         if len(data):
             grid = data.pivot_table(index=["run", "layer"], columns="expert", values="load")
-            image = left.imshow(grid.values, aspect="auto", cmap="viridis")
-            left.set_yticks(range(len(grid)), [f"{r} {l}" for r, l in grid.index], fontsize=6)
+            image = left.imshow(grid.values, aspect="auto", cmap="cividis")
+            labels = [f"{run}, layer {layer.removeprefix('layer')}" for run, layer in grid.index]
+            step = -(-len(labels) // 12)  # at most 12 labelled rows: 8 pt text in 2.5 inches
+            left.set_yticks(range(0, len(labels), step), labels[::step])
+            left.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True, nbins=8))
             left.set_xlabel("Expert")
+            left.grid(False)
             fig.colorbar(image, ax=left, label="Load (x fair share)")
-        left.set_title("Expert load per MoE layer (validation split)")
+        left.set_title("Expert load per MoE layer (validation)")
         moe = table[table["family"] == "moe"]
         if drop_cols and len(moe):
             drops = moe.set_index("run_name")[drop_cols] * 100
-            drops.plot.bar(ax=right, rot=60, legend=True)
-            right.legend([c.replace("moe/", "") for c in drop_cols], frameon=False, fontsize=6)
-        right.set_ylabel("Dropped assignments (%)")
+            rows = np.arange(len(drops))
+            height = 0.8 / len(drop_cols)
+            for i, col in enumerate(drop_cols):
+                right.barh(rows + i * height, drops[col], height, label=_drop_label(col),
+                           color=OKABE_ITO[(i + 1) % len(OKABE_ITO)])
+            step = -(-len(drops) // 12)
+            right.set_yticks(rows[::step] + 0.4 - height / 2, list(drops.index)[::step])
+            right.invert_yaxis()
+            right.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), frameon=False,
+                         ncol=min(2, len(drop_cols)))
+        right.set_xlabel("Dropped assignments (%)")
         right.set_title("Capacity overflow at the end of training")
     return _save(fig, data, out, "routing_health")

@@ -20,13 +20,21 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import pandas as pd
 
-from analysis.figures import COLORS, LABELS, STYLE, _save
+from analysis.figures import LABELS, STYLE, WIDE, _save
 
 SELECTION, MULTIPLE = "param.data.quality.selection", "param.train.token_multiple"
 # Okabe-Ito colours, safe for colour-blind readers.
 ARM_COLORS = {"filtered": "#009E73", "unfiltered": "#E69F00"}
 OTHER_COLOR = "#0072B2"
 FAMILY_LINES = {"dense": "-", "moe": "--"}
+
+
+def short_label(label: str) -> str:
+    """A panel's label short enough to stand beside a 2-inch-high panel."""
+    for long, short in ((" average", " avg."), ("(accuracy, %)", "(acc. %)"),
+                        ("(EM, %)", "(EM %)"), ("(nats/token)", "(nats/tok.)")):
+        label = label.replace(long, short)
+    return label
 
 
 def panels(shots: int) -> list[tuple[str, str, bool]]:
@@ -87,8 +95,8 @@ def figure(table: pd.DataFrame, histories: pd.DataFrame, out: Path,
         raise ValueError("no history of " + ", ".join(m for m, _, _ in panels(shots)))
     plotted = []
     with plt.rc_context(STYLE):
-        fig, axes = plt.subplots(1, len(shown), figsize=(3.4 * len(shown), 3.2),
-                                 constrained_layout=True, squeeze=False)
+        fig, axes = plt.subplots(1, len(shown), figsize=(WIDE[0], WIDE[1] + 0.3),
+                                 layout="constrained", squeeze=False)
         axes = axes[0]
         for ax, (metric, label, _) in zip(axes, shown):
             rows = data[data["key"] == metric]
@@ -104,7 +112,7 @@ def figure(table: pd.DataFrame, histories: pd.DataFrame, out: Path,
                                 linewidth=0)
                 plotted.append(stats.assign(arm=arm, family=family, metric=metric))
             ax.set_xlabel("Training tokens")
-            ax.set_ylabel(label)
+            ax.set_ylabel(short_label(label))
             ax.ticklabel_format(axis="x", style="sci", scilimits=(0, 0))
         handles, labels = axes[0].get_legend_handles_labels()
         fig.legend(handles, labels, loc="outside lower center", ncol=min(len(labels), 3),

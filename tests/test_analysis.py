@@ -65,21 +65,102 @@ def run_table():
     return pd.DataFrame(rows)
 
 
+def _texts_overlap(fig) -> list[tuple[str, str]]:
+    """Pairs of visible, non-empty text boxes of `fig` that overlap on the canvas."""
+    from matplotlib.text import Text
+
+    renderer = fig.canvas.get_renderer()
+    hidden = set()  # tick labels of ticks outside the view, which are not drawn
+    for ax in fig.axes:
+        for axis, (low, high) in ((ax.xaxis, sorted(ax.get_xlim())),
+                                  (ax.yaxis, sorted(ax.get_ylim()))):
+            for tick in axis.get_major_ticks() + axis.get_minor_ticks():
+                if not low - 1e-9 * abs(high - low) <= tick.get_loc() <= high * (1 + 1e-9):
+                    hidden.update((id(tick.label1), id(tick.label2)))
+    boxes = [(t.get_text(), t.get_window_extent(renderer)) for t in fig.findobj(Text)
+             if t.get_visible() and t.get_text().strip() and id(t) not in hidden
+             and (t.axes is None or t.axes.get_visible())]
+    return [(a, b) for i, (a, box_a) in enumerate(boxes) for b, box_b in boxes[i + 1:]
+            if box_a.overlaps(box_b)]
+
+
+def _check_readable(fig, name):
+    """Every visible data axis labels its ticks, no text overlaps another, legends sit outside
+    the panels."""
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    axes = [ax for ax in fig.axes if ax.get_visible() and ax.get_label() != "<colorbar>"]
+    for ax in axes:
+        for which, labels in (("x", ax.get_xticklabels()), ("y", ax.get_yticklabels())):
+            shown = [t.get_text() for t in labels if t.get_visible() and t.get_text()]
+            assert shown, f"{name}: panel {ax.get_ylabel()!r} has no {which} tick labels"
+    assert not _texts_overlap(fig), f"{name}: overlapping text {_texts_overlap(fig)[:3]}"
+    legends = fig.legends + [ax.get_legend() for ax in axes if ax.get_legend()]
+    for legend in legends:
+        box = legend.get_window_extent(renderer)
+        for ax in axes:
+            assert not box.overlaps(ax.get_window_extent(renderer)), f"{name}: legend on a panel"
+
+
+@pytest.fixture
+def drawn(monkeypatch):
+    """The figures each figure function saves, by name, checked before they are closed."""
+    from analysis import quality
+
+    seen = {}
+    original = figures._save
+
+    def save(fig, data, out, name, fits=None):
+        _check_readable(fig, name)
+        seen[name] = data
+        return original(fig, data, out, name, fits)
+
+    monkeypatch.setattr(figures, "_save", save)
+    monkeypatch.setattr(quality, "_save", save)
+    return seen
+
+
 @pytest.mark.slow
-def test_figures_are_written(run_table, tmp_path):
-    written = figures.compute_vs_accuracy(run_table, tmp_path)
-    written += figures.expert_count(run_table, tmp_path)
-    histories = pd.DataFrame([(r, "lm_loss", s, 5.0 / (s + 1)) for r in run_table["run_id"]
+def test_figures_are_written_and_readable(run_table, tmp_path, drawn):
+    table = run_table.assign(**{"param.plan.placement": "matched"})
+    moe16 = table[table["family"] == "moe"].assign(n_experts=16, val_loss=lambda t: t["val_loss"] * 0.98,
+                                                    run_id=lambda t: t["run_id"] + "e16")
+    table = pd.concat([table, moe16], ignore_index=True)
+    written = figures.compute_vs_accuracy(table, tmp_path)
+    written += figures.expert_count(table, tmp_path)
+    histories = pd.DataFrame([(r, "lm_loss", s, 5.0 / (s + 1)) for r in table["run_id"]
                               for s in range(30)], columns=["run_id", "key", "step", "value"])
-    written += figures.data_efficiency(run_table, histories, tmp_path)
-    loads = {"m-moe-0": {"layer0": [1.2, 0.8, 1.0, 1.0, 0.9, 1.1, 1.0, 1.0]}}
-    written += figures.routing_health(loads, run_table, tmp_path)
+    written += figures.data_efficiency(table, histories, tmp_path)
+    loads = {f"m-moe-{s}": {f"layer{i}": list(np.linspace(0.5, 1.5, 64)) for i in (0, 2)}
+             for s in range(12)}
+    written += figures.routing_health(loads, table, tmp_path)
     for name in ("compute_vs_accuracy", "expert_count", "data_efficiency", "routing_health"):
         for suffix in ("pdf", "png", "csv"):
             path = tmp_path / f"{name}.{suffix}"
             assert path in written and path.stat().st_size > 1000 or suffix == "csv"
     fits = (tmp_path / "compute_vs_accuracy_fits.json").read_text()
-    assert "val_loss|dense" in fits and "val_loss|moe" in fits
+    # each expert count is its own series, never pooled with another
+    assert "val_loss|Dense" in fits and "val_loss|MoE, E=8" in fits and "MoE, E=16" in fits
+    assert set(drawn["compute_vs_accuracy"]["count"]) == {2}  # the seeds of one point only
+    # loss against training FLOPs: tokens x 3 x the run's activated forward FLOPs per token
+    curves = drawn["data_efficiency"]
+    per_token = set(np.round(curves["train_flops"] / curves["tokens"]))
+    assert per_token == set(3 * table["forward_flops_per_token"])
+    from PIL import Image
+
+    with Image.open(tmp_path / "expert_count.png") as image:
+        assert round(image.info["dpi"][0]) == 300
+
+
+@pytest.mark.slow
+def test_a_narrow_range_and_a_panel_of_zeros_still_read(run_table, tmp_path, drawn):
+    """Sizes within one decade of FLOPs get labelled ticks; an all-zero NLG panel gets a 0..1
+    axis, not -0.04..0.04."""
+    table = run_table[run_table["model"] != "l"].assign(**{"eval/nlg_avg/0shot": 0.0})
+    figures.compute_vs_accuracy(table, tmp_path)
+    import matplotlib.pyplot as plt
+
+    assert not plt.get_fignums()  # every figure closed after saving
 
 
 def _quality_study():
@@ -106,7 +187,7 @@ def _quality_study():
     return pd.DataFrame(rows), pd.DataFrame(histories, columns=["run_id", "key", "step", "value"])
 
 
-def test_the_data_quality_figure_and_verdicts(tmp_path):
+def test_the_data_quality_figure_and_verdicts(tmp_path, drawn):
     table, histories = _quality_study()
     assert list(quality.arms(table).unique()) == ["filtered", "unfiltered", "unfiltered 3x"]
     written = quality.figure(table, histories, tmp_path)
