@@ -93,20 +93,25 @@ def size_model(base: ModelConfig, params: float, experts: int) -> ModelConfig:
 
 @dataclass(frozen=True)
 class Proposal:
-    """One configuration to train for the budget."""
+    """One configuration to train for the budget: the law's optimum, and the model sized to
+    it with what the law expects of that model at the budget."""
 
     name: str  # the preset's name
     experts: int  # 0: dense
-    allocation: Allocation  # the law's optimum (N, D, loss and bands)
+    allocation: Allocation  # the law's optimum (N_opt, D_opt, its loss and bands)
     model: ModelConfig  # sized to allocation.params (dense shape; MoE widths by placement)
+    params: float  # the sized model's activated parameters (its dense shape's)
+    tokens: float  # the tokens the budget buys it: C / (3 x forward FLOPs per token)
+    loss: float  # the law's loss at (params, tokens)
+    loss_band: tuple[float, float]  # 95% bootstrap band of that loss
 
     def row(self) -> dict:
         a = self.allocation
         return {"preset": self.name, "experts": self.experts, "optimal_params": a.params,
                 "optimal_tokens": a.tokens, "d_model": self.model.d_model,
                 "n_layers": self.model.n_layers, "d_ff": self.model.d_ff,
-                "expected_val_loss": a.loss, "loss_low": a.loss_band[0],
-                "loss_high": a.loss_band[1]}
+                "params": self.params, "tokens": self.tokens, "expected_val_loss": self.loss,
+                "loss_low": self.loss_band[0], "loss_high": self.loss_band[1]}
 
 
 def propose(law: LossLaw, flops: float, base: ModelConfig, experts: list[int],
@@ -117,8 +122,14 @@ def propose(law: LossLaw, flops: float, base: ModelConfig, experts: list[int],
     for e in sorted(set(experts)):
         allocation = compute_optimal(law, flops, experts=max(e, 1))
         model = size_model(base, allocation.params, e)
+        counts = accounting.count(dense_counterpart(model))
+        params, tokens = counts.activated_params, flops / counts.train_flops_per_token
+        at = [r(params, tokens, max(e, 1)) for r in law.replicates()]
+        loss = float(law(params, tokens, max(e, 1)))
+        band = tuple(map(float, np.quantile(at, [0.025, 0.975]))) if at else (loss, loss)
         name = f"{tag}_{'dense' if e == 0 else f'e{e}'}"
-        out.append(Proposal(name, e, allocation, dataclasses.replace(model, name=name)))
+        out.append(Proposal(name, e, allocation, dataclasses.replace(model, name=name),
+                            float(params), float(tokens), loss, band))
     return out
 
 
@@ -139,9 +150,10 @@ def write_study(proposals: list[Proposal], flops: float, base_overrides: dict, o
         fields["vocab_size"] = None  # the data's tokenizer, as in the ladder
         (out / "model" / f"{p.name}.yaml").write_text(
             f"# glam-plan --budget {flops:.3g}: {p.allocation.params:.4g} activated parameters "
-            f"and {p.allocation.tokens:.4g} tokens\n# are compute-optimal at E = "
-            f"{max(p.experts, 1)} (expected val loss {p.allocation.loss:.4f}, 95% band "
-            f"{p.allocation.loss_band[0]:.4f}-{p.allocation.loss_band[1]:.4f})\n"
+            f"and {p.allocation.tokens:.4g} tokens are compute-optimal\n# at E = "
+            f"{max(p.experts, 1)}; this shape has {p.params:.4g} and the budget buys it "
+            f"{p.tokens:.4g} tokens\n# (expected val loss {p.loss:.4f}, 95% band "
+            f"{p.loss_band[0]:.4f}-{p.loss_band[1]:.4f})\n"
             + yaml.safe_dump(fields, sort_keys=False))
     base_overrides = dict(base_overrides)
     train = {**base_overrides.pop("train", {}), "flops_budget": float(flops)}

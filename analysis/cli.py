@@ -102,13 +102,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--figures", nargs="*", default=list(FIGURES), choices=FIGURES)
     p.add_argument("--shots", type=int, default=0, help="k-shot setting of the accuracy panels")
     p.add_argument("--export", help="also write the run table here (.csv or .parquet)")
-    p.add_argument("--hardware", default="cpu", help="profile for the energy table")
+    p.add_argument("--hardware", default="cpu",
+                   help="hardware profile of the energy table, which is modelled from training "
+                        "FLOPs (peak, utilisation, watts, PUE: glam.hardware), not measured")
     p.add_argument("--paper-table", action="store_true",
                    help="print GLaM Table 1 (FLOPs/token, training energy) for the paper presets")
     args = p.parse_args(argv)
 
     if args.paper_table:
         print(energy.paper_table(args.hardware).to_string(index=False, float_format="%.4g"))
+        print(f"(device-hours and energy modelled from training FLOPs and the {args.hardware} "
+              "hardware profile, glam.hardware; not measured)")
         if not (args.study or args.parent or args.experiment or args.table):
             return
     client, parent = None, None
@@ -140,7 +144,8 @@ def main(argv: list[str] | None = None) -> None:
             print(f"  {line}")
     total = energy.study_energy(table, args.hardware)
     print(f"\n{total['runs']} runs: {total['device_hours']:.3g} device-hours, "
-          f"{total['energy_kwh']:.3g} kWh on {args.hardware}")
+          f"{total['energy_kwh']:.3g} kWh on {args.hardware} (modelled from the runs' training "
+          f"FLOPs and the {args.hardware} hardware profile, glam.hardware; not measured)")
     print(f"figures and tables in {out.resolve()}" + (f" (also on MLflow run {parent})"
                                                       if parent else ""))
 

@@ -27,6 +27,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from analysis.fit import fit_power_law  # noqa: E402
+from glam.accounting import short_count  # noqa: E402
 
 # One style for every figure: 8-9 pt text stays readable when a 7-inch-wide figure is set at a
 # paper's full width (and a 3.4-inch one in a column), 300 dpi PNG beside the vector PDF.
@@ -78,17 +79,9 @@ def size_key(table: pd.DataFrame) -> str:
     return "size" if "size" in table else "model"
 
 
-def count_label(n: float) -> str:
-    """12345 -> '12.3K', 1.5e9 -> '1.5B'."""
-    for scale, unit in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
-        if abs(n) >= scale:
-            return f"{n / scale:.3g}{unit}"
-    return f"{n:.3g}"
-
-
 def size_label(activated_params: float) -> str:
     """A size as a reader knows it: its activated parameters."""
-    return f"{count_label(activated_params)} activated params"
+    return f"{short_count(activated_params)} activated params"
 
 
 def _flops_unit(flops: pd.Series) -> tuple[float, str]:

@@ -65,3 +65,34 @@ def print_summary(table: pd.DataFrame) -> None:
     split = time_split(table)
     if split:
         print(split)
+
+
+def points(table: pd.DataFrame) -> pd.DataFrame:
+    """One row per study point (size, arm, expert count): the seeds' mean of each metric, the
+    best validation loss any seed reached, and the seed count."""
+    metrics = [m for m in METRICS if m in table]
+    keys = [size_key(table)] + (["arm"] if "arm" in table else []) + ["n_experts"]
+    agg = {m: "mean" for m in metrics}
+    if "best_val_loss" in table:
+        agg["best_val_loss"] = "min"
+    out = table.groupby(keys).agg(agg)
+    out["seeds"] = table.groupby(keys).size()
+    return out.reset_index()
+
+
+def headline(table: pd.DataFrame) -> dict[str, float]:
+    """The study's comparison as MLflow metric names: seed-mean validation loss of the dense
+    runs and of each expert count (`headline/val_loss/dense`, `.../moe_E8`), and each expert
+    count's loss gain over dense, averaged over sizes (`headline/val_loss_gain/moe_E8`;
+    positive: MoE lower)."""
+    if "val_loss" not in table or table["val_loss"].isna().all():
+        return {}
+    keys = [size_key(table)] + (["arm"] if "arm" in table else [])
+    means = table.groupby([*keys, "n_experts"])["val_loss"].mean().unstack("n_experts")
+    out = {}
+    for e in means.columns:
+        name = "dense" if e == 0 else f"moe_E{int(e)}"
+        out[f"headline/val_loss/{name}"] = float(means[e].mean())
+        if e != 0 and 0 in means.columns:
+            out[f"headline/val_loss_gain/{name}"] = float((means[0] - means[e]).mean())
+    return out

@@ -70,3 +70,11 @@ def count(cfg: ModelConfig, seq_len: int | None = None) -> Counts:
         seq_len=t,
         n_moe_layers=n_moe,
     )
+
+
+def short_count(n: float) -> str:
+    """A count as people write it: 12345 -> '12.3K', 1.5e9 -> '1.5B'."""
+    for scale, unit in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if abs(n) >= scale:
+            return f"{n / scale:.3g}{unit}"
+    return f"{n:.3g}"

@@ -10,16 +10,17 @@ import json
 import logging
 import os
 import subprocess
+import sys
 from importlib import metadata
 from pathlib import Path
 
 from glam import distributed
-from glam.accounting import Counts
+from glam.accounting import Counts, short_count
 from glam.config import ConfigError
 from glam.identity import config_hash
 from glam.ledger import Entries
 from glam.resolve import CONF_DIR, ResolvedConfig, to_container
-from glam.tracking import SilentTracker, Tracker, redact
+from glam.tracking import SilentTracker, Tracker, redact, scrub
 
 log = logging.getLogger("glam.run_logger")
 
@@ -45,13 +46,17 @@ def git_sha() -> str:
 
 
 def run_name(cfg: ResolvedConfig, activated_params: int) -> str:
-    """E.g. `cpu_moe-1.2M-8e-s0`: preset, activated size, experts, seed."""
+    """What tells a run from its neighbours first, so the MLflow UI's narrow name column shows
+    it: family and experts, activated size, training tokens, data filter, seed. E.g.
+    `moe-E8-1.2M-1.02Mtok-s0`, `dense-156K-3.07Mtok-pareto-s1`."""
     m = cfg.model
-    size = next(f"{activated_params / d:.3g}{u}" for d, u in ((1e12, "T"), (1e9, "B"), (1e6, "M"),
-                                                              (1e3, "K"), (1, ""))
-                if activated_params >= d)
-    experts = f"{m.n_experts}e" if m.family == "moe" else "dense"
-    return f"{m.name}-{size}-{experts}-s{cfg.train.seed}"
+    family = f"moe-E{m.n_experts}" if m.family == "moe" else "dense"
+    tokens = cfg.train.steps * cfg.train.batch_size * m.seq_len
+    quality = getattr(cfg.data, "quality", None)
+    selection = getattr(quality, "selection", None)
+    arm = f"-{selection}" if selection not in (None, "none") else ""
+    return (f"{family}-{short_count(activated_params)}-{short_count(tokens)}tok{arm}"
+            f"-s{cfg.train.seed}")
 
 
 RUN_FILE = "mlflow_run.json"
@@ -112,7 +117,11 @@ class RunLogger:
         tags = {"model": m.name, "family": m.family, "n_experts": m.n_experts, "top_k": m.top_k,
                 "total_params": c.total_params, "activated_params": c.activated_params,
                 "forward_flops_per_token": c.forward_flops_per_token, "seed": cfg.train.seed,
-                "dispatch": m.router.dispatch, "git_sha": git_sha(),
+                "dispatch": m.router.dispatch, "git_sha": (sha := git_sha()),
+                # MLflow's own source fields (the run page's Source and Git commit)
+                "mlflow.source.git.commit": sha, "mlflow.source.type": "LOCAL",
+                "mlflow.source.name": scrub(" ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+                                            lg.tracking_uri)[:500],
                 "data_fingerprint": fingerprint, "config_hash": config_hash(cfg),
                 "output_dir": str(output_dir), **(extra_tags or {})}
         name = lg.run_name or run_name(cfg, c.activated_params)
@@ -134,6 +143,11 @@ class RunLogger:
         shared_id = distributed.on_primary(open_run)
         self.tracker = opened[0] if opened else SilentTracker(shared_id)
         self.run_id = self.tracker.run_id
+        d = cfg.data
+        source = (f"generated world, seed {d.seed}" if d.kind == "world"
+                  else str(d.prepared_dir or d.kind))
+        self.tracker.log_dataset(f"{d.kind}-train", fingerprint, source,
+                                 json.dumps({"kind": str(d.kind), **data_facts}, default=str))
 
     def publish(self, entries: Entries) -> int:
         """Hand metric points (step, {name: value}) to the writer; returns its ticket (stored

@@ -19,7 +19,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Mapping
 
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
@@ -134,15 +134,24 @@ def client(tracking_uri: str) -> MlflowClient:
     return new
 
 
+# MLflow 3 opens an experiment without this tag in its GenAI view (traces, evaluations); this
+# value opens the model-training view (runs, charts).
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+
+
 def experiment_id(client: MlflowClient, name: str) -> str:
-    """Id of experiment `name`, created if missing; safe when parallel jobs race to create it."""
+    """Id of experiment `name`, created if missing (safe when parallel jobs race to create it),
+    and marked as a model-training experiment (`EXPERIMENT_KIND`)."""
     exp = client.get_experiment_by_name(name)
-    if exp is not None:
-        return exp.experiment_id
-    try:
-        return client.create_experiment(name)
-    except MlflowException:
-        return client.get_experiment_by_name(name).experiment_id
+    if exp is None:
+        try:
+            client.create_experiment(name, tags=dict([EXPERIMENT_KIND]))
+        except MlflowException:
+            pass  # another job created it
+        exp = client.get_experiment_by_name(name)
+    if exp.tags.get(EXPERIMENT_KIND[0]) != EXPERIMENT_KIND[1]:
+        client.set_experiment_tag(exp.experiment_id, *EXPERIMENT_KIND)
+    return exp.experiment_id
 
 
 # MLflow errors that retrying cannot fix (a bad key, a run in the wrong state); anything else
@@ -259,6 +268,14 @@ class Tracker:
     def log_artifact(self, path: str | Path) -> None:
         self._queue.put((self.client.log_artifact, (self.run_id, str(path)), 0))
 
+    def log_dataset(self, name: str, digest: str, source: str, profile: str,
+                    context: str = "training") -> None:
+        """Record a dataset as the run's input (the UI's Datasets column): `digest` is its
+        fingerprint (MLflow keeps 36 characters), `profile` a JSON summary."""
+        dataset = Dataset(name, digest[:36], "local", source, profile=profile)
+        inputs = [DatasetInput(dataset, [InputTag("mlflow.data.context", context)])]
+        self._queue.put((self.client.log_inputs, (self.run_id, inputs), 0))
+
     def _write_forever(self) -> None:
         while (item := self._queue.get()) is not None:
             call, args, ticket = item
@@ -342,6 +359,9 @@ class SilentTracker:
         return 0
 
     def log_artifact(self, path: str | Path) -> None:
+        pass
+
+    def log_dataset(self, *args, **kwargs) -> None:
         pass
 
     def __enter__(self) -> "SilentTracker":

@@ -26,7 +26,7 @@ from glam.config import Config, ConfigError
 from glam.interrupts import Interrupted
 from glam.resolve import CONF_DIR, raw, resolve
 from glam.study.runs import point_tags, skip_or_prepare
-from glam.tracking import check_reachable, scrub_password
+from glam.tracking import check_reachable, redact, scrub_password, ui_command
 from glam.trainer import Trainer
 
 log = logging.getLogger("glam.train")
@@ -86,7 +86,19 @@ def _main(dcfg: DictConfig) -> float:
                      tags["study_point"], done)
             return math.nan
     final = run(cfg, output_dir, tags)
+    if tags is None and distributed.is_primary():  # a study's end says it for all its points
+        print(where_it_is(cfg, output_dir, final["run_id"]))
     return final["val_loss"]
+
+
+def where_it_is(cfg: Config, output_dir: Path, run_id: str) -> str:
+    """The lines a single run ends with: where its files and its MLflow run are, and how to
+    open the UI on them."""
+    lg = cfg.logger
+    return (f"run directory:     {output_dir.resolve()}\n"
+            f"MLflow experiment: {lg.experiment} ({redact(lg.tracking_uri)})\n"
+            f"MLflow run id:     {run_id}\n"
+            f"open the UI:       {ui_command(redact(lg.tracking_uri))}")
 
 
 if __name__ == "__main__":

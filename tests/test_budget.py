@@ -67,8 +67,14 @@ def test_the_proposals_are_the_analytic_optimum_sized_and_written_as_a_study(tmp
         assert cfg.model.n_experts == p.experts and cfg.data.n_entities == 120
         # the sized model is the nearest of its family; the run spends the budget
         assert cfg.model.d_model == p.model.d_model and cfg.model.n_layers == p.model.n_layers
-        dense = accounting.count(dense_counterpart(cfg.model)).activated_params
-        assert abs(dense / p.allocation.params - 1) < 0.2
+        dense = accounting.count(dense_counterpart(cfg.model))
+        assert dense.activated_params == p.params
+        assert abs(p.params / p.allocation.params - 1) < 0.2
+        assert p.tokens == pytest.approx(flops / dense.train_flops_per_token)
+        # what the law expects of the shape actually proposed (never below the optimum)
+        assert p.loss == pytest.approx(float(law(p.params, p.tokens, max(p.experts, 1))))
+        assert p.loss >= p.allocation.loss * (1 - 1e-9)
+        assert p.loss_band[0] <= p.loss <= p.loss_band[1]
         per_step = _steps_flops(cfg) / cfg.train.steps
         assert abs(_steps_flops(cfg) - flops) <= per_step / 2
 

@@ -49,7 +49,10 @@ def test_wheel_installs_into_a_fresh_venv_and_trains_from_another_directory(tmp_
     counts = json.loads(run(str(venv / "bin" / "glam-count"), "model=tiny_moe"))
     assert counts["family"] == "moe" and counts["total_params"] > 0
     assert "total estimated time" in run(str(venv / "bin" / "glam-plan"), "+study=smoke")
-    run(str(venv / "bin" / "glam-train"), "model=tiny_moe", "train.steps=5",
+    for cli in ("glam-train", "glam-count", "glam-plan", "glam-bench", "glam-analyze",
+                "glam-data"):  # every command says what it takes
+        assert "usage" in run(str(venv / "bin" / cli), "--help").lower(), cli
+    said = run(str(venv / "bin" / "glam-train"), "model=tiny_moe", "train.steps=5",
         "train.batch_size=4", "checkpoint.every=0", "train.eval_batches=1",
         "data.train_tokens=5000", "data.val_tokens=2000", "eval.max_examples=4",
         "eval.shots=[0]", "train.progress=false", "hydra.run.dir=run")
@@ -57,4 +60,8 @@ def test_wheel_installs_into_a_fresh_venv_and_trains_from_another_directory(tmp_
     (run_,) = client.search_runs([client.get_experiment_by_name("glam").experiment_id])
     assert run_.info.status == "FINISHED"
     assert run_.data.tags["git_sha"] == "glam-0.1.0"
+    # a single run ends by saying where it is
+    assert f"run directory:     {work / 'run'}" in said
+    assert f"MLflow run id:     {run_.info.run_id}" in said
+    assert f"mlflow ui --backend-store-uri {env['MLFLOW_TRACKING_URI']}" in said
     assert (work / "run" / "final_metrics.json").is_file()

@@ -158,11 +158,20 @@ def _multirun(tmp_path, *overrides):
 @pytest.mark.slow
 @pytest.mark.multiprocess
 def test_joblib_multirun_parent_children_and_rerun_skips(tmp_path):
-    _multirun(tmp_path)
+    said = _multirun(tmp_path).stdout
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     exp = client.get_experiment_by_name("smoke")
     runs = client.search_runs([exp.experiment_id])
     (parent,) = [r for r in runs if r.data.tags.get("study_role") == "parent"]
+    # the study ends with its summary: on the terminal and on its parent run
+    assert "study smoke: 2 finished runs" in said and "glam-analyze --study smoke" in said
+    assert "mlflow ui --backend-store-uri" in said
+    metrics = parent.data.metrics
+    assert {"headline/val_loss/dense", "headline/val_loss/moe_E4",
+            "headline/val_loss_gain/moe_E4"} <= set(metrics)
+    assert metrics["headline/val_loss_gain/moe_E4"] == pytest.approx(
+        metrics["headline/val_loss/dense"] - metrics["headline/val_loss/moe_E4"])
+    assert "study_points.json" in {a.path for a in client.list_artifacts(parent.info.run_id)}
     children = [r for r in runs if r.data.tags.get("study_role") == "child"]
     assert len(children) == 2 and parent.info.status == "FINISHED"
     for child in children:

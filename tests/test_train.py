@@ -41,7 +41,7 @@ def test_mlflow_run_read_back(moe_run):
     cfg, final, client, tmp = moe_run
     run_ = client.get_run(final["run_id"])
     assert run_.info.status == "FINISHED"
-    assert re.fullmatch(r"tiny_moe-[\d.]+K-4e-s0", run_.info.run_name)  # preset-size-E-seed
+    assert re.fullmatch(r"moe-E4-[\d.]+K-[\d.]+Ktok-s0", run_.info.run_name)  # E, size, tokens, seed
     params, tags, metrics = run_.data.params, run_.data.tags, run_.data.metrics
     assert params["model.n_experts"] == "4" and params["model.router.capacity_factor"] == "1.25"
     assert int(params["model.vocab_size"]) == cfg.model.vocab_size  # derived value, not null
@@ -70,6 +70,29 @@ def test_mlflow_run_read_back(moe_run):
     assert {"config.yaml", "final_metrics.json", "eval_predictions.jsonl",
             "expert_load.json"} <= artifacts
     assert (tmp / "out" / "config.yaml").read_text().count("n_experts: 4") == 1
+    # MLflow's own fields: the source, the training data as an input, the experiment's kind
+    assert tags["mlflow.source.git.commit"] == tags["git_sha"] and tags["mlflow.source.name"]
+    [data] = run_.inputs.dataset_inputs
+    assert data.dataset.digest == tags["data_fingerprint"][:36]
+    assert data.dataset.name == "world-train" and "knowledge_bits" in data.dataset.profile
+    assert {t.key: t.value for t in data.tags}["mlflow.data.context"] == "training"
+    experiment = client.get_experiment(run_.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+
+
+def test_run_names_lead_with_what_tells_points_apart():
+    """The UI's name column is narrow: family and E first, then size, tokens, filter, seed."""
+    from glam.accounting import count
+    from glam.run_logger import run_name
+
+    def name(*overrides):
+        cfg = load(["model=tiny_moe", "train.steps=100", "train.batch_size=8", *overrides], "cpu")
+        return run_name(cfg, count(cfg.model).activated_params)
+
+    assert re.fullmatch(r"moe-E4-[\d.]+K-25.6Ktok-s0", name())
+    dense = name("model.n_experts=0")  # the dense point of an MoE preset
+    assert dense.startswith("dense-") and "moe" not in dense
+    assert name("train.steps=200") != name() and name("train.seed=1").endswith("-s1")
 
 
 def _glam_train(args, cwd, uri):

@@ -92,7 +92,31 @@ class StudyCallback(MultirunCheck):
         parent_file = Path(config.hydra.sweep.dir) / PARENT_FILE
         if parent_file.exists():
             client = tracking.client(config.logger.tracking_uri)
-            client.set_terminated(json.loads(parent_file.read_text())["run_id"], "FINISHED")
+            parent = json.loads(parent_file.read_text())["run_id"]
+            report(client, config.logger.tracking_uri, config.study.name or "study", parent)
+            client.set_terminated(parent, "FINISHED")
+
+
+def report(client: MlflowClient, tracking_uri: str, study: str, parent: str) -> None:
+    """A finished study's summary: on its parent run, the per-point table (artifact
+    `study_points.json`) and the headline comparison as metrics; on the terminal, the table and
+    the commands that analyse and show it. A summary that fails is logged, never fatal: the
+    points are all in MLflow already."""
+    from analysis.runs import load_runs
+    from analysis.summary import headline, points, print_summary
+
+    try:
+        table = load_runs(tracking_uri, parent_run_id=parent)
+        if not table.empty:
+            client.log_table(parent, points(table), "study_points.json")
+            for key, value in headline(table).items():
+                client.log_metric(parent, key, value)
+            print(f"\nstudy {study}: {len(table)} finished runs (MLflow parent run {parent})")
+            print_summary(table)
+    except Exception as err:  # noqa: BLE001 - the summary is a convenience
+        log.warning("no summary of study %s: %s", study, err)
+    print(f"analyse it:  glam-analyze --study {study}   (figures in outputs/analysis/{study}/)\n"
+          f"open the UI: {tracking.ui_command(redact(tracking_uri))}")
 
 
 def _run_exists(client: MlflowClient, run_id: str) -> bool:
