@@ -79,6 +79,25 @@ def size_key(table: pd.DataFrame) -> str:
     return "size" if "size" in table else "model"
 
 
+def point_keys(table: pd.DataFrame) -> list[str]:
+    """The columns that tell one study point from another besides its series and seed: the
+    activated size, and the training tokens when the runs differ in them (a ladder). Seeds of
+    one point are pooled; different points never are."""
+    keys = [size_key(table)]
+    if "train_tokens" in table and table["train_tokens"].nunique() > 1:
+        keys.append("train_tokens")
+    return keys
+
+
+def at_longest(table: pd.DataFrame) -> tuple[pd.DataFrame, str]:
+    """The runs of the largest training-token count when the runs differ in it (per-token
+    compute and expert-count curves compare models trained alike), with a note saying so."""
+    if "train_tokens" not in table or table["train_tokens"].nunique() < 2:
+        return table, ""
+    most = table["train_tokens"].max()
+    return table[table["train_tokens"] == most], f"at {short_count(most)} training tokens"
+
+
 def size_label(activated_params: float) -> str:
     """A size as a reader knows it: its activated parameters."""
     return f"{short_count(activated_params)} activated params"
@@ -107,12 +126,23 @@ def _log_x(ax, values, base: float = 10) -> None:
             base=base, labelOnlyBase=False, minor_thresholds=(1, 0.5)))
 
 
-def _y_range(ax, values) -> None:
-    """Scores (>= 0) start at 0; a panel of zeros gets 0..1 rather than -0.04..0.04."""
-    values = np.asarray(values, float)
+def _y_range(ax, low, high, percent: bool = False) -> None:
+    """The y range of the data (means -+ their error bars), 8% margin: fitted curves and their
+    bands never stretch it. Percentages stay within 0..100; a panel of zeros gets 0..1 rather
+    than -0.04..0.04."""
+    values = np.concatenate([np.asarray(low, float), np.asarray(high, float)])
     values = values[np.isfinite(values)]
-    if len(values) and values.min() >= 0 and values.max() == 0:
+    if not len(values):
+        return
+    lo, hi = values.min(), values.max()
+    if lo >= 0 and hi == 0:
         ax.set_ylim(0, 1)
+        return
+    margin = 0.08 * (hi - lo) or 0.05 * abs(hi) or 0.05
+    lo, hi = lo - margin, hi + margin
+    if percent:
+        lo, hi = max(lo, -margin), min(hi, 100.0 + margin)  # room for a marker at 0 or 100
+    ax.set_ylim(lo, hi)
 
 
 def _legend_below(fig, axes, ncol: int = 4) -> None:
@@ -155,6 +185,7 @@ def compute_vs_accuracy(table: pd.DataFrame, out: Path, shots: int = 0) -> list[
     """Dense and each MoE expert count as separate series against activated forward FLOPs per
     token; points are seed means with seed-std error bars; power laws (with bootstrap bands)
     fitted per series with at least 3 sizes."""
+    table, longest = at_longest(table)
     scale, unit = _flops_unit(table["forward_flops_per_token"])
     table = table.assign(gflops=table["forward_flops_per_token"] / scale, series=series(table))
     colors = _series_colors(table["series"])
@@ -175,23 +206,27 @@ def compute_vs_accuracy(table: pd.DataFrame, out: Path, shots: int = 0) -> list[
                 except ValueError:
                     continue
                 xs = np.geomspace(stats["gflops"].min(), stats["gflops"].max(), 50)
-                lo, hi = law.band(xs)
                 ax.plot(xs, law(xs), color=colors[name], alpha=0.8)
-                ax.fill_between(xs, lo, hi, color=colors[name], alpha=0.15, linewidth=0)
+                if law.n_points >= 5:  # a bootstrap of fewer points says little
+                    lo, hi = law.band(xs)
+                    ax.fill_between(xs, lo, hi, color=colors[name], alpha=0.15, linewidth=0)
                 fits[f"{metric}|{name}"] = law.summary()
             _log_x(ax, table["gflops"])
-            _y_range(ax, table[metric])
+            shown = pd.concat([p for p in plotted if p["metric"].iloc[0] == metric])
+            _y_range(ax, shown["mean"] - shown["std"], shown["mean"] + shown["std"],
+                     percent=metric.startswith("eval/"))
             ax.set_xlabel(f"Activated {unit}/token")
             ax.set_ylabel(label)
         _legend_below(fig, axes)
         note = placement_note(table)
         fig.suptitle("Compute vs accuracy: forward FLOPs per token (error bars: seed std)"
-                     + (f"\nMoE: {note}" if note else ""))
+                     + "".join(f"\n{n}" for n in (f"MoE: {note}" if note else "", longest) if n))
     return _save(fig, pd.concat(plotted, ignore_index=True), out, "compute_vs_accuracy", fits)
 
 
 def expert_count(table: pd.DataFrame, out: Path, shots: int = 0) -> list[Path]:
     """Each activated size as a line against the expert count (E = 1: the dense model)."""
+    table, longest = at_longest(table)
     table = table.assign(experts=table["n_experts"].where(table["n_experts"] > 0, 1))
     sizes = table.groupby(size_key(table))["activated_params"].median().sort_values()
     colors = {size: OKABE_ITO[i % len(OKABE_ITO)] for i, size in enumerate(sizes.index)}
@@ -213,13 +248,15 @@ def expert_count(table: pd.DataFrame, out: Path, shots: int = 0) -> list[Path]:
             ax.set_xscale("log", base=2)
             ax.set_xticks(ticks, [("1\n(dense)" if t == 1 else str(int(t))) for t in ticks])
             ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
-            _y_range(ax, table[metric])
+            shown = pd.concat([p for p in plotted if p["metric"].iloc[0] == metric])
+            _y_range(ax, shown["mean"] - shown["std"], shown["mean"] + shown["std"],
+                     percent=metric.startswith("eval/"))
             ax.set_xlabel("Experts per MoE layer (E)")
             ax.set_ylabel(label)
         _legend_below(fig, axes)
         note = placement_note(table)
         fig.suptitle("Expert count at fixed activated compute (error bars: seed std)"
-                     + (f"\n{note}" if note else ""))
+                     + "".join(f"\n{n}" for n in (note, longest) if n))
     return _save(fig, pd.concat(plotted, ignore_index=True), out, "expert_count")
 
 
@@ -236,11 +273,13 @@ def data_efficiency(table: pd.DataFrame, histories: pd.DataFrame, out: Path,
     data["train_flops"] = 3 * data["tokens"] * data["run_id"].map(runs["forward_flops_per_token"])
     data["series"] = data["run_id"].map(runs["series"])
     data["activated_params"] = data["run_id"].map(runs["activated_params"])
+    ladder = runs["train_tokens"].nunique() > 1  # runs of several lengths: one curve each
+    data["budget"] = data["run_id"].map(runs["train_tokens"]) if ladder else 0.0
     data["smoothed"] = data.groupby("run_id")["value"].transform(
         lambda v: v.rolling(smooth, min_periods=1).mean())
     stride = max(1, int(data["step"].max()) // 200)  # ~200 points a run: enough for the eye
     data = data[(data["step"] % stride == 0) & (data["step"] > 0)]
-    curves = (data.groupby(["activated_params", "series", "step"])
+    curves = (data.groupby(["activated_params", "series", "budget", "step"])
               .agg(tokens=("tokens", "mean"), train_flops=("train_flops", "mean"),
                    mean=("smoothed", "mean"), count=("smoothed", "count")).reset_index())
     sizes = sorted(curves["activated_params"].unique())
@@ -252,11 +291,13 @@ def data_efficiency(table: pd.DataFrame, histories: pd.DataFrame, out: Path,
         fig, axes = plt.subplots(1, 2, figsize=(WIDE[0], WIDE[1] + 0.3), layout="constrained")
         for ax, x, xlabel in ((axes[0], "tokens", "Training tokens"),
                               (axes[1], "train_flops", "Training FLOPs")):
-            for (size, name), group in sorted(curves.groupby(["activated_params", "series"]),
-                                              key=lambda g: (g[0][0], series_order(g[0][1]))):
+            for (size, name, budget), group in sorted(
+                    curves.groupby(["activated_params", "series", "budget"]),
+                    key=lambda g: (g[0][0], series_order(g[0][1]), g[0][2])):
                 line, = ax.plot(group[x], group["mean"],
                                 color=OKABE_ITO[sizes.index(size) % len(OKABE_ITO)],
-                                label=f"{size_label(size)}, {name}")
+                                label=f"{size_label(size)}, {name}",
+                                alpha=0.55 + 0.45 * (budget == curves["budget"].max()))
                 if dashes[name]:
                     line.set_dashes(dashes[name])
             ax.set_xscale("log")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from analysis.figures import size_key
+from analysis.figures import point_keys
 
 METRICS = ("val_loss", "val_loss_clean", "eval/nlg_avg/0shot", "eval/nlu_avg/0shot")
 
@@ -15,17 +15,17 @@ def _mean_std(group: pd.Series) -> str:
 
 
 def dense_vs_moe(table: pd.DataFrame) -> pd.DataFrame:
-    """Rows: activated size (model), and arm when the table has one (`analysis.quality`);
-    columns: metric x family."""
+    """Rows: the point (activated size; training tokens in a ladder) and the arm when the table
+    has one (`analysis.quality`); columns: metric x family."""
     metrics = [m for m in METRICS if m in table]
-    keys = [size_key(table)] + (["arm"] if "arm" in table else [])
+    keys = point_keys(table) + (["arm"] if "arm" in table else [])
     return table.groupby([*keys, "family"])[metrics].agg(_mean_std).unstack("family")
 
 
 def by_experts(table: pd.DataFrame) -> pd.DataFrame:
     """Rows: activated size, arm (when the table has one), expert count."""
     metrics = [m for m in METRICS if m in table]
-    keys = [size_key(table)] + (["arm"] if "arm" in table else [])
+    keys = point_keys(table) + (["arm"] if "arm" in table else [])
     return table.groupby([*keys, "n_experts"])[metrics].agg(_mean_std)
 
 
@@ -71,7 +71,7 @@ def points(table: pd.DataFrame) -> pd.DataFrame:
     """One row per study point (size, arm, expert count): the seeds' mean of each metric, the
     best validation loss any seed reached, and the seed count."""
     metrics = [m for m in METRICS if m in table]
-    keys = [size_key(table)] + (["arm"] if "arm" in table else []) + ["n_experts"]
+    keys = point_keys(table) + (["arm"] if "arm" in table else []) + ["n_experts"]
     agg = {m: "mean" for m in metrics}
     if "best_val_loss" in table:
         agg["best_val_loss"] = "min"
@@ -87,7 +87,7 @@ def headline(table: pd.DataFrame) -> dict[str, float]:
     positive: MoE lower)."""
     if "val_loss" not in table or table["val_loss"].isna().all():
         return {}
-    keys = [size_key(table)] + (["arm"] if "arm" in table else [])
+    keys = point_keys(table) + (["arm"] if "arm" in table else [])
     means = table.groupby([*keys, "n_experts"])["val_loss"].mean().unstack("n_experts")
     out = {}
     for e in means.columns:

@@ -277,3 +277,23 @@ def test_the_summary_says_where_the_run_time_went():
                                  "before the runs (corpus, tasks, initial state) 10 s more, 56% "
                                  "training with it")
     assert time_split(table.drop(columns="run_seconds")) is None
+
+
+def test_runs_of_different_lengths_are_different_points_never_seeds(run_table, tmp_path, drawn):
+    """A ladder trains each size for several token counts: the summary keeps them apart and
+    the per-token-compute figure compares the runs of the largest count only."""
+    from analysis.summary import dense_vs_moe, headline, points
+
+    short = run_table.assign(train_tokens=2.5e5, val_loss=run_table["val_loss"] + 1.0,
+                             run_id=run_table["run_id"] + "-short")
+    ladder = pd.concat([run_table, short], ignore_index=True)
+    rows = points(ladder)
+    assert len(rows) == 12 and set(rows["seeds"]) == {2}  # 3 sizes x 2 lengths x 2 families
+    assert dense_vs_moe(ladder).index.nlevels == 2  # (size, training tokens)
+    figures.compute_vs_accuracy(ladder, tmp_path)
+    plotted = drawn["compute_vs_accuracy"]
+    loss = plotted[plotted["metric"] == "val_loss"]
+    assert set(loss["count"]) == {2} and loss["mean"].max() < ladder["val_loss"].max() - 0.5
+    # the headline gain is the same per point whichever lengths the ladder has
+    assert headline(ladder)["headline/val_loss_gain/moe_E8"] == pytest.approx(
+        headline(run_table)["headline/val_loss_gain/moe_E8"])
