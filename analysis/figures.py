@@ -42,7 +42,8 @@ OKABE_ITO = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "
              "#F0E442")
 COLORS = {"dense": OKABE_ITO[0], "moe": OKABE_ITO[1]}
 LABELS = {"dense": "Dense", "moe": "MoE"}
-WIDE = (7.0, 2.9)  # three panels at a paper's full text width (inches)
+WIDE = (7.0, 2.9)
+TUNED = ("param.schedule.", "param.optimizer.", "param.model.router.")  # what searches vary  # three panels at a paper's full text width (inches)
 PLACEMENTS = {"matched": "expert widths FLOP-matched to the dense model",
               "glam": "GLaM placement, experts as wide as the dense FFN"}
 
@@ -81,12 +82,14 @@ def size_key(table: pd.DataFrame) -> str:
 
 def point_keys(table: pd.DataFrame) -> list[str]:
     """The columns that tell one study point from another besides its series and seed: the
-    activated size, and the training tokens when the runs differ in them (a ladder). Seeds of
-    one point are pooled; different points never are."""
+    activated size, the training tokens when the runs differ in them (a ladder), and the
+    schedule, optimizer and router settings that differ (a search's trials). Seeds of one point
+    are pooled; different points never are."""
     keys = [size_key(table)]
     if "train_tokens" in table and table["train_tokens"].nunique() > 1:
         keys.append("train_tokens")
-    return keys
+    return keys + [c for c in table.columns  # a search's trials
+                   if c.startswith(TUNED) and table[c].nunique(dropna=True) > 1]
 
 
 def at_longest(table: pd.DataFrame) -> tuple[pd.DataFrame, str]:

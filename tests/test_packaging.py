@@ -65,3 +65,22 @@ def test_wheel_installs_into_a_fresh_venv_and_trains_from_another_directory(tmp_
     assert f"MLflow run id:     {run_.info.run_id}" in said
     assert f"mlflow ui --backend-store-uri {env['MLFLOW_TRACKING_URI']}" in said
     assert (work / "run" / "final_metrics.json").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("extra,expected", [
+    ("gpu", {"jax-cuda12-plugin", "jax-cuda12-pjrt"}),
+    ("tpu", {"libtpu"}),
+    ("search", {"hydra-optuna-sweeper", "optuna"}),
+])
+def test_the_install_extras_resolve(tmp_path, extra, expected):
+    """`pip install '.[gpu]'` (and tpu, search) resolves against the index at the pinned JAX."""
+    report = tmp_path / "report.json"
+    out = subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--quiet",
+                          "--ignore-installed", "--no-build-isolation", "--report", str(report),
+                          f"{REPO}[{extra}]"], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    names = {item["metadata"]["name"].lower(): item["metadata"]["version"]
+             for item in json.loads(report.read_text())["install"]}
+    assert expected <= set(names), sorted(names)
+    assert names.get("jax", "0.10.2") == "0.10.2"

@@ -365,3 +365,30 @@ def test_plan_probe_measures_each_shape_once_and_reuses_the_cache(tmp_path):
     assert unprepared.returncode == 0, unprepared.stderr
     assert "no probe for" in unprepared.stderr
     assert json.loads(unprepared.stdout)[0]["estimate"] == "flops"
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_an_optuna_search_is_a_study_and_its_space_is_checked_before_launch(tmp_path):
+    """Hydra's Optuna sweeper (the `search` extra): each trial is a child run of the study's
+    parent; an interval whose end is invalid is refused before any trial, naming the field."""
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    base = [sys.executable, "-m", "glam.train", "-m", "+study=search_lr_capacity",
+            "hydra.sweeper.n_trials=2", "train.steps=6", "train.batch_size=4",
+            "data.train_tokens=20000", "data.val_tokens=2048", "eval.max_examples=4"]
+    bad = subprocess.run([*base, "schedule.learning_rate=interval(-0.01,0.01)"], cwd=tmp_path,
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert bad.returncode != 0 and "schedule.learning_rate" in bad.stderr, bad.stderr[-2000:]
+    assert not list((tmp_path / "outputs" / "studies").glob("search_lr_capacity/*/"))
+
+    proc = subprocess.run(base, cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    runs = client.search_runs([client.get_experiment_by_name("search_lr_capacity").experiment_id])
+    (parent,) = [r for r in runs if r.data.tags.get("study_role") == "parent"]
+    trials = [r for r in runs if r.data.tags.get("study_role") == "child"]
+    assert len(trials) == 2 and parent.info.status == "FINISHED"
+    rates = {float(t.data.params["schedule.learning_rate"]) for t in trials}
+    assert len(rates) == 2 and all(3e-4 <= r <= 3e-2 for r in rates)
+    assert "Best value" in proc.stdout + proc.stderr

@@ -33,11 +33,25 @@ def expand(overrides: list[str]) -> list[list[str]]:
 
     Raises:
       hydra.errors.OverrideParseException: an override Hydra cannot parse.
-      hydra.errors.HydraException: a sweep the basic sweeper cannot expand (an interval).
+      hydra.errors.HydraException: a sweep the basic sweeper cannot expand.
+
+    A search sweeper's `interval(a, b)` expands to its ends a and b: the points then bound
+    those the search will sample (`_ends`).
     """
     parser = _parser()
     fixed = [o.input_line for o in parser.parse_overrides(overrides) if not o.is_sweep_override()]
     composed = compose_config(fixed, return_hydra_config=True)
     params = [f"{k}={v}" for k, v in (composed.hydra.sweeper.params or {}).items()]
-    (batch,) = BasicSweeper.split_arguments(parser.parse_overrides(params + overrides), None)
+    parsed = [_ends(o) for o in parser.parse_overrides(params + overrides)]
+    (batch,) = BasicSweeper.split_arguments(parser.parse_overrides(parsed), None)
     return batch
+
+
+def _ends(override) -> str:
+    """An interval sweep (`interval(a,b)`, which a search sweeper such as Optuna samples) as
+    its two ends, so the points checked before launch bound those it will try; any other
+    override as it is."""
+    if not override.is_interval_sweep():
+        return override.input_line
+    value = override.value()
+    return f"{override.get_key_element()}={value.start!r},{value.end!r}"
