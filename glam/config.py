@@ -684,7 +684,10 @@ class LoggerConfig(Section):
     tracking_uri: str = doc("sqlite:///mlflow.db", "MLflow store; conf: $MLFLOW_TRACKING_URI "
                                                    "else ./mlflow.db")
     experiment: str = doc("glam", "MLflow experiment (a study sets its own)")
-    run_name: Optional[str] = doc(None, "MLflow run name; null: preset-size-experts-seed")
+    run_name: Optional[str] = doc(None, "MLflow run name; null: family-E-size-tokens-seed")
+    register_model: Optional[str] = doc(None, "register the exported model (artifact model/) "
+                                              "under this name in MLflow's model registry; "
+                                              "null: export only")
     flush_every: int = doc(50, "without checkpoints: publish metrics every this many points")
     outage_timeout_s: float = doc(600.0, "seconds of failed MLflow writes before the run fails "
                                          "(records are kept and retried until then)")

@@ -172,6 +172,20 @@ class RunLogger:
             for path in paths:
                 self.tracker.log_artifact(path)
 
+    def export_model(self, params: dict, cfg: ResolvedConfig, tokenizer) -> None:
+        """Process 0: write the trained model (`glam.export`) into `<run dir>/model/` and
+        attach it as the run's `model/` artifact; optionally register it
+        (`logger.register_model`)."""
+        if not self.primary:
+            return
+        from glam import export
+
+        folder = export.save(self.output_dir / export.FOLDER, params, cfg.model, tokenizer,
+                             self.run_id)
+        self.tracker.log_artifacts(folder, export.FOLDER)
+        if cfg.logger.register_model:
+            self.tracker.register_model(cfg.logger.register_model, export.FOLDER)
+
     def write_artifacts(self, files: dict[str, object], predictions: list[dict]) -> None:
         """Process 0: write `files` as JSON and `predictions` as JSONL into the run directory,
         and attach them and the resolved config to the MLflow run."""

@@ -268,6 +268,24 @@ class Tracker:
     def log_artifact(self, path: str | Path) -> None:
         self._queue.put((self.client.log_artifact, (self.run_id, str(path)), 0))
 
+    def log_artifacts(self, folder: str | Path, artifact_path: str) -> None:
+        """Attach every file under `folder` as `artifact_path/...`."""
+        self._queue.put((self.client.log_artifacts, (self.run_id, str(folder), artifact_path), 0))
+
+    def register_model(self, name: str, artifact_path: str) -> None:
+        """A new version of registered model `name` (created if missing) whose source is this
+        run's `artifact_path`, after the writes before it."""
+        self._queue.put((self._register, (name, artifact_path), 0))
+
+    def _register(self, name: str, artifact_path: str) -> None:
+        try:
+            self.client.create_registered_model(name)
+        except MlflowException as err:
+            if err.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        self.client.create_model_version(name, f"runs:/{self.run_id}/{artifact_path}",
+                                         run_id=self.run_id)
+
     def log_dataset(self, name: str, digest: str, source: str, profile: str,
                     context: str = "training") -> None:
         """Record a dataset as the run's input (the UI's Datasets column): `digest` is its
@@ -362,6 +380,12 @@ class SilentTracker:
         pass
 
     def log_dataset(self, *args, **kwargs) -> None:
+        pass
+
+    def log_artifacts(self, folder: str | Path, artifact_path: str) -> None:
+        pass
+
+    def register_model(self, name: str, artifact_path: str) -> None:
         pass
 
     def __enter__(self) -> "SilentTracker":

@@ -473,6 +473,9 @@ class Trainer:
                for k, n in compile_cache.counts().items()},
         }
         logger.publish([(t.steps, final)])
+        model = nnx.merge(self.graphdef, self.state)[0]
+        params = distributed.fetch(nnx.to_pure_dict(nnx.state(model, nnx.Param)))  # all processes
+        logger.export_model(params, self.cfg, self.corpus.tokenizer)
         logger.write_artifacts({"expert_load.json": self.expert_load,
                                 "rollbacks.json": self.rollbacks, "final_metrics.json": final},
                                self.predictions)

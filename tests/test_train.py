@@ -21,7 +21,8 @@ def moe_run(tmp_path_factory):
                 "train.progress=false", "train.eval_batches=2", "checkpoint.every=30",
                 "eval.every=40", "eval.max_examples=20",
                 "schedule.warmup_steps=10", "data.train_tokens=50000", "data.val_tokens=4096",
-                f"logger.tracking_uri={uri}", "logger.experiment=test"])
+                f"logger.tracking_uri={uri}", "logger.experiment=test",
+                "logger.register_model=tiny-glam"])
     final = run(cfg, tmp / "out")
     return cfg, final, MlflowClient(uri), tmp
 
@@ -180,3 +181,28 @@ def test_training_time_leaves_out_evaluations_and_checkpoints(monkeypatch):
     timer.checked(5)  # 11: five more
     assert timer.as_dict() == {"compile_seconds": 1.0, "train_seconds": 2.0,
                                "tokens_per_second": 50.0}
+
+
+@pytest.mark.slow
+def test_the_trained_model_is_exported_and_generates(moe_run, capsys):
+    """The run ends by exporting its model (safetensors, config, tokenizer) into the run
+    directory and as the MLflow artifact model/; glam-generate loads it either way."""
+    from glam import export
+    from glam.generate import main as generate_main
+
+    cfg, final, client, tmp = moe_run
+    folder = tmp / "out" / "model"
+    assert {p.name for p in folder.iterdir()} == {"model.safetensors", "config.json",
+                                                  "vocab.json"}
+    artifacts = {a.path for a in client.list_artifacts(final["run_id"], "model")}
+    assert artifacts == {"model/model.safetensors", "model/config.json", "model/vocab.json"}
+    [version] = client.search_model_versions("name='tiny-glam'")  # logger.register_model
+    assert version.run_id == final["run_id"] and version.source.endswith("model")
+    loaded = export.load(final["run_id"], tracking_uri=client.tracking_uri)
+    assert loaded.config.n_experts == cfg.model.n_experts and loaded.run_id == final["run_id"]
+    generate_main([str(tmp / "out"), "--prompt", "q :", "--max-new-tokens", "3",
+                   "--temperature", "0.7", "--top-k", "5"])
+    said = capsys.readouterr().out
+    assert said.startswith("q : >>> ") and len(said.split(">>>")[1].split()) >= 1
+    with pytest.raises(SystemExit):
+        generate_main([str(tmp / "nothing"), "--prompt", "q :"])

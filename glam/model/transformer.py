@@ -68,13 +68,18 @@ class GLaM(nnx.Module):
             if routing is not None:
                 aux, z = aux + routing.aux_loss, z + routing.z_loss
                 stats[i] = routing.stats
+        return self.head(x), MoEOutputs(aux_loss=aux, z_loss=z, layer_stats=stats)
+
+    def head(self, x: jax.Array) -> jax.Array:
+        """The last blocks' output [..., M] -> logits [..., V] float32 (final norm, then the
+        output projection)."""
         x = self.final_norm(x)
         if self.tie_embeddings:
             # Shared input/output embedding: rescale so initial logits have unit variance (T5).
             logits = project(x, self.embed[...].astype(x.dtype).T) * self.d_model**-0.5
         else:
             logits = project(x, self.unembed[...].astype(x.dtype))
-        return logits.astype(jnp.float32), MoEOutputs(aux_loss=aux, z_loss=z, layer_stats=stats)
+        return logits.astype(jnp.float32)
 
 
 def param_count(model: nnx.Module) -> int:

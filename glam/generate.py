@@ -1,0 +1,195 @@
+"""Text generation from a trained model with a key-value cache: greedy, temperature, top-k and
+top-p (nucleus) sampling, for dense and MoE models.
+
+Each new token is one decode step: its query attends to the cached keys and values of every
+earlier position (the same relative-position buckets as training), and each MoE layer routes it
+alone, dropless (every token gets its top-k experts: inference has no capacity to overflow). A
+decode step therefore equals running the whole window again with dropless routing; the test
+checks that against the model's own forward pass. A model trained with capacity-factor routing
+dropped some assignments in training; at generation none is dropped.
+
+Letters: B prompts, L cache length (prompt + new tokens), N heads, D head width, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from glam.config import ModelConfig
+from glam.model import GLaM
+from glam.model.layers import Attention, project, relative_position_buckets
+
+
+def inference_config(cfg: ModelConfig) -> ModelConfig:
+    """`cfg` routed as generation routes: dropless, each token its own group."""
+    return dataclasses.replace(cfg, router=dataclasses.replace(
+        cfg.router, dispatch="dropless", group_size=1, jitter=0.0))
+
+
+def _cached_attention(attn: Attention, x: jax.Array, cache: tuple, pos: jax.Array):
+    """x [B, 1, M] at position `pos`; cache (k, v) [B, L, N, D] -> (out [B, 1, M], cache)."""
+    dt = x.dtype
+    k_cache, v_cache = cache
+    length, d = k_cache.shape[1], attn.wq.shape[-1]
+    q, k, v = (project(x, w[...].astype(dt)) for w in (attn.wq, attn.wk, attn.wv))
+    k_cache = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), pos, axis=1)
+    v_cache = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), pos, axis=1)
+    scores = jnp.einsum("btnd,bund->bntu", q, k_cache).astype(jnp.float32) * d**-0.5
+    buckets = jnp.asarray(relative_position_buckets(length, attn.num_buckets, attn.max_distance))
+    bias = attn.rel_bias[...][buckets[pos]]  # [L, N]: query `pos` against every key
+    scores = scores + jnp.transpose(bias)[None, :, None, :]
+    allowed = jnp.arange(length) <= pos
+    scores = jnp.where(allowed[None, None, None, :], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(dt)
+    out = jnp.einsum("bntu,bund->btnd", probs, v_cache.astype(dt))
+    return project(out, attn.wo[...].astype(dt), contract=2), (k_cache, v_cache)
+
+
+def decode_step(model: GLaM, token: jax.Array, pos: jax.Array, caches: list):
+    """One token per prompt through every block: token [B] int at position `pos` -> (logits
+    [B, V] float32, updated caches). `model` must be built from `inference_config`."""
+    x = model.embed[...][token][:, None].astype(model.dtype)
+    new = []
+    for block, cache in zip(model.blocks, caches):
+        h, cache = _cached_attention(block.attn, block.attn_norm(x), cache, pos)
+        x = x + h
+        y = block.ffn_norm(x)
+        x = x + (block.ffn(y)[0] if block.is_moe else block.ffn(y))
+        new.append(cache)
+    return model.head(x)[:, 0], new
+
+
+def sample(logits: jax.Array, key: jax.Array, temperature: float, top_k: int,
+           top_p: float) -> jax.Array:
+    """Next tokens [B] int32 from logits [B, V]: argmax when temperature is 0; otherwise a draw
+    from softmax(logits / temperature) restricted to the `top_k` most likely tokens (0: all)
+    and to the smallest set whose probability reaches `top_p` (1: all; Holtzman et al. 2020)."""
+    if temperature == 0:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits / temperature
+    if top_k:
+        kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    if top_p < 1:
+        order = jnp.argsort(-logits, axis=-1)
+        sorted_probs = jnp.take_along_axis(jax.nn.softmax(logits, axis=-1), order, axis=-1)
+        before = jnp.cumsum(sorted_probs, axis=-1) - sorted_probs  # mass of the likelier ones
+        drop_sorted = before >= top_p  # the most likely token is always kept
+        drop = jnp.zeros_like(drop_sorted).at[jnp.arange(len(order))[:, None], order].set(
+            drop_sorted)
+        logits = jnp.where(drop, -jnp.inf, logits)
+    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+@partial(nnx.jit, static_argnames=("new_tokens", "temperature", "top_k", "top_p"))
+def _generate(model, prompt, key, new_tokens, temperature, top_k, top_p, eos):
+    b, p = prompt.shape
+    length = p + new_tokens
+    blocks = model.blocks
+    shape = (b, length, blocks[0].attn.wq.shape[1], blocks[0].attn.wq.shape[2])
+    caches = [(jnp.zeros(shape, model.dtype), jnp.zeros(shape, model.dtype)) for _ in blocks]
+    out = jnp.concatenate([prompt, jnp.zeros((b, new_tokens), jnp.int32)], axis=1)
+
+    def step(pos, carry):
+        out, caches, done, key = carry
+        logits, caches = decode_step(model, out[:, pos], pos, caches)
+        key, draw = jax.random.split(key)
+        token = sample(logits, draw, temperature, top_k, top_p)
+        token = jnp.where(done, 0, token)  # after <eos>: padding
+        writing = pos + 1 >= p  # inside the prompt the next token is given
+        out = jnp.where(writing, jax.lax.dynamic_update_slice_in_dim(out, token[:, None],
+                                                                      pos + 1, axis=1), out)
+        done = done | (writing & (token == eos))
+        return out, caches, done, key
+
+    done = jnp.zeros((b,), bool)
+    out, *_ = jax.lax.fori_loop(0, length - 1, step, (out, caches, done, key))
+    return out
+
+
+def generate(model: GLaM, prompt: np.ndarray, new_tokens: int, *, seed: int = 0,
+             temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+             eos_id: int = 2) -> np.ndarray:
+    """Continue each prompt by `new_tokens` tokens with the KV cache.
+
+    Args:
+      model: a GLaM built from `inference_config` (dropless routing, group size 1).
+      prompt: [B, P] int token ids (P >= 1; equal lengths: left-pad is not supported).
+      new_tokens: tokens to add (>= 1); after a row emits `eos_id` it continues with padding.
+      seed: of the sampling draws (unused when temperature is 0).
+      temperature: 0 for greedy decoding; > 0 samples.
+      top_k: keep only the k most likely tokens (0: no limit).
+      top_p: keep the smallest set of tokens whose probability reaches top_p (1: no limit).
+
+    Returns:
+      [B, P + new_tokens] int32: the prompts and their continuations.
+
+    Raises:
+      ValueError: a bad argument (named), or a model whose routing may drop tokens.
+    """
+    prompt = np.asarray(prompt, np.int32)
+    if prompt.ndim != 2 or prompt.shape[1] < 1:
+        raise ValueError(f"prompt must be [B, P] token ids with P >= 1, got shape {prompt.shape}")
+    if new_tokens < 1:
+        raise ValueError(f"new_tokens must be at least 1, got {new_tokens}")
+    if temperature < 0 or top_k < 0 or not 0 < top_p <= 1:
+        raise ValueError(f"temperature >= 0, top_k >= 0 and 0 < top_p <= 1 are needed, got "
+                         f"{temperature}, {top_k}, {top_p}")
+    moe = [b.ffn for b in model.blocks if b.is_moe]
+    if moe and (moe[0].cfg.router.dispatch != "dropless" or moe[0].cfg.router.group_size != 1):
+        raise ValueError("build the model from glam.generate.inference_config(cfg): generation "
+                         "routes each token alone and dropless")
+    return np.asarray(_generate(model, jnp.asarray(prompt), jax.random.key(seed), new_tokens,
+                                float(temperature), int(top_k), float(top_p), eos_id))
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`glam-generate SOURCE --prompt TEXT ...`: continue prompts with a trained model."""
+    import argparse
+    import sys
+
+    from glam.export import load
+
+    parser = argparse.ArgumentParser(
+        prog="glam-generate", description="Continue text with a trained glam model (KV cache; "
+        "greedy by default).", epilog="example: glam-generate outputs/runs/<run> --prompt "
+        "'q : where does ada live ? a :' --max-new-tokens 4")
+    parser.add_argument("source", help="a run directory, an export folder (model/), or an "
+                                       "MLflow run id (runs:/<id>)")
+    parser.add_argument("--prompt", action="append", required=True,
+                        help="text to continue (repeat for several)")
+    parser.add_argument("--max-new-tokens", type=int, default=16)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    parser.add_argument("--top-k", type=int, default=0, help="0: no limit")
+    parser.add_argument("--top-p", type=float, default=1.0, help="1: no limit")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tracking-uri", help="MLflow store of a run id (default "
+                                               "$MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
+    args = parser.parse_args(argv)
+    try:
+        loaded = load(args.source, args.tracking_uri, transform=inference_config)
+        model = loaded.model
+        for text in args.prompt:
+            ids = loaded.tokenizer.encode(text)
+            if not ids:
+                raise ValueError(f"--prompt {text!r} encodes to no tokens")
+            out = generate(model, np.asarray([ids]), args.max_new_tokens, seed=args.seed,
+                           temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                           eos_id=loaded.tokenizer.eos_id)[0]
+            new = [int(t) for t in out[len(ids):]]
+            if loaded.tokenizer.eos_id in new:
+                new = new[: new.index(loaded.tokenizer.eos_id)]
+            print(f"{text} >>> {loaded.tokenizer.decode(new)}")
+    except (FileNotFoundError, ValueError) as err:
+        print(f"glam-generate: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,97 @@
+"""Generation with a KV cache (glam.generate) against the model's own forward pass, sampling,
+and the export it loads from (glam.export)."""
+
+import numpy as np
+import pytest
+from flax import nnx
+
+from glam import export
+from glam.data.tokenizer import WordTokenizer
+from glam.generate import decode_step, generate, inference_config, sample
+from glam.model import GLaM
+from glam.resolve import load
+
+import jax
+import jax.numpy as jnp
+
+
+def _model(preset: str, seed: int = 0) -> GLaM:
+    cfg = load([f"model={preset}", "model.vocab_size=512"], "cpu").model
+    return GLaM(inference_config(cfg), rngs=nnx.Rngs(seed))
+
+
+@pytest.mark.parametrize("preset", ["tiny_dense", "tiny_moe"])
+def test_cached_decoding_equals_the_full_forward_pass(preset):
+    """Every decode step's logits equal the last position of running the whole window again
+    (dropless routing), and greedy generation equals the full-recompute greedy loop."""
+    model = _model(preset)
+    ids = np.random.default_rng(0).integers(3, 512, (2, 9)).astype(np.int32)
+    full = np.asarray(model(jnp.asarray(ids))[0])
+    blocks = model.blocks
+    shape = (2, 9, blocks[0].attn.wq.shape[1], blocks[0].attn.wq.shape[2])
+    caches = [(jnp.zeros(shape), jnp.zeros(shape)) for _ in blocks]
+    for pos in range(9):
+        logits, caches = decode_step(model, jnp.asarray(ids[:, pos]), jnp.asarray(pos), caches)
+        np.testing.assert_allclose(np.asarray(logits), full[:, pos], rtol=1e-5, atol=1e-5)
+
+    prompt = ids[:, :4]
+    out = generate(model, prompt, 6, eos_id=-1)
+    reference = prompt
+    for _ in range(6):
+        nxt = np.asarray(model(jnp.asarray(reference))[0])[:, -1].argmax(-1)
+        reference = np.concatenate([reference, nxt[:, None].astype(np.int32)], axis=1)
+    np.testing.assert_array_equal(out, reference)
+
+
+def test_sampling_rules():
+    logits = jnp.asarray(np.random.default_rng(1).normal(size=(4, 50)), jnp.float32)
+    greedy = np.asarray(sample(logits, jax.random.key(0), 0.0, 0, 1.0))
+    assert (greedy == np.asarray(logits).argmax(-1)).all()
+    for kwargs in ({"top_k": 1, "top_p": 1.0}, {"top_k": 0, "top_p": 1e-6}):
+        picked = sample(logits, jax.random.key(3), 5.0, **kwargs)
+        assert (np.asarray(picked) == greedy).all(), kwargs  # one token left: the likeliest
+    draws = np.stack([np.asarray(sample(logits, jax.random.key(s), 1.0, 3, 1.0))
+                      for s in range(200)])
+    top3 = np.argsort(-np.asarray(logits), axis=-1)[:, :3]
+    assert all(set(draws[:, row]) <= set(top3[row]) for row in range(4))
+    assert len({tuple(d) for d in draws}) > 1  # it does sample
+    probs = np.asarray(jax.nn.softmax(logits))
+    order = np.argsort(-probs, axis=-1)
+    nucleus = np.stack([np.asarray(sample(logits, jax.random.key(s), 1.0, 0, 0.5))
+                        for s in range(200)])
+    for row in range(4):  # only tokens inside the 0.5 nucleus are drawn
+        mass_before = np.cumsum(probs[row, order[row]]) - probs[row, order[row]]
+        allowed = set(order[row][mass_before < 0.5])
+        assert set(nucleus[:, row]) <= allowed
+
+
+def test_generation_stops_into_padding_and_refuses_bad_arguments():
+    model = _model("tiny_moe")
+    prompt = np.array([[5, 6, 7]], np.int32)
+    free = generate(model, prompt, 5, eos_id=-1)[0]
+    eos = int(free[3])  # call the first generated token the end of document
+    out = generate(model, prompt, 5, eos_id=eos)[0]
+    assert out[3] == eos and (out[4:] == 0).all()
+    with pytest.raises(ValueError, match="top_p"):
+        generate(model, prompt, 2, top_p=0.0)
+    with pytest.raises(ValueError, match="new_tokens"):
+        generate(model, prompt, 0)
+    capacity = GLaM(load(["model=tiny_moe", "model.vocab_size=512"], "cpu").model,
+                    rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="inference_config"):
+        generate(capacity, prompt, 2)
+
+
+def test_an_export_loads_back_to_the_same_model(tmp_path):
+    cfg = load(["model=tiny_moe", "model.vocab_size=512"], "cpu").model
+    model = GLaM(cfg, rngs=nnx.Rngs(7))
+    words = WordTokenizer([f"w{i}" for i in range(509)])
+    params = jax.device_get(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+    export.save(tmp_path / "model", params, cfg, words, run_id="abc")
+    loaded = export.load(tmp_path)  # a run directory: its model/
+    assert loaded.config == cfg and loaded.run_id == "abc"
+    assert loaded.tokenizer.vocab == words.vocab
+    ids = jnp.asarray(np.random.default_rng(2).integers(0, 512, (2, 16)))
+    np.testing.assert_array_equal(np.asarray(loaded.model(ids)[0]), np.asarray(model(ids)[0]))
+    with pytest.raises(FileNotFoundError, match="no exported model"):
+        export.load(tmp_path / "nothing")
