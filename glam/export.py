@@ -30,19 +30,9 @@ from safetensors.numpy import load_file, save_file
 from glam.config import ModelConfig
 from glam.data.tokenizer import SentencePieceTokenizer, Tokenizer, WordTokenizer
 from glam.model import GLaM
+from glam.tracking import flatten
 
 FOLDER = "model"
-
-
-def _flat(tree: dict, prefix: str = "") -> dict[str, np.ndarray]:
-    out = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            out.update(_flat(value, f"{name}."))
-        else:
-            out[name] = np.asarray(value, np.float32)
-    return out
 
 
 def _nested(flat: dict[str, np.ndarray], like: dict) -> dict:
@@ -66,7 +56,8 @@ def save(folder: Path, params: dict, model: ModelConfig, tokenizer: Tokenizer,
       TypeError: a tokenizer of another kind than the word or SentencePiece one.
     """
     folder.mkdir(parents=True, exist_ok=True)
-    save_file(_flat(params), str(folder / "model.safetensors"))
+    save_file({name: np.asarray(value, np.float32) for name, value in flatten(params).items()},
+              str(folder / "model.safetensors"))
     if isinstance(tokenizer, WordTokenizer):
         kind = "word"
         (folder / "vocab.json").write_text(json.dumps(tokenizer.vocab[3:]))
