@@ -43,6 +43,7 @@ from glam.stability import HealthMonitor, TrainingDiverged, fault_scale
 from glam.step import init_state, make_eval_step, make_train_step
 
 log = logging.getLogger("glam.train")
+PROGRESS_EVERY_S = 30.0  # a progress line this often when the progress bar is off
 
 
 class SimulatedCrash(RuntimeError):
@@ -379,6 +380,8 @@ class Trainer:
                    disable=not (t.progress and distributed.is_primary()),
                    mininterval=0.5 if sys.stderr.isatty() else 30)
         timer = Throughput(self.tokens_per_step)
+        lines = bar.disable and distributed.is_primary()
+        last_line = time.monotonic()
         while self.step < t.steps:
             if self.single_process:
                 self.stop.check()
@@ -401,8 +404,14 @@ class Trainer:
                     bar.reset(total=t.steps)
                     bar.update(self.step)
                     continue
-                newest = self.ledger.verified[-1][1]
+                newest_step, newest = self.ledger.verified[-1]
                 newest["tokens_per_second"] = tokens_per_second
+                logger.publish([(newest_step, live_points(newest))])
+                if lines and (last or time.monotonic() - last_line >= PROGRESS_EVERY_S):
+                    log.info("step %d/%d (%.0f%%): loss %.4f, %s tokens/s", self.step, t.steps,
+                             100 * self.step / t.steps, newest.get("lm_loss", math.nan),
+                             f"{tokens_per_second:,.0f}")
+                    last_line = time.monotonic()
                 if eval_due:  # after the health check: a rollback also discards these results
                     self.ledger.verify(self.step, self._evaluate())
                 bar.set_postfix(loss=f"{newest.get('lm_loss', math.nan):.3f}",
@@ -482,3 +491,15 @@ class Trainer:
         if self.ckpt:
             self.ckpt.wait()
         return {**final, "run_id": logger.run_id}
+
+
+LIVE = ("lm_loss", "loss", "learning_rate", "tokens_per_second")
+
+
+def live_points(metrics: dict) -> dict:
+    """The provisional `live/` series published at every health check, so training curves show
+    while a run goes: the checked metrics reach MLflow under their own names only once a
+    checkpoint covers them. A rollback does not erase live points past the step it returns to
+    (their series then resumes after that step); the run's `rollback_<n>` tags record it."""
+    return {f"live/{k}": metrics[k] for k in LIVE if k in metrics}
+

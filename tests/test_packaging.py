@@ -62,6 +62,7 @@ def test_wheel_installs_into_a_fresh_venv_and_trains_from_another_directory(tmp_
     assert run_.data.tags["git_sha"] == "glam-0.1.0"
     # a single run ends by saying where it is
     assert f"run directory:     {work / 'run'}" in said
+    assert "step 5/5 (100%): loss" in said  # the progress line, with the bar off
     assert f"MLflow run id:     {run_.info.run_id}" in said
     assert f"mlflow ui --backend-store-uri {env['MLFLOW_TRACKING_URI']}" in said
     assert (work / "run" / "final_metrics.json").is_file()

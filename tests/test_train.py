@@ -62,6 +62,10 @@ def test_mlflow_run_read_back(moe_run):
     assert metrics["setup_seconds"] > 0
     evals = client.get_metric_history(final["run_id"], "eval/world_facts/0shot")
     assert sorted(m.step for m in evals) == [40, 80]  # periodic, then final
+    # the provisional live series: a point at every health check (every 20 steps, and at the
+    # checkpoint after step 30), before any checkpoint covers it
+    live = [m.step for m in client.get_metric_history(final["run_id"], "live/lm_loss")]
+    assert live == [19, 29, 39, 59, 79]
     steps = [m.step for m in client.get_metric_history(final["run_id"], "aux_loss")]
     assert steps == list(range(cfg.train.steps))  # one point per step, none duplicated
     flops = sorted(client.get_metric_history(final["run_id"], "train_flops"), key=lambda m: m.step)
