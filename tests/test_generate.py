@@ -95,3 +95,25 @@ def test_an_export_loads_back_to_the_same_model(tmp_path):
     np.testing.assert_array_equal(np.asarray(loaded.model(ids)[0]), np.asarray(model(ids)[0]))
     with pytest.raises(FileNotFoundError, match="no exported model"):
         export.load(tmp_path / "nothing")
+
+
+def test_a_sentencepiece_model_exports_and_generates(tmp_path, capsys):
+    """Text runs export their SentencePiece model; glam-generate encodes and decodes with it."""
+    from glam.data.tokenizer import SentencePieceTokenizer
+    from glam.generate import main as generate_main
+
+    words = ["alpha", "beta", "gamma", "delta", "model", "expert", "token", "layer"]
+    rng = np.random.default_rng(0)
+    sentences = [" ".join(rng.choice(words, 8)) for _ in range(400)]
+    sp = SentencePieceTokenizer.train(iter(sentences), vocab_size=24, model_type="unigram",
+                                      byte_fallback=False, character_coverage=1.0, seed=0)
+    import dataclasses
+
+    cfg = dataclasses.replace(load(["model=tiny_dense"], "cpu").model, vocab_size=sp.vocab_size)
+    model = GLaM(cfg, rngs=nnx.Rngs(0))
+    export.save(tmp_path / "model", jax.device_get(nnx.to_pure_dict(nnx.state(model, nnx.Param))),
+                cfg, sp)
+    assert (tmp_path / "model" / "tokenizer.model").read_bytes() == sp.model_bytes
+    generate_main([str(tmp_path), "--prompt", "alpha beta", "--max-new-tokens", "4"])
+    said = capsys.readouterr().out
+    assert said.startswith("alpha beta >>> ")
