@@ -1,16 +1,16 @@
 """What to train next for a training budget, from a finished ladder (`glam-plan --budget`).
 
 A ladder is a study whose runs vary the activated size N and the training tokens D (and, for
-MoE, the expert count E), each run with its own schedule length. `propose` fits
+MoE, the expert count E), each run with its own schedule length. `fit_ladder` fits
 L(N, D, E) (`analysis.loss_law`, Chinchilla's approach 3 with the routed extension when the
-ladder has several expert counts) to the runs' final validation losses, takes the
-compute-optimal N and D of each expert count for the budget, and sizes a model of the base
-config's shape family to that N. `write_study` writes the proposals as model presets and a
+ladder has several expert counts) to the runs' final validation losses; `propose` takes the
+compute-optimal N and D of each expert count for the budget and sizes a model of the base
+config's shape family (the ladder's largest rung unless `model=` says otherwise) to that N. `write_study` writes the proposals as model presets and a
 study that trains each at exactly the budget (`train.flops_budget`), so the next study is one
 command:
 
-    glam-plan --budget 3e14 --ladder outputs/studies/ladder/runs.csv
-    glam-train -m --config-dir outputs/plan/budget_3e+14 +study=budget_3e+14
+    glam-plan --budget 3e14 --ladder docs/results/study_ladder/runs.csv +study=study_ladder
+    glam-train -m --config-dir outputs/plan/budget_3e14 +study=budget_3e14
 """
 
 from __future__ import annotations
@@ -114,13 +114,23 @@ class Proposal:
                 "loss_low": self.loss_band[0], "loss_high": self.loss_band[1]}
 
 
+def flops_per_param_token(base: ModelConfig) -> float:
+    """Training FLOPs per activated parameter and token of `base` at glam's own count (3 x
+    forward, attention and router included): what the budget is spent at, where Chinchilla's
+    C = 6 N D would assume 6."""
+    c = accounting.count(dense_counterpart(base))
+    return c.train_flops_per_token / c.activated_params
+
+
 def propose(law: LossLaw, flops: float, base: ModelConfig, experts: list[int],
             tag: str) -> list[Proposal]:
     """The compute-optimal configuration for `flops` training FLOPs at each expert count in
-    `experts` (0: dense), sized from `base` (a resolved model config)."""
+    `experts` (0: dense), sized from `base` (a resolved model config); the optimum is solved at
+    `base`'s FLOPs per parameter and token."""
     out = []
+    k = flops_per_param_token(base)
     for e in sorted(set(experts)):
-        allocation = compute_optimal(law, flops, experts=max(e, 1))
+        allocation = compute_optimal(law, flops, experts=max(e, 1), flops_per_param_token=k)
         model = size_model(base, allocation.params, e)
         counts = accounting.count(dense_counterpart(model))
         params, tokens = counts.activated_params, flops / counts.train_flops_per_token
@@ -134,20 +144,22 @@ def propose(law: LossLaw, flops: float, base: ModelConfig, experts: list[int],
 
 
 def write_study(proposals: list[Proposal], flops: float, base_overrides: dict, out: Path,
-                name: str) -> Path:
+                name: str, raw: ModelConfig) -> Path:
     """Write `<out>/model/<preset>.yaml` for each proposal and `<out>/study/<name>.yaml`, a
     study of the proposals at `flops` training FLOPs each; returns the study file.
 
     `base_overrides`: config sections (plain dicts) copied into the study, e.g. the ladder's
-    `data` and `train.batch_size`, so the proposals train as the ladder did.
+    `data` and `train.batch_size`, so the proposals train as the ladder did. `raw`: the base
+    model before resolution, whose vocabulary and routing (dispatch `auto`, group size) the
+    presets keep, so resolution fills them for the backend the study runs on.
     """
     from omegaconf import OmegaConf
 
     (out / "model").mkdir(parents=True, exist_ok=True)
     (out / "study").mkdir(parents=True, exist_ok=True)
     for p in proposals:
-        fields = OmegaConf.to_container(OmegaConf.structured(p.model), enum_to_str=True)
-        fields["vocab_size"] = None  # the data's tokenizer, as in the ladder
+        unresolved = dataclasses.replace(p.model, vocab_size=raw.vocab_size, router=raw.router)
+        fields = OmegaConf.to_container(OmegaConf.structured(unresolved), enum_to_str=True)
         (out / "model" / f"{p.name}.yaml").write_text(
             f"# glam-plan --budget {flops:.3g}: {p.allocation.params:.4g} activated parameters "
             f"and {p.allocation.tokens:.4g} tokens are compute-optimal\n# at E = "
@@ -170,3 +182,18 @@ def write_study(proposals: list[Proposal], flops: float, base_overrides: dict, o
 
 def table(proposals: list[Proposal]) -> pd.DataFrame:
     return pd.DataFrame([p.row() for p in proposals])
+
+
+def largest_rung(table: pd.DataFrame) -> str | None:
+    """The model preset of the ladder's largest run (its `param.model.name`), if recorded."""
+    if "param.model.name" not in table:
+        return None
+    rows = table[np.isfinite(table["activated_params"].astype(float))]
+    return None if rows.empty else str(rows.loc[rows["activated_params"].idxmax(),
+                                                "param.model.name"])
+
+
+def budget_tag(flops: float) -> str:
+    """A study name for a budget: 3e12 -> budget_3e12, 2.5e13 -> budget_2p5e13."""
+    return "budget_" + f"{flops:.3g}".replace("+", "").replace(".", "p")
+

@@ -42,8 +42,8 @@ OKABE_ITO = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "
              "#F0E442")
 COLORS = {"dense": OKABE_ITO[0], "moe": OKABE_ITO[1]}
 LABELS = {"dense": "Dense", "moe": "MoE"}
-WIDE = (7.0, 2.9)
-TUNED = ("param.schedule.", "param.optimizer.", "param.model.router.")  # what searches vary  # three panels at a paper's full text width (inches)
+WIDE = (7.0, 2.9)  # three panels at a paper's full text width (inches)
+TUNED = ("param.schedule.", "param.optimizer.", "param.model.router.")  # what searches vary
 PLACEMENTS = {"matched": "expert widths FLOP-matched to the dense model",
               "glam": "GLaM placement, experts as wide as the dense FFN"}
 

@@ -27,7 +27,7 @@ from scipy.special import logsumexp, softmax
 
 from analysis.fit import saturating_experts
 
-# Besiroglu et al.'s grid of starting points (4,500 starts; 6,000 with gamma).
+# Besiroglu et al.'s grid of starting points (4,500 combinations; 13,500 with gamma).
 GRID = {"a": (0.0, 5.0, 10.0, 15.0, 20.0, 25.0), "b": (0.0, 5.0, 10.0, 15.0, 20.0, 25.0),
         "e": (-1.0, -0.5, 0.0, 0.5, 1.0), "alpha": (0.0, 0.5, 1.0, 1.5, 2.0),
         "beta": (0.0, 0.5, 1.0, 1.5, 2.0), "gamma": (0.0, 0.5, 1.0)}
@@ -189,8 +189,12 @@ def fit_loss_law(n, d, loss, experts=None, *, exclude_highest: int = 0, n_boot: 
     if not len(n) == len(d) == len(loss) == len(experts):
         raise ValueError(f"n, d, loss and experts differ in length: {len(n)}, {len(d)}, "
                          f"{len(loss)}, {len(experts)}")
-    if not all(np.all(np.isfinite(v) & (v > 0)) for v in (n, d, loss, experts)):
-        raise ValueError("n, d, loss and experts must all be finite and positive")
+    for name, values in (("n (parameters)", n), ("d (tokens)", d), ("loss", loss),
+                         ("experts", experts)):
+        bad = np.flatnonzero(~(np.isfinite(values) & (values > 0)))
+        if len(bad):
+            raise ValueError(f"{name} must be finite and positive; runs {bad[:5].tolist()} "
+                             f"have {values[bad[:5]].tolist()}")
     keep = np.argsort(loss, kind="stable")[: len(loss) - exclude_highest]
     n, d, loss, experts = n[keep], d[keep], loss[keep], experts[keep]
     free = np.array([True] * 5 + [routed])
@@ -211,7 +215,9 @@ def fit_loss_law(n, d, loss, experts=None, *, exclude_highest: int = 0, n_boot: 
         rows = rng.integers(0, len(n), len(n))
         sample = tuple(v[rows] for v in data)
         if all(len(np.unique(sample[i])) > 1 for i in range(3 if routed else 2)):
-            boot.append(_minimise(theta, sample, free)[0])
+            refit, value = _minimise(theta, sample, free)
+            if np.isfinite(value) and np.all(np.isfinite(refit)):
+                boot.append(refit)
     return LossLaw.of(theta, n_points=len(n), excluded=exclude_highest, objective=objective,
                       boot=np.asarray(boot).reshape(-1, 6))
 
@@ -243,6 +249,10 @@ def compute_optimal(law: LossLaw, flops: float, experts: float = 1.0,
     """
     if not (np.isfinite(flops) and flops > 0):
         raise ValueError(f"the budget must be a positive number of FLOPs, got {flops}")
+    if not (law.alpha > 0 and law.beta > 0):
+        raise ValueError(f"the law has alpha={law.alpha:.3g}, beta={law.beta:.3g}: with a "
+                         "non-positive exponent more parameters or tokens never help, so there "
+                         "is no compute-optimal split; refit on a ladder that spans more")
 
     def optimum(l: LossLaw) -> float:
         a_eff = l.A * float(saturating_experts(experts)) ** -l.gamma

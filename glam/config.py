@@ -685,6 +685,9 @@ class LoggerConfig(Section):
                                                    "else ./mlflow.db")
     experiment: str = doc("glam", "MLflow experiment (a study sets its own)")
     run_name: Optional[str] = doc(None, "MLflow run name; null: family-E-size-tokens-seed")
+    export: bool = doc(True, "write the trained model (safetensors, config, tokenizer) to "
+                             "<run dir>/model/ and the artifact model/; every host gathers "
+                             "the parameters, so turn it off for models larger than host memory")
     register_model: Optional[str] = doc(None, "register the exported model (artifact model/) "
                                               "under this name in MLflow's model registry; "
                                               "null: export only")
@@ -703,6 +706,9 @@ class LoggerConfig(Section):
               f"{shown!r}: unknown scheme {scheme!r}; use one of "
               + ", ".join(f"{s}://" for s in TRACKING_SCHEMES)
               + " (e.g. sqlite:///mlflow.db or http://host:5000).")
+        check(not self.register_model or self.export, f"{prefix}.register_model",
+              f"{self.register_model!r} registers the exported model, but logger.export is "
+              "false; turn export on or drop register_model.")
 
 
 @dataclass

@@ -43,8 +43,25 @@ def _nested(flat: dict[str, np.ndarray], like: dict) -> dict:
             out[key] = _nested({k[len(f"{key}."):]: v for k, v in flat.items()
                                 if k.startswith(f"{key}.")}, value)
         else:
-            out[key] = flat[str(key)]
+            out[key] = flat.get(str(key))
     return out
+
+
+def _check_params(flat: dict[str, np.ndarray], state) -> None:
+    """Every parameter the config's model has is in the file with its shape, and no other.
+
+    Raises:
+      ValueError: names the missing, extra or misshapen parameters.
+    """
+    want = {k: tuple(v.shape) for k, v in flatten(nnx.to_pure_dict(state)).items()}
+    have = {k: tuple(v.shape) for k, v in flat.items()}
+    problems = ([f"missing {k}" for k in want if k not in have]
+                + [f"unexpected {k}" for k in have if k not in want]
+                + [f"{k}: file {have[k]}, config {want[k]}" for k in want
+                   if k in have and have[k] != want[k]])
+    if problems:
+        raise ValueError("model.safetensors does not fit config.json: " + "; ".join(problems[:5])
+                         + ("" if len(problems) <= 5 else f"; {len(problems) - 5} more"))
 
 
 def save(folder: Path, params: dict, model: ModelConfig, tokenizer: Tokenizer,
@@ -99,7 +116,7 @@ def resolve_source(source: str | Path, tracking_uri: str | None = None) -> Path:
         import mlflow
 
         uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db")
-        target = Path(tempfile.mkdtemp(prefix="glam-model-"))
+        target = Path(tempfile.mkdtemp(prefix="glam-model-"))  # kept: the caller reads it
         try:
             mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=FOLDER,
                                                 dst_path=str(target), tracking_uri=uri)
@@ -119,7 +136,7 @@ def load(source: str | Path, tracking_uri: str | None = None,
 
     Raises:
       FileNotFoundError: see `resolve_source`.
-      KeyError: the parameter file lacks a parameter the config's model has.
+      ValueError: the parameter file does not fit the config (names the parameters).
     """
     folder = resolve_source(source, tracking_uri)
     saved = json.loads((folder / "config.json").read_text())
@@ -128,7 +145,9 @@ def load(source: str | Path, tracking_uri: str | None = None,
     config = transform(config) if transform else config
     model = nnx.eval_shape(lambda: GLaM(config, rngs=nnx.Rngs(0)))
     state = nnx.state(model, nnx.Param)
-    values = _nested(load_file(str(folder / "model.safetensors")), nnx.to_pure_dict(state))
+    flat = load_file(str(folder / "model.safetensors"))
+    _check_params(flat, state)
+    values = _nested(flat, nnx.to_pure_dict(state))
     nnx.replace_by_pure_dict(state, jax.tree.map(jax.numpy.asarray, values))
     nnx.update(model, state)
     tokenizer = (WordTokenizer(json.loads((folder / "vocab.json").read_text()))

@@ -138,6 +138,9 @@ def generate(model: GLaM, prompt: np.ndarray, new_tokens: int, *, seed: int = 0,
         raise ValueError(f"prompt must be [B, P] token ids with P >= 1, got shape {prompt.shape}")
     if new_tokens < 1:
         raise ValueError(f"new_tokens must be at least 1, got {new_tokens}")
+    vocab = model.embed.shape[0]
+    if top_k > vocab:
+        raise ValueError(f"top_k={top_k} is larger than the vocabulary ({vocab} tokens)")
     if temperature < 0 or top_k < 0 or not 0 < top_p <= 1:
         raise ValueError(f"temperature >= 0, top_k >= 0 and 0 < top_p <= 1 are needed, got "
                          f"{temperature}, {top_k}, {top_p}")
@@ -186,7 +189,7 @@ def main(argv: list[str] | None = None) -> None:
             if loaded.tokenizer.eos_id in new:
                 new = new[: new.index(loaded.tokenizer.eos_id)]
             print(f"{text} >>> {loaded.tokenizer.decode(new)}")
-    except (FileNotFoundError, ValueError) as err:
+    except (FileNotFoundError, ValueError, OSError) as err:
         print(f"glam-generate: {err}", file=sys.stderr)
         raise SystemExit(2) from None
 

@@ -82,7 +82,7 @@ _TABLE: dict[Role, dict[str, str]] = {
         "data": "prepared_dir",
         "data.engine": "address workers",
         "data.quality": "good_label",  # what is reported, not what is kept
-        "logger": "tracking_uri experiment run_name register_model flush_every "
+        "logger": "tracking_uri experiment run_name export register_model flush_every "
                   "outage_timeout_s",
         "derived": "filled",
     },

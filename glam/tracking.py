@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import fcntl
+import json
 import logging
 import os
 import queue
@@ -150,7 +151,10 @@ def experiment_id(client: MlflowClient, name: str) -> str:
             pass  # another job created it
         exp = client.get_experiment_by_name(name)
     if exp.tags.get(EXPERIMENT_KIND[0]) != EXPERIMENT_KIND[1]:
-        client.set_experiment_tag(exp.experiment_id, *EXPERIMENT_KIND)
+        try:
+            client.set_experiment_tag(exp.experiment_id, *EXPERIMENT_KIND)
+        except MlflowException as err:  # e.g. no permission to edit a shared experiment
+            log.warning("experiment %s keeps its view (%s)", name, str(err).splitlines()[0])
     return exp.experiment_id
 
 
@@ -278,19 +282,26 @@ class Tracker:
         self._queue.put((self._register, (name, artifact_path), 0))
 
     def _register(self, name: str, artifact_path: str) -> None:
+        """Best effort: a registry that refuses the model (permissions, a registry that wants
+        an MLmodel file) leaves a warning, not a failed run; the artifact is there either way."""
         try:
-            self.client.create_registered_model(name)
+            try:
+                self.client.create_registered_model(name)
+            except MlflowException as err:
+                if err.error_code != "RESOURCE_ALREADY_EXISTS":
+                    raise
+            self.client.create_model_version(name, f"runs:/{self.run_id}/{artifact_path}",
+                                             run_id=self.run_id)
         except MlflowException as err:
-            if err.error_code != "RESOURCE_ALREADY_EXISTS":
-                raise
-        self.client.create_model_version(name, f"runs:/{self.run_id}/{artifact_path}",
-                                         run_id=self.run_id)
+            log.warning("model %s not registered (%s); its files are the run's %s/ artifact",
+                        name, str(err).splitlines()[0], artifact_path)
 
     def log_dataset(self, name: str, digest: str, source: str, profile: str,
                     context: str = "training") -> None:
         """Record a dataset as the run's input (the UI's Datasets column): `digest` is its
         fingerprint (MLflow keeps 36 characters), `profile` a JSON summary."""
-        dataset = Dataset(name, digest[:36], "local", source, profile=profile)
+        dataset = Dataset(name, digest[:36], "local", json.dumps({"uri": source}),
+                          profile=profile)
         inputs = [DatasetInput(dataset, [InputTag("mlflow.data.context", context)])]
         self._queue.put((self.client.log_inputs, (self.run_id, inputs), 0))
 
@@ -396,6 +407,9 @@ class SilentTracker:
 
 
 def ui_command(tracking_uri: str) -> str:
-    """The shell command that opens the MLflow UI on this tracking store."""
+    """How to see this tracking store: the command that opens the MLflow UI on a local store,
+    or the server's address."""
+    if tracking_uri.startswith(("http://", "https://")):
+        return f"open {redact(tracking_uri)} in a browser"
     return f"mlflow ui --backend-store-uri {tracking_uri}"
 

@@ -84,11 +84,19 @@ def _main(dcfg: DictConfig) -> float:
         if done:
             log.info("study point %s already finished (MLflow run %s): skipped",
                      tags["study_point"], done)
-            return math.nan
+            return finished_val_loss(cfg.logger.tracking_uri, done)  # a search's objective
     final = run(cfg, output_dir, tags)
     if tags is None and distributed.is_primary():  # a study's end says it for all its points
         print(where_it_is(cfg, output_dir, final["run_id"]))
     return final["val_loss"]
+
+
+def finished_val_loss(tracking_uri: str, run_id: str) -> float:
+    """The final validation loss a finished run recorded (NaN if it has none): a relaunched
+    search (Optuna) gets the objective of the trials it had already run."""
+    from glam.tracking import client
+
+    return float(client(tracking_uri).get_run(run_id).data.metrics.get("val_loss", math.nan))
 
 
 def where_it_is(cfg: Config, output_dir: Path, run_id: str) -> str:

@@ -39,6 +39,7 @@ from glam.mesh import activate, check_divisibility, data_sharding, make_mesh, ru
 from glam.optim import lr_schedule, make_optimizer
 from glam.resolve import ResolvedConfig
 from glam.run_logger import RunLogger
+from glam.tracking import TrackingError
 from glam.stability import HealthMonitor, TrainingDiverged, fault_scale
 from glam.step import init_state, make_eval_step, make_train_step
 
@@ -406,7 +407,10 @@ class Trainer:
                     continue
                 newest_step, newest = self.ledger.verified[-1]
                 newest["tokens_per_second"] = tokens_per_second
-                logger.publish([(newest_step, live_points(newest))])
+                try:
+                    logger.publish([(newest_step, live_points(newest))])
+                except TrackingError:
+                    pass  # raised again where the checked points are published
                 if lines and (last or time.monotonic() - last_line >= PROGRESS_EVERY_S):
                     log.info("step %d/%d (%.0f%%): loss %.4f, %s tokens/s", self.step, t.steps,
                              100 * self.step / t.steps, newest.get("lm_loss", math.nan),
@@ -482,9 +486,13 @@ class Trainer:
                for k, n in compile_cache.counts().items()},
         }
         logger.publish([(t.steps, final)])
-        model = nnx.merge(self.graphdef, self.state)[0]
-        params = distributed.fetch(nnx.to_pure_dict(nnx.state(model, nnx.Param)))  # all processes
-        logger.export_model(params, self.cfg, self.corpus.tokenizer)
+        if self.cfg.logger.export:
+            model = nnx.merge(self.graphdef, self.state)[0]
+            params = distributed.fetch(nnx.to_pure_dict(nnx.state(model, nnx.Param)))  # all
+            try:
+                logger.export_model(params, self.cfg, self.corpus.tokenizer)
+            except OSError as err:  # the training is done and in MLflow: warn, don't fail
+                log.warning("the model was not exported: %s", err)
         logger.write_artifacts({"expert_load.json": self.expert_load,
                                 "rollbacks.json": self.rollbacks, "final_metrics.json": final},
                                self.predictions)

@@ -157,7 +157,19 @@ def test_a_narrow_range_and_a_panel_of_zeros_still_read(run_table, tmp_path, dra
     """Sizes within one decade of FLOPs get labelled ticks; an all-zero NLG panel gets a 0..1
     axis, not -0.04..0.04."""
     table = run_table[run_table["model"] != "l"].assign(**{"eval/nlg_avg/0shot": 0.0})
-    figures.compute_vs_accuracy(table, tmp_path)
+    limits = {}
+    original = figures._save
+
+    def keep_limits(fig, *args, **kwargs):
+        limits.update({ax.get_ylabel(): ax.get_ylim() for ax in fig.axes})
+        return original(fig, *args, **kwargs)
+
+    figures._save = keep_limits
+    try:
+        figures.compute_vs_accuracy(table, tmp_path)  # (the readability checks run first)
+    finally:
+        figures._save = original
+    assert limits["NLG avg., 0-shot (EM %)"] == (0, 1)
     import matplotlib.pyplot as plt
 
     assert not plt.get_fignums()  # every figure closed after saving

@@ -11,7 +11,7 @@ from analysis.loss_law import LossLaw, compute_optimal
 from glam import accounting
 from glam.config import ConfigError
 from glam.placement import dense_counterpart
-from glam.resolve import SWEEPS_DIR, load
+from glam.resolve import SWEEPS_DIR, load, load_raw
 from glam.study.plan import main as plan_main
 
 # A ladder whose losses follow a known routed law exactly.
@@ -49,17 +49,23 @@ def test_the_proposals_are_the_analytic_optimum_sized_and_written_as_a_study(tmp
     flops = 3e13
     proposals = budget.propose(law, flops, base, [0, 8], "budget_3e13")
     assert [p.experts for p in proposals] == [0, 8]
+    k = budget.flops_per_param_token(base)  # glam's count, not Chinchilla's 6
+    assert 6 < k < 9  # attention and the embedding's output projection on top of 6
     for p in proposals:
-        exact = compute_optimal(TRUTH, flops, experts=max(p.experts, 1))
+        exact = compute_optimal(TRUTH, flops, experts=max(p.experts, 1), flops_per_param_token=k)
         assert p.allocation.params == pytest.approx(exact.params, rel=0.02)
         assert p.allocation.loss == pytest.approx(exact.loss, rel=0.002)
         assert p.allocation.loss_band[0] <= p.allocation.loss <= p.allocation.loss_band[1]
     # more experts at the same budget: lower expected loss (gamma > 0)
     assert proposals[1].allocation.loss < proposals[0].allocation.loss
 
+    raw = load_raw(["model=ladder_s"]).model
     study = budget.write_study(proposals, flops, {"data": {"n_entities": 120},
                                                    "train": {"batch_size": 16}},
-                               tmp_path, "budget_3e13")
+                               tmp_path, "budget_3e13", raw)
+    preset = (tmp_path / "model" / "budget_3e13_e8.yaml").read_text()
+    # resolution fills vocabulary and routing on the backend the study runs on
+    assert "vocab_size: null" in preset and "dispatch: auto" in preset
     assert study == tmp_path / "study" / "budget_3e13.yaml"
     for p in proposals:
         cfg = load([f"hydra.searchpath=[file://{SWEEPS_DIR},file://{tmp_path}]",
@@ -79,6 +85,11 @@ def test_the_proposals_are_the_analytic_optimum_sized_and_written_as_a_study(tmp
         assert abs(_steps_flops(cfg) - flops) <= per_step / 2
 
 
+def test_budget_names_never_round_two_budgets_together():
+    assert budget.budget_tag(3e12) == "budget_3e12"
+    assert budget.budget_tag(2.5e13) == "budget_2p5e13" != budget.budget_tag(3e13)
+
+
 def test_the_cli_writes_the_study_and_prints_its_command(tmp_path, capsys):
     table = tmp_path / "ladder.csv"
     _ladder().to_csv(table, index=False)
@@ -88,6 +99,14 @@ def test_the_cli_writes_the_study_and_prints_its_command(tmp_path, capsys):
     assert "fitted on 24 runs" in out and "budget_3e13_e8" in out
     assert f"glam-train -m --config-dir {tmp_path / 'next'} +study=budget_3e13" in out
     assert (tmp_path / "next" / "model" / "budget_3e13_dense.yaml").is_file()
+
+    # without model=, the proposals are sized in the family of the ladder's largest rung
+    _ladder().assign(**{"param.model.name": "ladder_xs"}).to_csv(table, index=False)
+    plan_main(["--budget", "3e13", "--ladder", str(table), "--out", str(tmp_path / "own")])
+    import yaml
+
+    preset = yaml.safe_load((tmp_path / "own" / "model" / "budget_3e13_dense.yaml").read_text())
+    assert preset["d_model"] // preset["n_heads"] == 16  # ladder_xs: 32 / 2 (cpu_moe: 32)
 
 
 @pytest.mark.parametrize("args,message", [

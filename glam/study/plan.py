@@ -19,7 +19,7 @@ from glam import accounting
 from glam.config import ConfigError
 from glam.hardware import profile
 from glam.placement import dense_counterpart, flops
-from glam.resolve import ResolvedConfig, load
+from glam.resolve import ResolvedConfig, load, load_raw
 from glam.study.points import expand
 
 
@@ -146,19 +146,22 @@ def budget(flops: float, ladder: str, overrides: list[str], out: str | None) -> 
     from analysis.runs import load_runs, read_table
     from glam.resolve import to_container
 
-    cfg = load(overrides, "cpu")
     path = Path(ladder)
     runs = (read_table(path) if path.suffix in (".csv", ".parquet") or path.exists()
-            else load_runs(cfg.logger.tracking_uri, ladder))
+            else load_runs(load_raw(overrides).logger.tracking_uri, ladder))
+    rung = proposals.largest_rung(runs)
+    if rung and not any(o.startswith(("model=", "+model=")) for o in overrides):
+        overrides = [f"model={rung}", *overrides]  # size from the ladder's own family
+    cfg, raw = load(overrides, "cpu"), load_raw(overrides).model
     law = proposals.fit_ladder(runs)
     experts = sorted({int(e) for e in proposals.ladder_points(runs)["experts"]} | {1})
-    tag = f"budget_{flops:.0e}".replace("+", "")
+    tag = proposals.budget_tag(flops)
     chosen = proposals.propose(law, flops, cfg.model, [0 if e == 1 else e for e in experts], tag)
     plain = to_container(cfg)
     folder = Path(out or f"outputs/plan/{tag}")
     study = proposals.write_study(
         chosen, flops, {"data": plain["data"], "eval": plain["eval"],
-                        "train": {"batch_size": cfg.train.batch_size}}, folder, tag)
+                        "train": {"batch_size": cfg.train.batch_size}}, folder, tag, raw)
     law_text = (f"L(N, D{', E' if law.gamma else ''}) = {law.E:.3f} + {law.A:.4g} / (N^"
                 f"{law.alpha:.3f}{f' Ê^{law.gamma:.3f}' if law.gamma else ''}) + "
                 f"{law.B:.4g} / D^{law.beta:.3f}")

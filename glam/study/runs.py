@@ -93,8 +93,10 @@ class StudyCallback(MultirunCheck):
         if parent_file.exists():
             client = tracking.client(config.logger.tracking_uri)
             parent = json.loads(parent_file.read_text())["run_id"]
-            report(client, config.logger.tracking_uri, config.study.name or "study", parent)
-            client.set_terminated(parent, "FINISHED")
+            try:
+                report(client, config.logger.tracking_uri, config.study.name or "study", parent)
+            finally:
+                client.set_terminated(parent, "FINISHED")
 
 
 def report(client: MlflowClient, tracking_uri: str, study: str, parent: str) -> None:
@@ -102,10 +104,10 @@ def report(client: MlflowClient, tracking_uri: str, study: str, parent: str) -> 
     `study_points.json`) and the headline comparison as metrics; on the terminal, the table and
     the commands that analyse and show it. A summary that fails is logged, never fatal: the
     points are all in MLflow already."""
-    from analysis.runs import load_runs
-    from analysis.summary import headline, points, print_summary
-
     try:
+        from analysis.runs import load_runs
+        from analysis.summary import headline, points, print_summary
+
         table = load_runs(tracking_uri, parent_run_id=parent)
         if not table.empty:
             client.log_table(parent, points(table), "study_points.json")
