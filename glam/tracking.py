@@ -413,3 +413,12 @@ def ui_command(tracking_uri: str) -> str:
         return f"open {redact(tracking_uri)} in a browser"
     return f"mlflow ui --backend-store-uri {tracking_uri}"
 
+
+def experiment_url(tracking_uri: str, experiment_id: str) -> str:
+    """The experiment's page in the MLflow UI (a local `mlflow ui` on its default port, or the
+    tracking server), in the model-training view: MLflow 3 opens its GenAI view unless the URL
+    (or the user's last choice) says `workflowType=machine_learning`."""
+    base = (redact(tracking_uri).rstrip("/") if tracking_uri.startswith(("http://", "https://"))
+            else "http://127.0.0.1:5000")
+    return f"{base}/#/experiments/{experiment_id}?workflowType=machine_learning"
+

@@ -102,11 +102,15 @@ def finished_val_loss(tracking_uri: str, run_id: str) -> float:
 def where_it_is(cfg: Config, output_dir: Path, run_id: str) -> str:
     """The lines a single run ends with: where its files and its MLflow run are, and how to
     open the UI on them."""
+    from glam.tracking import client, experiment_url
+
     lg = cfg.logger
+    experiment = client(lg.tracking_uri).get_run(run_id).info.experiment_id
     return (f"run directory:     {output_dir.resolve()}\n"
             f"MLflow experiment: {lg.experiment} ({redact(lg.tracking_uri)})\n"
             f"MLflow run id:     {run_id}\n"
-            f"open the UI:       {ui_command(redact(lg.tracking_uri))}")
+            f"open the UI:       {ui_command(redact(lg.tracking_uri))}\n"
+            f"                   {experiment_url(lg.tracking_uri, experiment)}")
 
 
 if __name__ == "__main__":

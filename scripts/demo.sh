@@ -24,5 +24,8 @@ Figures (PDF, PNG and the plotted data as CSV): outputs/analysis/compute_vs_accu
 outputs/analysis/expert_count/ and outputs/analysis/data_quality/ (also attached to each
 study's parent run in MLflow).
 MLflow database: ${MLFLOW_TRACKING_URI}
-Open the UI:     ${mlflow_bin} ui --backend-store-uri ${MLFLOW_TRACKING_URI}   (then http://127.0.0.1:5000)
+Open the UI:     ${mlflow_bin} ui --backend-store-uri ${MLFLOW_TRACKING_URI}
+                 then http://127.0.0.1:5000/#/experiments?workflowType=machine_learning
+                 (MLflow 3 opens its GenAI view otherwise; the "Model training" switch at the
+                 top left does the same)
 MSG

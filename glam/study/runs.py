@@ -117,8 +117,10 @@ def report(client: MlflowClient, tracking_uri: str, study: str, parent: str) -> 
             print_summary(table)
     except Exception as err:  # noqa: BLE001 - the summary is a convenience
         log.warning("no summary of study %s: %s", study, err)
+    experiment = client.get_run(parent).info.experiment_id
     print(f"analyse it:  glam-analyze --study {study}   (figures in outputs/analysis/{study}/)\n"
-          f"open the UI: {tracking.ui_command(redact(tracking_uri))}")
+          f"open the UI: {tracking.ui_command(redact(tracking_uri))}\n"
+          f"             {tracking.experiment_url(tracking_uri, experiment)}")
 
 
 def _run_exists(client: MlflowClient, run_id: str) -> bool:
