@@ -121,3 +121,19 @@ def test_a_ladder_that_cannot_answer_is_refused_with_the_reason(args, message, c
         plan_main(["--budget", "1e13", *args])
     assert stop.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_the_committed_cpu_ladder_gives_a_plan(tmp_path, capsys):
+    """docs/results/study_ladder (18 CPU runs): the law fits, and both proposals spend the
+    budget at glam's own FLOP count."""
+    ladder = REPO / "docs/results/study_ladder/runs.csv"
+    law = budget.fit_ladder(pd.read_csv(ladder), n_boot=20)
+    assert law.n_points == 18 and law.alpha > 0 and law.beta > 0 and law.gamma > 0
+    plan_main(["--budget", "3e12", "--ladder", str(ladder), "--out", str(tmp_path),
+               "+study=study_ladder"])
+    assert "budget_3e12_dense" in capsys.readouterr().out
+    for preset in ("budget_3e12_dense", "budget_3e12_e8"):
+        cfg = load([f"hydra.searchpath=[file://{SWEEPS_DIR},file://{tmp_path}]",
+                    "+study=budget_3e12", f"model={preset}"], "cpu")
+        per_step = _steps_flops(cfg) / cfg.train.steps
+        assert abs(_steps_flops(cfg) - 3e12) <= per_step / 2

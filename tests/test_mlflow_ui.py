@@ -57,6 +57,7 @@ def test_the_ui_opens_the_study_in_its_model_training_view(tmp_path, free_port):
         url = tracking.experiment_url(uri, experiment).replace("127.0.0.1:5000",
                                                                f"127.0.0.1:{port}")
         text = _render(url, tmp_path / "study.png")
+        parent_page = _render(url.replace("?", f"/runs/{parent}?"), tmp_path / "parent.png")
     finally:
         server.terminate()
         server.wait(timeout=30)
@@ -64,4 +65,6 @@ def test_the_ui_opens_the_study_in_its_model_training_view(tmp_path, free_port):
     assert "Run Name" in text and "Token Usage" not in text, text[:1500]
     assert "ui_study" in text  # the parent run is listed ...
     assert "3 matching runs" in text  # ... with its two child runs under it
+    assert "Child runs" in parent_page  # and the parent's page names them
+    assert "dense-156K-1.02Mtok-s0" in parent_page and "moe-E8-156K-1.02Mtok-s0" in parent_page
     assert (tmp_path / "study.png").stat().st_size > 10_000
