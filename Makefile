@@ -17,7 +17,7 @@ install: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -n 2 --dist loadgroup -q
 
-# The tests not marked slow (no CLI training, multirun or multi-process run): about a minute.
+# The tests not marked slow (no CLI training, multirun or multi-process run): about 3 minutes.
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -n 2 --dist loadgroup -q -m "not slow"
 

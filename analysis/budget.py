@@ -84,10 +84,14 @@ def size_model(base: ModelConfig, params: float, experts: int) -> ModelConfig:
                 dense_counterpart(base), d_model=width, n_layers=layers, n_heads=heads,
                 d_head=None if base.d_head is None else head, attn_width=None,
                 d_ff=max(1, round(ffn * width)))
-            score = (abs(math.log(accounting.count(shape).activated_params / params))
-                     + 0.05 * abs(math.log(width / layers / ratio)))
+            size = accounting.count(shape).activated_params
+            score = abs(math.log(size / params)) + 0.05 * abs(math.log(width / layers / ratio))
             if score < best_score:
                 best, best_score = shape, score
+            if size > 2 * params:  # wider only grows: nothing closer at this depth
+                break
+        if heads == low and size > 2 * params:  # deeper only grows too
+            break
     return dataclasses.replace(best, n_experts=experts, expert_d_ff=None)
 
 

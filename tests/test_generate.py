@@ -20,6 +20,7 @@ def _model(preset: str, seed: int = 0) -> GLaM:
     return GLaM(inference_config(cfg), rngs=nnx.Rngs(seed))
 
 
+@pytest.mark.slow  # compiles the decode loop and a forward pass per length (~1 min)
 @pytest.mark.parametrize("preset", ["tiny_dense", "tiny_moe"])
 def test_cached_decoding_equals_the_full_forward_pass(preset):
     """Every decode step's logits equal the last position of running the whole window again
