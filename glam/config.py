@@ -444,6 +444,8 @@ class DataConfig(Section):
     filler_share: float = doc(0.1, "world: share of documents that are grammar filler")
     qa_share: float = doc(0.2, "world: share of documents that are QA lines, in [0, 1]")
     qa_entity_fraction: float = doc(0.5, "world: share of people whose QA lines are in training")
+    popularity: float = doc(0.0, "world: Zipf exponent of how often each person is written "
+                                 "about (person of rank r drawn ~ r^-popularity); 0: uniform")
     train_tokens: int = doc(2_000_000, "world: training stream length (tokens)")
     val_tokens: int = doc(65_536, "world: validation stream length (tokens)")
     seed: int = doc(1234, "seed of the world and its streams; text: of the tokenizer sample "
@@ -469,6 +471,8 @@ class DataConfig(Section):
         check(self.templates_per_attribute <= 4, f"{prefix}.templates_per_attribute",
               "at most 4.")
         _in_unit_interval(self, prefix, ("filler_share", "qa_share", "qa_entity_fraction"))
+        check(0 <= self.popularity <= 4, f"{prefix}.popularity",
+              f"{self.popularity} is not a Zipf exponent in [0, 4] (0: uniform, 1: Zipf's law).")
         check(self.filler_share + self.qa_share <= 1, f"{prefix}.qa_share",
               "filler_share + qa_share must be <= 1.")
         self.tokenizer.check(f"{prefix}.tokenizer")
@@ -662,11 +666,16 @@ class EvalConfig(Section):
     max_answer_tokens: int = doc(4, "greedy tokens generated per answer")
     length_normalize: bool = doc(False, "nlu: score options by mean, not summed, log p")
     batch_size: int = doc(64, "prompts per compiled evaluation batch")
-    seed: int = doc(0, "seed of the demonstrations")
+    seed: int = doc(0, "seed of the demonstrations and of the knowledge probe's sample")
+    knowledge_facts: int = doc(4096, "world: facts the knowledge probe scores (all when the "
+                                     "world has fewer; glam.eval.knowledge); 0: no probe")
 
     def check(self, prefix: str = "eval") -> None:
         check(self.every >= 0, f"{prefix}.every", "must be >= 0 (0: evaluate at the end only).")
         _positive(self, prefix, ("max_examples", "max_answer_tokens", "batch_size"))
+        check(self.knowledge_facts == 0 or self.knowledge_facts >= 2000,
+              f"{prefix}.knowledge_facts", f"{self.knowledge_facts} facts estimate the world's "
+              "knowledge too roughly; use at least 2000, or 0 to turn the probe off.")
         check(all(k >= 0 for k in self.shots), f"{prefix}.shots",
               f"shot counts must be >= 0, got {list(self.shots)}.")
         names = set()

@@ -43,7 +43,8 @@ _TABLE: dict[Role, dict[str, str]] = {
         "model.router": "capacity_factor capacity_multiple group_size second_expert_policy "
                         "gate_norm jitter aux_loss_weight z_loss_weight dispatch",
         "data": "kind n_entities n_attributes templates_per_attribute filler_share qa_share "
-                "qa_entity_fraction train_tokens val_tokens seed sources malformed segment_ids",
+                "qa_entity_fraction popularity train_tokens val_tokens seed sources malformed "
+                "segment_ids",
         "data.tokenizer": "path model_type vocab_size byte_fallback character_coverage "
                           "sample_chars",
         "data.quality": "selection alpha threshold n_features ngram_max train_docs "
@@ -63,7 +64,8 @@ _TABLE: dict[Role, dict[str, str]] = {
         "train": "eval_batches",
         "stability": "max_consecutive_skips spike_factor spike_window max_rollbacks",
         "faults": "nonfinite_steps spike_steps spike_scale crash_at_step repeat_after_rollback",
-        "eval": "every shots builtin tasks max_examples max_answer_tokens length_normalize seed",
+        "eval": "every shots builtin tasks max_examples max_answer_tokens length_normalize seed "
+                "knowledge_facts",
         "plan": "placement",
     },
     Role.LAYOUT: {

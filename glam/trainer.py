@@ -32,6 +32,7 @@ from glam.data.feed import TextFeed, WorldFeed
 from glam.data.text import TextCorpus
 from glam.data.world_text import KINDS as WORLD_SOURCES
 from glam.eval import Evaluator, Task, read_jsonl, world_tasks
+from glam.eval.knowledge import KnowledgeProbe, knowledge_facts
 from glam.identity import checkpoint_identity
 from glam.interrupts import StopOnSignal
 from glam.ledger import MetricLedger
@@ -51,12 +52,17 @@ class SimulatedCrash(RuntimeError):
     """Raised by `faults.crash_at_step`, standing in for a killed job."""
 
 
-def build_tasks(cfg: ResolvedConfig, corpus: WorldCorpus | TextCorpus) -> list[Task]:
+def corpus_world(cfg: ResolvedConfig, corpus: WorldCorpus | TextCorpus) -> World | None:
+    """The world the corpus is, or renders as text (`world_*` sources); None for other text."""
+    if isinstance(corpus, WorldCorpus):
+        return corpus.world
+    return World(cfg.data) if any(s.builtin in WORLD_SOURCES for s in cfg.data.sources) else None
+
+
+def build_tasks(cfg: ResolvedConfig, world: World | None) -> list[Task]:
     """The world's own tasks (with `eval.builtin`, on the world or on text rendered from it:
     `world_*` sources) and the user's JSONL tasks."""
     e = cfg.eval
-    world = corpus.world if isinstance(corpus, WorldCorpus) else (
-        World(cfg.data) if any(s.builtin in WORLD_SOURCES for s in cfg.data.sources) else None)
     tasks = world_tasks(world, e.max_examples, e.seed) if e.builtin and world else []
     for spec in e.tasks:
         examples = read_jsonl(spec.path, spec.kind)[: e.max_examples]
@@ -189,7 +195,8 @@ class Trainer:
         self.reported_set_aside = 0
         # Read (and check) the newest readable record before building or compiling anything.
         self.record = self._newest_record() if latest is not None else None
-        tasks = build_tasks(cfg, self.corpus)
+        world = corpus_world(cfg, self.corpus)
+        tasks = build_tasks(cfg, world)
         compile_cache.use(t.compilation_cache_dir)  # before the first program is compiled
         self.cache_counts = compile_cache.counts()
         self.schedule = lr_schedule(cfg.schedule, t.steps)
@@ -208,6 +215,13 @@ class Trainer:
                                    batch_size=e.batch_size, shots=list(e.shots),
                                    max_answer_tokens=e.max_answer_tokens,
                                    length_normalize=e.length_normalize, seed=e.seed)
+        self.knowledge = (KnowledgeProbe(
+            self.evaluator.score, world, self.corpus.tokenizer, seq_len=m.seq_len,
+            batch_size=e.batch_size, total_params=self.counts.total_params,
+            activated_params=self.counts.activated_params, max_facts=e.knowledge_facts,
+            seed=e.seed, group_size=m.router.group_size if m.n_experts else None)
+            if world and e.knowledge_facts else None)
+        self.world_facts = knowledge_facts(world, t.steps * self.tokens_per_step) if world else {}
         self.predictions: list[dict] = []  # of the latest evaluation
         self.expert_load: dict = {}
         self.base_key = jax.random.key(t.seed + 1)
@@ -342,7 +356,8 @@ class Trainer:
           SimulatedCrash: `faults.crash_at_step` was reached.
         """
         m, c = self.cfg.model, self.counts
-        facts = {"vocab_size": self.corpus.tokenizer.vocab_size, **self.corpus.facts()}
+        facts = {"vocab_size": self.corpus.tokenizer.vocab_size, **self.corpus.facts(),
+                 **self.world_facts}
         resumed_id = self.record["mlflow_run_id"] if self.record else None
         try:
             with self.stop, RunLogger(self.cfg, c, facts, self.corpus.fingerprint, self.output_dir,
@@ -471,7 +486,8 @@ class Trainer:
                                                    self.cfg)
         result = self.evaluator(model_state)
         self.predictions = result.predictions
-        return {**val_metrics, **result.metrics}
+        knowledge = self.knowledge(model_state) if self.knowledge else {}
+        return {**val_metrics, **result.metrics, **knowledge}
 
     def _finish(self, logger: RunLogger, timing: dict) -> dict:
         t = self.cfg.train

@@ -131,6 +131,15 @@ class World:
         n_qa = round(cfg.qa_entity_fraction * cfg.n_entities)
         self.qa_people = list(range(n_qa))  # QA lines of these people are in the training text
         self.bio_only_people = list(range(n_qa, cfg.n_entities))
+        # Popularity: person p is drawn with probability ~ rank(p)^-popularity (Zipf), the
+        # ranks a seeded permutation so neither split is the popular one; 0 draws uniformly.
+        self.popularity = None
+        if cfg.popularity:
+            ranks = np.random.default_rng([cfg.seed, 3]).permutation(cfg.n_entities) + 1.0
+            weights = ranks ** -cfg.popularity
+            self.popularity = weights / weights.sum()
+            self._cdf = {"all": np.cumsum(self.popularity),
+                         "qa": np.cumsum(self.popularity[:n_qa])}
         words = _fixed_words(self.attributes)
         words |= {w for v in self.values for w in v} | set(firsts) | set(lasts)
         self.tokenizer = WordTokenizer(sorted(words))
@@ -143,6 +152,52 @@ class World:
     @property
     def knowledge_bits(self) -> float:
         return self.cfg.n_entities * sum(math.log2(n) for _, n, _, _ in self.attributes)
+
+    def draw_person(self, rng: np.random.Generator, qa_only: bool = False) -> int:
+        """A person drawn by popularity (uniformly when `data.popularity` is 0), from the QA
+        split only when `qa_only`."""
+        people = self.qa_people if qa_only else self.people
+        if self.popularity is None:
+            return int(rng.integers(len(people)))
+        cdf = self._cdf["qa" if qa_only else "all"]
+        return min(int(np.searchsorted(cdf, rng.random() * cdf[-1], side="right")),
+                   len(people) - 1)
+
+    def exposures(self, run_tokens: float) -> np.ndarray:
+        """[N, n_attributes] float64: the expected number of times each fact is stated (in a
+        biography or a QA line) in `run_tokens` tokens of the training stream.
+
+        Exact in expectation: documents are drawn independently, so a fact's rate per
+        document is P(biography) x P(its person) + P(QA line) x P(its person | QA split) /
+        n_attributes, and documents average `mean_document_tokens` tokens."""
+        n, n_attr = len(self.people), len(self.attributes)
+        pop = self.popularity if self.popularity is not None else np.full(n, 1.0 / n)
+        p_filler, p_qa = self._document_shares()
+        rate = np.outer((1 - p_filler - p_qa) * pop, np.ones(n_attr))
+        if self.qa_people:
+            qa = pop[: len(self.qa_people)]
+            rate[: len(qa)] += np.outer(p_qa * qa / qa.sum() / n_attr, np.ones(n_attr))
+        return rate * run_tokens / self.mean_document_tokens()
+
+    def _document_shares(self) -> tuple[float, float]:
+        """P(filler document), P(QA line) (0 without QA people: those draws are biographies)."""
+        return self.cfg.filler_share, (self.cfg.qa_share if self.qa_people else 0.0)
+
+    @functools.cached_property
+    def _mean_document_tokens(self) -> float:
+        # Every name is two words and every value one: a fact's (QA line's) length depends on
+        # its template (attribute) only, so person 0's lengths are everyone's.
+        p_filler, p_qa = self._document_shares()
+        k, n_attr = self.cfg.templates_per_attribute, len(self.attributes)
+        bio = sum(np.mean([len(self._fact_ids(0, a, t)) for t in range(k)]) for a in range(n_attr))
+        qa = np.mean([len(self._qa_ids(0, a)) for a in range(n_attr)])
+        rng = np.random.default_rng([self.cfg.seed, 4])
+        filler = np.mean([len(self.filler(rng).split()) for _ in range(500)])
+        return float(1 + p_filler * filler + p_qa * qa + (1 - p_filler - p_qa) * bio)
+
+    def mean_document_tokens(self) -> float:
+        """Expected tokens of one training document and its <eos> (filler: the mean of 500)."""
+        return self._mean_document_tokens
 
     # -- text ------------------------------------------------------------------------------------
     def name(self, person: int) -> str:
@@ -186,9 +241,9 @@ class World:
         if u < self.cfg.filler_share:
             return self.filler(rng)
         if self.qa_people and u < self.cfg.filler_share + self.cfg.qa_share:
-            person = self.qa_people[int(rng.integers(len(self.qa_people)))]
+            person = self.qa_people[self.draw_person(rng, qa_only=True)]
             return self.qa_line(person, int(rng.integers(len(self.attributes))))
-        return self.biography(int(rng.integers(len(self.people))), rng)
+        return self.biography(self.draw_person(rng), rng)
 
     def document_ids(self, rng: np.random.Generator) -> list[int]:
         """`tokenizer.encode(document(rng))`, drawing the same numbers from `rng`, assembled
@@ -198,9 +253,9 @@ class World:
         if u < self.cfg.filler_share:
             return self.tokenizer.encode(self.filler(rng))
         if self.qa_people and u < self.cfg.filler_share + self.cfg.qa_share:
-            person = self.qa_people[int(rng.integers(len(self.qa_people)))]
+            person = self.qa_people[self.draw_person(rng, qa_only=True)]
             return list(self._qa_ids(person, int(rng.integers(len(self.attributes)))))
-        person = int(rng.integers(len(self.people)))
+        person = self.draw_person(rng)
         k = self.cfg.templates_per_attribute
         return [i for a in rng.permutation(len(self.attributes))
                 for i in self._fact_ids(person, int(a), int(rng.integers(k)))]

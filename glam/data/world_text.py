@@ -34,7 +34,7 @@ BOILERPLATE = ("home | about us | contact | sign in | register",
 
 
 def _biography(world: World, rng: np.random.Generator, wrong: bool = False) -> str:
-    person = int(rng.integers(len(world.people)))
+    person = world.draw_person(rng)
     if not wrong:
         return world.biography(person, rng)
     name = world.name(person)
@@ -53,7 +53,7 @@ def _prose(world: World, rng: np.random.Generator, paragraphs: int) -> str:
 
 def _conversation(world: World, rng: np.random.Generator) -> str:
     people = world.qa_people
-    return "\n".join(world.qa_line(people[int(rng.integers(len(people)))],
+    return "\n".join(world.qa_line(people[world.draw_person(rng, qa_only=True)],
                                    int(rng.integers(len(world.attributes))))
                      for _ in range(int(rng.integers(2, 6))))
 
@@ -112,9 +112,12 @@ def documents(d: DataConfig, kind: str) -> list[tuple[str, str]]:
 
 def settings(d: DataConfig) -> dict:
     """The `data.*` fields that decide the world sources' documents, by field name."""
-    return {k: v for k, v in asdict(d).items()
-            if k in ("n_entities", "n_attributes", "templates_per_attribute", "filler_share",
-                     "qa_share", "qa_entity_fraction", "seed", "world_sources")}
+    fields = {k: v for k, v in asdict(d).items()
+              if k in ("n_entities", "n_attributes", "templates_per_attribute", "filler_share",
+                       "qa_share", "qa_entity_fraction", "seed", "world_sources")}
+    if d.popularity:  # named only when set: uniform worlds keep the keys they had
+        fields["popularity"] = d.popularity
+    return fields
 
 
 def export(kind: str, folder: Path, d: DataConfig, n_files: int = 4) -> list[str]:
