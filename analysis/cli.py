@@ -18,14 +18,18 @@ from pathlib import Path
 import pandas as pd
 from mlflow.tracking import MlflowClient
 
-from analysis import energy, figures, quality
+from analysis import energy, figures, knowledge, quality
 from analysis.fit import fit_routed_law
 from analysis.runs import export, load_histories, load_runs, read_table
 from analysis.summary import print_summary
 from glam import tracking
 
-FIGURES = ("compute_vs_accuracy", "expert_count", "data_efficiency", "routing_health",
-           "data_quality")
+FIGURES = ("compute_vs_accuracy", "expert_count", "knowledge_capacity", "data_efficiency",
+           "routing_health", "data_quality")
+
+
+# The findings a study is judged by: knowledge stored, and recall of the world's QA.
+VERDICT_METRICS = ("knowledge/bits", "eval/world_qa_seen/0shot", "val_loss")
 
 
 def find_study_parent(client: MlflowClient, study: str) -> str:
@@ -62,6 +66,9 @@ def analyze(table: pd.DataFrame, out: Path, which: list[str], shots: int,
         written += figures.compute_vs_accuracy(table, out, shots)
     if "expert_count" in which and not arms and table["n_experts"].nunique() >= 2:
         written += figures.expert_count(table, out, shots)
+    if ("knowledge_capacity" in which and not arms and knowledge.BITS in table
+            and table[knowledge.BITS].notna().any()):
+        written += knowledge.knowledge_capacity(table, out)
     if client is not None and "data_efficiency" in which:
         histories = load_histories(client.tracking_uri, list(table["run_id"]), ["lm_loss"])
         written += figures.data_efficiency(table, histories, out)
@@ -138,6 +145,12 @@ def main(argv: list[str] | None = None) -> None:
     if quality.is_study(table):
         table = table.assign(arm=quality.arms(table))
     print_summary(table)
+    lines = knowledge.verdicts(table, VERDICT_METRICS)
+    if lines:
+        print("\nVerdicts (final metrics; gain: MoE better when positive; spread: the two seed "
+              "stds in quadrature):")
+        for line in lines:
+            print(f"  {line}")
     if quality.is_study(table):
         print("\nData quality (final metrics; spread: seed stds in quadrature):")
         for line in quality.verdicts(table, args.shots):

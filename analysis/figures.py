@@ -3,8 +3,9 @@ the plotted data as CSV beside it (and fitted coefficients as JSON where there i
 style: Okabe-Ito colours (safe for colour-blind readers), 8-9 pt text, legends under the panels.
 
 - `compute_vs_accuracy`: x = activated forward FLOPs per token (log), panels validation loss,
-  NLG average and NLU average; dense and each expert count as its own series, seed means with
-  seed-std error bars, fitted power laws with bootstrap bands.
+  NLG average, NLU average and knowledge stored (bits; world runs); dense and each expert count
+  as its own series, seed means with seed-std error bars, fitted power laws with bootstrap
+  bands only where they pass through 4+ points within the seed spread.
 - `expert_count`: x = experts (log2; the dense model at E = 1), same panels, one line per
   activated size (labelled by its activated parameters).
 - `data_efficiency`: training loss against training tokens and against training FLOPs, one line
@@ -26,7 +27,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from analysis.fit import fit_power_law  # noqa: E402
+from analysis.fit import honest_fit  # noqa: E402
 from glam.accounting import short_count  # noqa: E402
 
 # One style for every figure: 8-9 pt text stays readable when a 7-inch-wide figure is set at a
@@ -48,11 +49,33 @@ PLACEMENTS = {"matched": "expert widths FLOP-matched to the dense model",
               "glam": "GLaM placement, experts as wide as the dense FFN"}
 
 
-def panels(shots: int) -> list[tuple[str, str]]:
-    """(metric column, axis label) of the three panels."""
-    return [("val_loss", "Validation loss (nats/token)"),
-            (f"eval/nlg_avg/{shots}shot", f"NLG avg., {shots}-shot (EM %)"),
-            (f"eval/nlu_avg/{shots}shot", f"NLU avg., {shots}-shot (acc. %)")]
+def panels(shots: int, table: pd.DataFrame) -> list[tuple[str, str]]:
+    """(metric column, axis label) of the panels the table has a value for: validation loss,
+    NLG and NLU averages, and knowledge stored (runs on a world)."""
+    every = [("val_loss", "Validation loss (nats/token)"),
+             (f"eval/nlg_avg/{shots}shot", f"NLG avg., {shots}-shot (EM %)"),
+             (f"eval/nlu_avg/{shots}shot", f"NLU avg., {shots}-shot (acc. %)"),
+             ("knowledge/bits", "Knowledge stored (bits)")]
+    return [(m, label) for m, label in every if m in table and table[m].notna().any()]
+
+
+def _panel_grid(n: int):
+    """A figure of `n` panels: one row of up to 3 at full text width, else rows of 2."""
+    cols = n if n <= 3 else 2
+    rows = -(-n // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(WIDE[0], WIDE[1] * rows + 0.3 * (rows - 1)),
+                             layout="constrained", squeeze=False)
+    for ax in axes.ravel()[n:]:
+        ax.set_visible(False)
+    return fig, axes.ravel()[:n]
+
+
+def spread_title(stats: pd.DataFrame) -> str:
+    """'(error bars: seed std)' when every point has at least 2 seeds; else what there is."""
+    if stats["count"].min() >= 2:
+        return "(error bars: seed std)"
+    return "(one seed per point: no error bars)" if stats["count"].max() < 2 else \
+        "(error bars: seed std where a point has 2+ seeds)"
 
 
 def _save(fig, data: pd.DataFrame, out: Path, name: str, fits: dict | None = None) -> list[Path]:
@@ -186,35 +209,41 @@ def placement_note(table: pd.DataFrame) -> str:
 
 def compute_vs_accuracy(table: pd.DataFrame, out: Path, shots: int = 0) -> list[Path]:
     """Dense and each MoE expert count as separate series against activated forward FLOPs per
-    token; points are seed means with seed-std error bars; power laws (with bootstrap bands)
-    fitted per series with at least 3 sizes."""
+    token; points are seed means with seed-std error bars. A power law (with a bootstrap band
+    from 5 points) is drawn per series only where `honest_fit` keeps it; every fit tried is in
+    the `_fits.json` with its RMS error and why it was not drawn."""
     table, longest = at_longest(table)
     scale, unit = _flops_unit(table["forward_flops_per_token"])
-    table = table.assign(gflops=table["forward_flops_per_token"] / scale, series=series(table))
+    x_col = f"activated_{unit.lower()}_per_token"
+    table = table.assign(**{x_col: table["forward_flops_per_token"] / scale},
+                         series=series(table))
     colors = _series_colors(table["series"])
+    shown_panels = panels(shots, table)
     with plt.rc_context(STYLE):
-        fig, axes = plt.subplots(1, 3, figsize=WIDE, layout="constrained")
+        fig, axes = _panel_grid(len(shown_panels))
         plotted, fits = [], {}
-        for ax, (metric, label) in zip(axes, panels(shots)):
-            if metric not in table:
-                ax.set_visible(False)
-                continue
+        for ax, (metric, label) in zip(axes, shown_panels):
             for name, group in sorted(table.groupby("series"), key=lambda g: series_order(g[0])):
-                stats = _seed_stats(group, [size_key(table), "gflops"], metric).sort_values("gflops")
-                ax.errorbar(stats["gflops"], stats["mean"], yerr=stats["std"], fmt="o",
+                stats = _seed_stats(group, [size_key(table), x_col], metric).sort_values(x_col)
+                ax.errorbar(stats[x_col], stats["mean"], yerr=stats["std"], fmt="o",
                             color=colors[name], label=name, capsize=2)
                 plotted.append(stats.assign(series=name, metric=metric))
-                try:
-                    law = fit_power_law(group["gflops"], group[metric])
-                except ValueError:
+                fit = honest_fit(group[x_col], group[metric], stats.rename(columns={x_col: "x"}),
+                                 metric)
+                if fit is None:
                     continue
-                xs = np.geomspace(stats["gflops"].min(), stats["gflops"].max(), 50)
+                law = fit["law"]
+                fits[f"{metric}|{name}"] = {**law.summary(), "drawn": fit["drawn"],
+                                            "rms_error": fit["rms_error"],
+                                            "not_drawn_because": fit["reason"]}
+                if not fit["drawn"]:
+                    continue
+                xs = np.geomspace(stats[x_col].min(), stats[x_col].max(), 50)
                 ax.plot(xs, law(xs), color=colors[name], alpha=0.8)
                 if law.n_points >= 5:  # a bootstrap of fewer points says little
                     lo, hi = law.band(xs)
                     ax.fill_between(xs, lo, hi, color=colors[name], alpha=0.15, linewidth=0)
-                fits[f"{metric}|{name}"] = law.summary()
-            _log_x(ax, table["gflops"])
+            _log_x(ax, table[x_col])
             shown = pd.concat([p for p in plotted if p["metric"].iloc[0] == metric])
             _y_range(ax, shown["mean"] - shown["std"], shown["mean"] + shown["std"],
                      percent=metric.startswith("eval/"))
@@ -222,9 +251,10 @@ def compute_vs_accuracy(table: pd.DataFrame, out: Path, shots: int = 0) -> list[
             ax.set_ylabel(label)
         _legend_below(fig, axes)
         note = placement_note(table)
-        fig.suptitle("Compute vs accuracy: forward FLOPs per token (error bars: seed std)"
+        data = pd.concat(plotted, ignore_index=True)
+        fig.suptitle("Compute vs accuracy: forward FLOPs per token " + spread_title(data)
                      + "".join(f"\n{n}" for n in (f"MoE: {note}" if note else "", longest) if n))
-    return _save(fig, pd.concat(plotted, ignore_index=True), out, "compute_vs_accuracy", fits)
+    return _save(fig, data, out, "compute_vs_accuracy", fits)
 
 
 def expert_count(table: pd.DataFrame, out: Path, shots: int = 0) -> list[Path]:
@@ -233,13 +263,11 @@ def expert_count(table: pd.DataFrame, out: Path, shots: int = 0) -> list[Path]:
     table = table.assign(experts=table["n_experts"].where(table["n_experts"] > 0, 1))
     sizes = table.groupby(size_key(table))["activated_params"].median().sort_values()
     colors = {size: OKABE_ITO[i % len(OKABE_ITO)] for i, size in enumerate(sizes.index)}
+    shown_panels = panels(shots, table)
     with plt.rc_context(STYLE):
-        fig, axes = plt.subplots(1, 3, figsize=WIDE, layout="constrained")
+        fig, axes = _panel_grid(len(shown_panels))
         plotted = []
-        for ax, (metric, label) in zip(axes, panels(shots)):
-            if metric not in table:
-                ax.set_visible(False)
-                continue
+        for ax, (metric, label) in zip(axes, shown_panels):
             for size in sizes.index:
                 group = table[table[size_key(table)] == size]
                 stats = _seed_stats(group, ["experts"], metric).sort_values("experts")
@@ -258,9 +286,10 @@ def expert_count(table: pd.DataFrame, out: Path, shots: int = 0) -> list[Path]:
             ax.set_ylabel(label)
         _legend_below(fig, axes)
         note = placement_note(table)
-        fig.suptitle("Expert count at fixed activated compute (error bars: seed std)"
+        data = pd.concat(plotted, ignore_index=True)
+        fig.suptitle("Expert count at fixed activated compute " + spread_title(data)
                      + "".join(f"\n{n}" for n in (note, longest) if n))
-    return _save(fig, pd.concat(plotted, ignore_index=True), out, "expert_count")
+    return _save(fig, data, out, "expert_count")
 
 
 def data_efficiency(table: pd.DataFrame, histories: pd.DataFrame, out: Path,
@@ -290,8 +319,11 @@ def data_efficiency(table: pd.DataFrame, histories: pd.DataFrame, out: Path,
     dashes = {n: (None if n == "Dense" else [(4, 2), (1, 1.5), (6, 2, 1, 2), (2, 2)][i % 4])
               for i, n in enumerate(names[1:] if "Dense" in names else names)}
     dashes.setdefault("Dense", None)
+    ncol = 2 if len(names) * len(sizes) > 4 else 4
+    legend_rows = -(-len(names) * len(sizes) // ncol)
     with plt.rc_context(STYLE):
-        fig, axes = plt.subplots(1, 2, figsize=(WIDE[0], WIDE[1] + 0.3), layout="constrained")
+        fig, axes = plt.subplots(1, 2, figsize=(WIDE[0], WIDE[1] + 0.2 * legend_rows),
+                                 layout="constrained")
         for ax, x, xlabel in ((axes[0], "tokens", "Training tokens"),
                               (axes[1], "train_flops", "Training FLOPs")):
             for (size, name, budget), group in sorted(
@@ -306,7 +338,7 @@ def data_efficiency(table: pd.DataFrame, histories: pd.DataFrame, out: Path,
             ax.set_xscale("log")
             ax.set_xlabel(xlabel)
             ax.set_ylabel("Training loss (nats/token)" if key == "lm_loss" else key)
-        _legend_below(fig, axes, ncol=2 if len(names) * len(sizes) > 4 else 4)
+        _legend_below(fig, axes, ncol=ncol)
         fig.suptitle(f"Data efficiency: against tokens and compute ({smooth}-step running "
                      "mean, mean over seeds)")
     return _save(fig, curves, out, "data_efficiency")

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import numpy as np
+import pandas as pd
 from scipy.optimize import least_squares
 
 
@@ -122,3 +123,34 @@ def fit_routed_law(n, e, loss, n_boot: int = 300, seed: int = 0) -> RoutedLaw:
     names = ("a", "b", "c", "d")
     return RoutedLaw(*map(float, coef), {k: (float(q[0, i]), float(q[1, i]))
                                           for i, k in enumerate(names)})
+
+
+MIN_FIT_POINTS = 4  # no curve through fewer points: 3 points fix a 2-parameter law too loosely
+
+
+def honest_fit(x, y, stats: pd.DataFrame, metric: str) -> dict | None:
+    """A power law y = a x^b of `metric` fitted to every seed's (x, y), kept for drawing only
+    when it passes through at least MIN_FIT_POINTS distinct x and every point's seed mean lies
+    within that point's seed std of the curve (so a single-seed study never draws one).
+
+    Args:
+      x, y: per run (seeds not pooled).
+      stats: per point, columns x, mean, std, count (the seeds' statistics of y).
+    Returns: {"law", "drawn", "rms_error" (of the point means, y units), "reason" (why not
+      drawn), "metric"}; None when there are too few points or nothing positive to fit.
+    """
+    if stats["x"].nunique() < MIN_FIT_POINTS:
+        return None
+    try:
+        law = fit_power_law(x, y)
+    except ValueError:
+        return None
+    resid = stats["mean"].to_numpy() - law(stats["x"].to_numpy())
+    rms = float(np.sqrt(np.mean(resid ** 2)))
+    outside = np.abs(resid) > stats["std"].to_numpy()
+    reason = ("" if not outside.any() else
+              f"{int(outside.sum())} of {len(resid)} point means lie further from the curve "
+              "than their seed std" + (" (one seed: no spread)" if stats["count"].max() < 2
+                                       else ""))
+    return {"law": law, "drawn": not outside.any(), "rms_error": rms, "reason": reason,
+            "metric": metric}

@@ -7,7 +7,8 @@ import pandas as pd
 
 from analysis.figures import point_keys
 
-METRICS = ("val_loss", "val_loss_clean", "eval/nlg_avg/0shot", "eval/nlu_avg/0shot")
+METRICS = ("val_loss", "val_loss_clean", "eval/nlg_avg/0shot", "eval/nlu_avg/0shot",
+           "knowledge/bits", "knowledge/fraction")
 
 
 def _mean_std(group: pd.Series) -> str:

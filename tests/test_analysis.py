@@ -8,7 +8,7 @@ import pytest
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
-from analysis import energy, figures, quality
+from analysis import energy, figures, knowledge, quality
 from analysis.cli import main as analyze_main
 from analysis.fit import fit_power_law, fit_routed_law, saturating_experts
 from analysis.runs import export, load_histories, load_runs, read_table
@@ -49,7 +49,7 @@ def test_routed_law_recovers_known_coefficients():
 @pytest.fixture
 def run_table():
     rows = []
-    for size, flops in (("s", 2e6), ("m", 8e6), ("l", 3.2e7)):
+    for size, flops in (("s", 2e6), ("m", 8e6), ("l", 3.2e7), ("xl", 1.28e8)):
         for family, experts in (("dense", 0), ("moe", 8)):
             for seed in (0, 1):
                 gain = 0.95 if family == "moe" else 1.0
@@ -60,6 +60,9 @@ def run_table():
                     "train_tokens": 1e6, "param.train.steps": "100",
                     "train_flops_total": 3e6 * flops, "val_loss": gain * 30 * flops ** -0.15 + 0.01 * seed,
                     "eval/nlg_avg/0shot": 5 * np.log10(flops) / gain, "eval/nlu_avg/0shot": 30 + seed,
+                    "total_params": flops / 2 * (4 if experts else 1),
+                    "knowledge/bits": flops / 40 * (1.5 if experts else 1.0) * (1 + 0.02 * seed),
+                    "param.corpus.knowledge_bits": "2000000",
                     "moe/layer0/dropped_top1": 0.02 * (experts > 0),
                     "moe/layer0/dropped_top2": 0.1 * (experts > 0)})
     return pd.DataFrame(rows)
@@ -117,6 +120,7 @@ def drawn(monkeypatch):
 
     monkeypatch.setattr(figures, "_save", save)
     monkeypatch.setattr(quality, "_save", save)
+    monkeypatch.setattr(knowledge, "_save", save)
     return seen
 
 
@@ -156,7 +160,8 @@ def test_figures_are_written_and_readable(run_table, tmp_path, drawn):
 def test_a_narrow_range_and_a_panel_of_zeros_still_read(run_table, tmp_path, drawn):
     """Sizes within one decade of FLOPs get labelled ticks; an all-zero NLG panel gets a 0..1
     axis, not -0.04..0.04."""
-    table = run_table[run_table["model"] != "l"].assign(**{"eval/nlg_avg/0shot": 0.0})
+    table = run_table[~run_table["model"].isin(["l", "xl"])].assign(
+        **{"eval/nlg_avg/0shot": 0.0})
     limits = {}
     original = figures._save
 
@@ -300,7 +305,7 @@ def test_runs_of_different_lengths_are_different_points_never_seeds(run_table, t
                              run_id=run_table["run_id"] + "-short")
     ladder = pd.concat([run_table, short], ignore_index=True)
     rows = points(ladder)
-    assert len(rows) == 12 and set(rows["seeds"]) == {2}  # 3 sizes x 2 lengths x 2 families
+    assert len(rows) == 16 and set(rows["seeds"]) == {2}  # 4 sizes x 2 lengths x 2 families
     assert dense_vs_moe(ladder).index.nlevels == 2  # (size, training tokens)
     figures.compute_vs_accuracy(ladder, tmp_path)
     plotted = drawn["compute_vs_accuracy"]
@@ -309,3 +314,74 @@ def test_runs_of_different_lengths_are_different_points_never_seeds(run_table, t
     # the headline gain is the same per point whichever lengths the ladder has
     assert headline(ladder)["headline/val_loss_gain/moe_E8"] == pytest.approx(
         headline(run_table)["headline/val_loss_gain/moe_E8"])
+
+
+def test_fits_are_drawn_only_through_4_points_within_the_seed_spread(run_table, tmp_path):
+    """A law through 3 sizes is not fitted; one whose points lie further from it than their
+    seed std is fitted, reported with its error, and not drawn; the x column says its unit."""
+    three = run_table[run_table["model"] != "xl"]
+    figures.compute_vs_accuracy(three, tmp_path)
+    assert not (tmp_path / "compute_vs_accuracy_fits.json").exists()
+    data = pd.read_csv(tmp_path / "compute_vs_accuracy.csv")
+    assert "activated_mflops_per_token" in data and "gflops" not in data
+    assert data["activated_mflops_per_token"].max() < 200  # MFLOPs, as the name says
+    bent = run_table.assign(**{"eval/nlu_avg/0shot": run_table["model"].map(
+        {"s": 30.0, "m": 60.0, "l": 35.0, "xl": 70.0}) + run_table["seed"]})
+    figures.compute_vs_accuracy(bent, tmp_path)
+    fits = json.loads((tmp_path / "compute_vs_accuracy_fits.json").read_text())
+    nlu = fits["eval/nlu_avg/0shot|Dense"]
+    assert not nlu["drawn"] and nlu["rms_error"] > 5 and "seed std" in nlu["not_drawn_because"]
+    assert fits["val_loss|Dense"]["drawn"]
+
+
+def test_a_single_seed_study_never_says_seed_std(run_table, tmp_path, monkeypatch):
+    titles = {}
+    original = figures._save
+
+    def keep(fig, data, out, name, fits=None):
+        titles[name] = fig.get_suptitle()
+        return original(fig, data, out, name, fits)
+
+    monkeypatch.setattr(figures, "_save", keep)
+    one = run_table[run_table["seed"] == 0]
+    figures.compute_vs_accuracy(one, tmp_path)
+    figures.expert_count(one, tmp_path)
+    assert all("seed std" not in t and "one seed" in t for t in titles.values())
+    fits = json.loads((tmp_path / "compute_vs_accuracy_fits.json").read_text())
+    assert not any(f["drawn"] for f in fits.values())  # no spread: nothing to judge a fit by
+    figures.compute_vs_accuracy(run_table, tmp_path)
+    assert "(error bars: seed std)" in titles["compute_vs_accuracy"]
+
+
+@pytest.mark.slow
+def test_knowledge_capacity_figure_and_panels(run_table, tmp_path, drawn):
+    from analysis.knowledge import knowledge_capacity
+
+    written = knowledge_capacity(run_table, tmp_path)
+    assert tmp_path / "knowledge_capacity.png" in written
+    stats = drawn["knowledge_capacity"]
+    assert set(stats["series"]) == {"Dense", "MoE, E=8"} and set(stats["seeds"]) == {2}
+    dense = stats[stats["series"] == "Dense"]
+    assert np.allclose(dense["bits_per_param"], 2 / 40 * 1.01)
+    figures.compute_vs_accuracy(run_table, tmp_path)
+    assert "knowledge/bits" in set(drawn["compute_vs_accuracy"]["metric"])
+    with pytest.raises(ValueError, match="knowledge/bits"):
+        knowledge_capacity(run_table.drop(columns="knowledge/bits"), tmp_path)
+
+
+def test_verdicts_weigh_each_gap_against_the_seed_spread():
+    from analysis.knowledge import verdicts
+
+    rows = []
+    for e, bits in ((0, 100.0), (4, 130.0), (16, 160.0), (64, 150.0)):
+        for seed, noise in enumerate((-2.0, 2.0)):
+            rows.append({"model": "s", "n_experts": e, "seed": seed,
+                         "knowledge/bits": bits + noise, "val_loss": 1.0 - bits / 1000})
+    lines = verdicts(pd.DataFrame(rows), ("knowledge/bits", "val_loss", "absent"))
+    text = "\n".join(lines)
+    assert "s: E=16 vs dense, knowledge/bits gain +60 (spread 4): MoE ahead beyond 2x" in text
+    assert "E=16 vs dense, val_loss gain +0.06" in text  # lower loss counts as a gain
+    assert "16->64 worse by 10" in text and "best at E=16" in text
+    assert "absent" not in text
+    one = pd.DataFrame(rows).query("seed == 0")
+    assert "one seed: no spread" in "\n".join(verdicts(one, ("knowledge/bits",)))
