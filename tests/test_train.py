@@ -48,6 +48,7 @@ def test_mlflow_run_read_back(moe_run):
     assert int(params["model.vocab_size"]) == cfg.model.vocab_size  # derived value, not null
     assert int(params["counts.total_params"]) > int(params["counts.activated_params"])
     assert float(params["corpus.knowledge_bits"]) > 0
+    assert float(params["corpus.fact_exposures_mean"]) > 0
     for key in ("family", "n_experts", "top_k", "total_params", "activated_params",
                 "forward_flops_per_token", "git_sha", "data_fingerprint", "seed"):
         assert key in tags, key
@@ -57,8 +58,12 @@ def test_mlflow_run_read_back(moe_run):
                 "moe/layer0/load_max", "moe/layer0/dropped_top1", "moe/layer0/aux_loss",
                 "val_loss", "eval/world_qa/0shot", "eval/world_facts/3shot",
                 "eval/nlg_avg/1shot", "eval/nlu_avg/0shot", "setup_seconds", "compile_seconds",
-                "train_seconds"):
+                "train_seconds", "knowledge/bits", "knowledge/bits_per_activated_param",
+                "knowledge/qa_seen/fraction", "knowledge/bio_only/bits_per_param"):
         assert key in metrics, key
+    assert 0 <= metrics["knowledge/fraction"] <= 1
+    assert sorted(m.step for m in client.get_metric_history(final["run_id"],
+                                                            "knowledge/bits")) == [40, 80]
     assert metrics["setup_seconds"] > 0
     evals = client.get_metric_history(final["run_id"], "eval/world_facts/0shot")
     assert sorted(m.step for m in evals) == [40, 80]  # periodic, then final
