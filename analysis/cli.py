@@ -155,6 +155,12 @@ def main(argv: list[str] | None = None) -> None:
         print("\nData quality (final metrics; spread: seed stds in quadrature):")
         for line in quality.verdicts(table, args.shots):
             print(f"  {line}")
+        if client is not None:
+            keys = [metric for metric, _, _ in quality.panels(args.shots)]
+            histories = load_histories(client.tracking_uri, list(table["run_id"]), keys)
+            print("Tokens the unfiltered data needs (along the 3x arm's curve):")
+            for line in quality.matching_multiples(table, histories, args.shots):
+                print(f"  {line}")
     total = energy.study_energy(table, args.hardware)
     print(f"\n{total['runs']} runs: {total['device_hours']:.3g} device-hours, "
           f"{total['energy_kwh']:.3g} kWh on {args.hardware} (modelled from the runs' training "

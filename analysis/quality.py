@@ -41,7 +41,8 @@ def panels(shots: int) -> list[tuple[str, str, bool]]:
     """(metric, axis label, lower is better) of the figure's panels."""
     return [("val_loss_clean", "Clean held-out loss (nats/token)", True),
             (f"eval/nlg_avg/{shots}shot", f"NLG average, {shots}-shot (EM, %)", False),
-            (f"eval/nlu_avg/{shots}shot", f"NLU average, {shots}-shot (accuracy, %)", False)]
+            (f"eval/nlu_avg/{shots}shot", f"NLU average, {shots}-shot (accuracy, %)", False),
+            ("knowledge/bits", "Knowledge stored (bits)", False)]
 
 
 def _arm(selection, multiple) -> str | None:
@@ -95,9 +96,11 @@ def figure(table: pd.DataFrame, histories: pd.DataFrame, out: Path,
         raise ValueError("no history of " + ", ".join(m for m, _, _ in panels(shots)))
     plotted = []
     with plt.rc_context(STYLE):
-        fig, axes = plt.subplots(1, len(shown), figsize=(WIDE[0], WIDE[1] + 0.3),
+        cols = len(shown) if len(shown) <= 3 else 2
+        rows = -(-len(shown) // cols)
+        fig, axes = plt.subplots(rows, cols, figsize=(WIDE[0], WIDE[1] * rows + 0.3),
                                  layout="constrained", squeeze=False)
-        axes = axes[0]
+        axes = axes.ravel()
         for ax, (metric, label, _) in zip(axes, shown):
             rows = data[data["key"] == metric]
             for (arm, family), group in rows.groupby(["arm", "family"]):
@@ -175,4 +178,55 @@ def verdicts(table: pd.DataFrame, shots: int = 0) -> list[str]:
                          + ("the two differ by less than the seed spread" if within
                             else "larger on NLG, as in the paper" if gap_nlg > gap_nlu
                             else "not larger on NLG (the paper found it larger)"))
+    return lines
+
+
+def _reached(tokens, values, target: float, lower_better: bool) -> float | None:
+    """The first training-token count at which a curve reaches `target`, linearly interpolated
+    between its points; None if it never does."""
+    prev = None
+    for t, v in zip(tokens, values):
+        if (v <= target) if lower_better else (v >= target):
+            if prev is None:
+                return float(t)
+            (t0, v0) = prev
+            return float(t0 + (t - t0) * (target - v0) / (v - v0)) if v != v0 else float(t)
+        prev = (t, v)
+    return None
+
+
+def matching_multiples(table: pd.DataFrame, histories: pd.DataFrame,
+                       shots: int = 0) -> list[str]:
+    """For each family and metric: at how many times the filtered arm's tokens does the
+    unfiltered data (the `unfiltered 3x` arm's seed-mean curve, interpolated between its
+    evaluations) reach the filtered arm's final seed-mean value? '<= 1x' when the unfiltered
+    run at the same tokens already does; '> 3x' when not even the end of the 3x curve does."""
+    table = table.assign(arm=arms(table)).dropna(subset=["arm"])
+    data = curves(table, histories).dropna(subset=["arm", "value"])
+    lines = []
+    for family, runs in table.groupby("family"):
+        filtered = runs[runs["arm"] == "filtered"]
+        if filtered.empty or "unfiltered 3x" not in set(runs["arm"]):
+            continue
+        budget = (filtered["param.train.steps"].astype(float)
+                  * filtered["param.train.batch_size"].astype(float)
+                  * filtered["param.model.seq_len"].astype(float)).max()
+        parts = []
+        for metric, label, low in panels(shots):
+            if metric not in filtered or filtered[metric].isna().all():
+                continue
+            target = filtered[metric].mean()
+            curve = (data[(data["family"] == family) & (data["arm"] == "unfiltered 3x")
+                          & (data["key"] == metric)]
+                     .groupby("tokens")["value"].mean().sort_index())
+            if curve.empty:
+                continue
+            at = _reached(curve.index, curve.to_numpy(), target, low)
+            multiple = ("> {:g}x".format(curve.index.max() / budget) if at is None
+                        else "<= 1x" if at <= budget else f"{at / budget:.2f}x")
+            parts.append(f"{label.split(' (')[0]} {target:.3g} at {multiple}")
+        if parts:
+            lines.append(f"{LABELS.get(family, family)}: the unfiltered data matches the "
+                         "filtered arm's final value at " + "; ".join(parts)
+                         + " of the filtered arm's tokens")
     return lines

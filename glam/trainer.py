@@ -32,7 +32,7 @@ from glam.data.feed import TextFeed, WorldFeed
 from glam.data.text import TextCorpus
 from glam.data.world_text import KINDS as WORLD_SOURCES
 from glam.eval import Evaluator, Task, read_jsonl, world_tasks
-from glam.eval.knowledge import KnowledgeProbe, knowledge_facts
+from glam.eval.knowledge import KnowledgeProbe
 from glam.identity import checkpoint_identity
 from glam.interrupts import StopOnSignal
 from glam.ledger import MetricLedger
@@ -221,7 +221,6 @@ class Trainer:
             activated_params=self.counts.activated_params, max_facts=e.knowledge_facts,
             seed=e.seed, group_size=m.router.group_size if m.n_experts else None)
             if world and e.knowledge_facts else None)
-        self.world_facts = knowledge_facts(world, t.steps * self.tokens_per_step) if world else {}
         self.predictions: list[dict] = []  # of the latest evaluation
         self.expert_load: dict = {}
         self.base_key = jax.random.key(t.seed + 1)
@@ -356,8 +355,8 @@ class Trainer:
           SimulatedCrash: `faults.crash_at_step` was reached.
         """
         m, c = self.cfg.model, self.counts
-        facts = {"vocab_size": self.corpus.tokenizer.vocab_size, **self.corpus.facts(),
-                 **self.world_facts}
+        facts = {"vocab_size": self.corpus.tokenizer.vocab_size,
+                 **self.corpus.facts(self.cfg.train.steps * self.tokens_per_step)}
         resumed_id = self.record["mlflow_run_id"] if self.record else None
         try:
             with self.stop, RunLogger(self.cfg, c, facts, self.corpus.fingerprint, self.output_dir,

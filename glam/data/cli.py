@@ -17,6 +17,7 @@ import logging
 import signal
 import sys
 from dataclasses import asdict
+from pathlib import Path
 
 from hydra.errors import HydraException
 from omegaconf.errors import OmegaConfBaseException
@@ -41,6 +42,41 @@ def _stop(signum, frame) -> None:
     raise Interrupted(signum)
 
 
+def _points(overrides: list[str]):
+    """The raw config of every point `overrides` select (Hydra's own settings left out)."""
+    from glam.resolve import load_raw
+    from glam.study.points import expand
+
+    overrides = [o for o in overrides if not o.lstrip("+~").startswith(("hydra.", "hydra/"))]
+    for point in expand(overrides) or [overrides]:
+        yield load_raw(point)
+
+
+def run_tokens(overrides: list[str]) -> dict[str, list[int]]:
+    """{data.prepared_dir: the distinct training-token counts of the points that train on it}
+    (steps x token_multiple x batch x seq_len; points sized by a FLOP budget are left out)."""
+    lengths: dict[str, set[int]] = {}
+    for cfg in _points(overrides):
+        t = cfg.train
+        if cfg.data.kind == DataKind.text and t.flops_budget is None:
+            lengths.setdefault(cfg.data.prepared_dir, set()).add(
+                round(t.steps * t.token_multiple) * t.batch_size * cfg.model.seq_len)
+    return {k: sorted(v) for k, v in lengths.items()}
+
+
+def record_epochs(cfg: Config, manifest: dict, lengths: list[int]) -> None:
+    """Write into the manifest, and log, the epochs of each source's training split that each
+    run length of these points reads (`glam.data.text.source_epochs`)."""
+    from glam.data.prepare import MANIFEST, write_atomic
+    from glam.data.text import source_epochs
+
+    manifest["epochs"] = {str(n): source_epochs(manifest, cfg.data.sources, n) for n in lengths}
+    for n, epochs in manifest["epochs"].items():
+        log.info("%s training tokens read: %s", f"{int(n):,}",
+                 ", ".join(f"{k} {v:.2f} epochs" for k, v in epochs.items()))
+    write_atomic(Path(cfg.data.prepared_dir) / MANIFEST, json.dumps(manifest, indent=1).encode())
+
+
 def corpora(overrides: list[str]) -> list[Config]:
     """One raw config per distinct data section among the points `overrides` select (a single
     point without sweeps), in the order of the points. Hydra's own settings (`hydra.*`,
@@ -51,14 +87,9 @@ def corpora(overrides: list[str]) -> list[Config]:
         data would share one `data.prepared_dir` (each preparation would replace the other's).
         Hydra's and OmegaConf's errors for overrides they cannot parse or compose.
     """
-    from glam.resolve import load_raw
-    from glam.study.points import expand
-
-    overrides = [o for o in overrides if not o.lstrip("+~").startswith(("hydra.", "hydra/"))]
     seen: dict[str, Config] = {}
     folders: dict[str, dict] = {}
-    for point in expand(overrides) or [overrides]:
-        cfg = load_raw(point)
+    for cfg in _points(overrides):
         data = asdict(cfg.data)
         seen.setdefault(json.dumps(data, sort_keys=True, default=str), cfg)
         if cfg.data.kind == DataKind.text:
@@ -105,10 +136,13 @@ def prepare_all(overrides: list[str]) -> None:
         return
     for signum in SIGNALS:  # preparation is safe to stop anywhere: every file is atomic
         signal.signal(signum, _stop)
+    lengths = run_tokens(overrides)
     for i, cfg in enumerate(configs):
         if len(configs) > 1:
             log.info("corpus %d of %d: %s", i + 1, len(configs), cfg.data.prepared_dir)
-        _report(cfg, prepare(cfg.data, cfg.model.vocab_size))
+        manifest = prepare(cfg.data, cfg.model.vocab_size)
+        _report(cfg, manifest)
+        record_epochs(cfg, manifest, lengths.get(cfg.data.prepared_dir, []))
 
 
 def main() -> None:

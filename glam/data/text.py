@@ -84,6 +84,22 @@ def load_manifest(d: DataConfig) -> dict:
     return manifest
 
 
+def source_epochs(manifest: dict, sources, run_tokens: float) -> dict[str, float]:
+    """{source: passes over its training split} that `run_tokens` training tokens make: the
+    windows are mixed by weight, so source s supplies run_tokens x w_s / sum(w) of them.
+    Sources of weight 0 are left out.
+
+    Args:
+      manifest: a prepared corpus's manifest (`load_manifest`).
+      sources: the `data.sources` configs (name, weight).
+      run_tokens: training tokens of the run (steps x batch x seq_len).
+    """
+    total = sum(s.weight for s in sources)
+    return {s.name: run_tokens * s.weight / total
+            / manifest["sources"][s.name]["splits"]["train"]["tokens"]
+            for s in sources if s.weight > 0}
+
+
 class TextCorpus:
     """Prepared text: its tokenizer, fingerprint, training iterator and validation windows.
 
@@ -130,12 +146,15 @@ class TextCorpus:
         return [self.root / MANIFEST, self.root / self.manifest["tokenizer"]["file"],
                 *(self.root / quality[k] for k in ("classifier", "samples") if k in quality)]
 
-    def facts(self) -> dict:
-        """Tokens per source and split, for the run's parameters."""
+    def facts(self, run_tokens: int) -> dict:
+        """Tokens per source and split, and the epochs of each source's training split that
+        `run_tokens` training tokens read (`source_epochs`), for the run's parameters."""
         out = {"tokenizer_vocab": self.tokenizer.vocab_size}
         for name, s in self.manifest["sources"].items():
             for split, counts in s["splits"].items():
                 out[f"{name}_{split}_tokens"] = counts["tokens"]
+        for name, epochs in source_epochs(self.manifest, self.cfg.sources, run_tokens).items():
+            out[f"{name}_epochs"] = round(epochs, 3)
         return out
 
     def train_dataset(self, rows: int, seed: int, shard_index: int = 0,

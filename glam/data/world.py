@@ -288,10 +288,18 @@ class WorldCorpus:
         h.update(self.val.tobytes())
         return h.hexdigest()[:16]
 
-    def facts(self) -> dict:
-        """The world's knowledge load, for the run's parameters."""
+    def facts(self, run_tokens: int) -> dict:
+        """The world's knowledge load, the passes `run_tokens` training tokens make over the
+        training stream (windows drawn at random offsets) and how often they state each fact
+        (`World.exposures`), for the run's parameters."""
+        exposures = self.world.exposures(run_tokens)
         return {"knowledge_bits": round(self.world.knowledge_bits, 1),
-                "train_tokens_per_entity": self.cfg.train_tokens / len(self.world.people)}
+                "train_tokens_per_entity": self.cfg.train_tokens / len(self.world.people),
+                "stream_epochs": round(run_tokens / self.cfg.train_tokens, 3),
+                # statements of a fact in the run: the mean over facts, and the 10th
+                # percentile (the long tail under a Zipf popularity)
+                "fact_exposures_mean": round(float(exposures.mean()), 2),
+                "fact_exposures_p10": round(float(np.percentile(exposures, 10)), 2)}
 
     def train_batch(self, step: int, batch_size: int, window: int, seed: int,
                     data_order: int = 0, rows: slice = slice(None)) -> np.ndarray:

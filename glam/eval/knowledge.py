@@ -200,14 +200,3 @@ class KnowledgeProbe:
         bits = stored_bits(self.value_logp(state), self.sample.max_bits)
         return summarize(bits, self.sample, *self.params)
 
-
-def knowledge_facts(world: World, run_tokens: int) -> dict:
-    """The world's knowledge load and how often a run states each fact, for the run's params:
-    `knowledge_bits` (the world's), `fact_exposures_mean` and `fact_exposures_p10` (expected
-    statements of a fact in the run's `run_tokens` training tokens: the mean over facts, and
-    the 10th percentile, the long tail under a Zipf popularity; `World.exposures`)."""
-    exposures = world.exposures(run_tokens)
-    return {"knowledge_bits": round(world.knowledge_bits, 1),
-            "fact_exposures_mean": round(float(exposures.mean()), 2),
-            "fact_exposures_p10": round(float(np.percentile(exposures, 10)), 2),
-            "knowledge_per_param_counts": "total_params, embeddings included"}
