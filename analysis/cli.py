@@ -69,6 +69,10 @@ def analyze(table: pd.DataFrame, out: Path, which: list[str], shots: int,
     if ("knowledge_capacity" in which and not arms and knowledge.BITS in table
             and table[knowledge.BITS].notna().any()):
         written += knowledge.knowledge_capacity(table, out)
+        if client is not None:
+            histories = load_histories(client.tracking_uri, list(table["run_id"]),
+                                       [knowledge.BITS])
+            written.append(knowledge.knowledge_history(table, histories, out))
     if client is not None and "data_efficiency" in which:
         histories = load_histories(client.tracking_uri, list(table["run_id"]), ["lm_loss"])
         written += figures.data_efficiency(table, histories, out)

@@ -133,19 +133,18 @@ def _flops_unit(flops: pd.Series) -> tuple[float, str]:
     return (1e9, "GFLOPs") if flops.max() >= 1e8 else (1e6, "MFLOPs")
 
 
-def _log_x(ax, values, base: float = 10) -> None:
-    """A log x axis whose data are labelled: at most 8 distinct x values get a tick each
-    (a span under a decade would otherwise have no labelled tick); more get the log ticks
-    with their minor ticks labelled."""
+def _log_x(ax, values, base: float = 10, label=lambda x: f"{x:.3g}") -> None:
+    """A log x axis whose data are labelled (by `label`): at most 8 distinct x values get a
+    tick each (a span under a decade would otherwise have no labelled tick); more get the log
+    ticks with their minor ticks labelled."""
     ax.set_xscale("log", base=base)
     distinct = []
     for x in np.unique(np.asarray(values, float)):
-        if not distinct or x >= 1.4 * distinct[-1]:  # nearby values (a MoE point 5% above
-            distinct.append(x)                       # its dense twin) share a tick
+        if not distinct or x >= 1.15 * distinct[-1]:  # nearby values (a MoE point 5-8%
+            distinct.append(x)                        # above its dense twin) share a tick
     if len(distinct) <= 8:
         ax.xaxis.set_major_locator(matplotlib.ticker.FixedLocator(distinct))
-        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(
-            lambda x, _: f"{x:.3g}"))
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: label(x)))
         ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
     else:
         ax.xaxis.set_minor_formatter(matplotlib.ticker.LogFormatterSciNotation(

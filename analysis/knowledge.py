@@ -14,8 +14,9 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from analysis.figures import (STYLE, _legend_below, _save, _series_colors, at_longest,
+from analysis.figures import (STYLE, _legend_below, _log_x, _save, _series_colors, at_longest,
                               point_keys, series, series_order, size_key)
+from glam.accounting import short_count
 
 BITS = "knowledge/bits"
 REFERENCE = ((1.0, "1 bit/param (~100 exposures)"), (2.0, "2 bits/param (~1,000 exposures)"))
@@ -53,8 +54,9 @@ def knowledge_capacity(table: pd.DataFrame, out: Path) -> list[Path]:
         for (per_param, label), dash in zip(REFERENCE, ((4, 2), (1, 1.5))):
             ax.plot(xs, per_param * xs, color="0.4", linewidth=1, dashes=dash, label=label)
         if world:
-            ax.axhline(world, color="0.2", linewidth=0.8, label="the world's knowledge")
-        ax.set_xscale("log")
+            ax.axhline(world, color="0.2", linewidth=0.8,
+                       label=f"the world's knowledge ({short_count(world)} bits)")
+        _log_x(ax, stats["total_params"], label=short_count)
         ax.set_yscale("log")
         low = max(stats["bits_mean"].min() / 2, 1.0)
         ax.set_ylim(low, max(2 * xs.max(), world or 0) * 1.5)
@@ -122,3 +124,19 @@ def _rise(by_e: dict[int, pd.DataFrame], metric: str) -> str:
     head = (f"every step no worse than its spread, best at E={peak}" if not falls
             else "falls beyond the spread at " + "; ".join(falls) + f"; best at E={peak}")
     return f"{head} [{trail}]"
+
+
+def knowledge_history(table: pd.DataFrame, histories: pd.DataFrame, out: Path) -> Path:
+    """`knowledge_history.csv`: knowledge bits at every evaluation (a `load_histories` table of
+    `knowledge/bits`), mean, std and seed count per size, series and step: whether a model's
+    knowledge still rises at the end of its run or has reached a plateau."""
+    runs = table.assign(series=series(table)).set_index("run_id")
+    data = histories[histories["key"] == BITS].copy()
+    for column in (size_key(table), "series"):
+        data[column] = data["run_id"].map(runs[column])
+    stats = (data.groupby([size_key(table), "series", "step"])["value"]
+             .agg(["mean", "std", "count"]).reset_index())
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "knowledge_history.csv"
+    stats.to_csv(path, index=False)
+    return path
