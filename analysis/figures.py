@@ -72,9 +72,10 @@ def _panel_grid(n: int):
 
 def spread_title(stats: pd.DataFrame) -> str:
     """'(error bars: seed std)' when every point has at least 2 seeds; else what there is."""
-    if stats["count"].min() >= 2:
+    counts = stats.loc[stats["count"] > 0, "count"]  # points with a value
+    if len(counts) and counts.min() >= 2:
         return "(error bars: seed std)"
-    return "(one seed per point: no error bars)" if stats["count"].max() < 2 else \
+    return "(one seed per point: no error bars)" if not len(counts) or counts.max() < 2 else \
         "(error bars: seed std where a point has 2+ seeds)"
 
 
@@ -218,6 +219,8 @@ def compute_vs_accuracy(table: pd.DataFrame, out: Path, shots: int = 0) -> list[
                          series=series(table))
     colors = _series_colors(table["series"])
     shown_panels = panels(shots, table)
+    if not shown_panels:
+        return []
     with plt.rc_context(STYLE):
         fig, axes = _panel_grid(len(shown_panels))
         plotted, fits = [], {}
@@ -263,6 +266,8 @@ def expert_count(table: pd.DataFrame, out: Path, shots: int = 0) -> list[Path]:
     sizes = table.groupby(size_key(table))["activated_params"].median().sort_values()
     colors = {size: OKABE_ITO[i % len(OKABE_ITO)] for i, size in enumerate(sizes.index)}
     shown_panels = panels(shots, table)
+    if not shown_panels:
+        return []
     with plt.rc_context(STYLE):
         fig, axes = _panel_grid(len(shown_panels))
         plotted = []

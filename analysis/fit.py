@@ -139,6 +139,7 @@ def honest_fit(x, y, stats: pd.DataFrame, metric: str) -> dict | None:
     Returns: {"law", "drawn", "rms_error" (of the point means, y units), "reason" (why not
       drawn), "metric"}; None when there are too few points or nothing positive to fit.
     """
+    stats = stats[np.isfinite(stats["mean"]) & (stats["mean"] > 0) & (stats["x"] > 0)]
     if stats["x"].nunique() < MIN_FIT_POINTS:
         return None
     try:

@@ -71,6 +71,7 @@ def knowledge_capacity(table: pd.DataFrame, out: Path) -> list[Path]:
 def _gain(a: pd.Series, b: pd.Series, metric: str) -> tuple[float, float]:
     """How much better b is than a on `metric` (mean difference; lower is better for a loss),
     and the spread of that difference (the two seed stds in quadrature; 0 with one seed each)."""
+    a, b = a.dropna(), b.dropna()
     sd = [s.std(ddof=1) if len(s) > 1 else 0.0 for s in (a, b)]
     sign = -1.0 if "loss" in metric else 1.0
     return float(sign * (b.mean() - a.mean())), float(np.hypot(*sd))
@@ -102,18 +103,21 @@ def verdicts(table: pd.DataFrame, metrics: tuple[str, ...]) -> list[str]:
             continue
         for metric in metrics:
             for e in sorted(by_e)[1:]:
+                if by_e[0][metric].isna().all() or by_e[e][metric].isna().all():
+                    continue
                 gap, spread = _gain(by_e[0][metric], by_e[e][metric], metric)
                 lines.append(f"{label}: E={e} vs dense, {metric} gain {gap:+.4g} "
                              f"(spread {spread:.3g}): {_verdict(gap, spread)}")
-            if len(by_e) > 2:
-                lines.append(f"{label}: {metric} by E: " + _rise(by_e, metric))
+            measured = {e: g for e, g in by_e.items() if g[metric].notna().any()}
+            if len(measured) > 2:
+                lines.append(f"{label}: {metric} by E: " + _rise(measured, metric))
     return lines
 
 
 def _rise(by_e: dict[int, pd.DataFrame], metric: str) -> str:
     """Whether every step up in E is no worse than its spread, or where one is; the best E."""
     es = sorted(by_e)
-    means = {e: by_e[e][metric].mean() for e in es}
+    means = {e: by_e[e][metric].mean() for e in es}  # pandas skips NaN
     falls = []
     for lo, hi in zip(es, es[1:]):
         gap, spread = _gain(by_e[lo][metric], by_e[hi][metric], metric)

@@ -97,8 +97,8 @@ def figure(table: pd.DataFrame, histories: pd.DataFrame, out: Path,
     plotted = []
     with plt.rc_context(STYLE):
         cols = len(shown) if len(shown) <= 3 else 2
-        rows = -(-len(shown) // cols)
-        fig, axes = plt.subplots(rows, cols, figsize=(WIDE[0], WIDE[1] * rows + 0.3),
+        n_rows = -(-len(shown) // cols)
+        fig, axes = plt.subplots(n_rows, cols, figsize=(WIDE[0], WIDE[1] * n_rows + 0.3),
                                  layout="constrained", squeeze=False)
         axes = axes.ravel()
         for ax, (metric, label, _) in zip(axes, shown):

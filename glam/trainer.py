@@ -354,9 +354,10 @@ class Trainer:
           TrainingDiverged: rollbacks did not get past a failure.
           SimulatedCrash: `faults.crash_at_step` was reached.
         """
-        m, c = self.cfg.model, self.counts
+        m, c, t = self.cfg.model, self.counts, self.cfg.train
         facts = {"vocab_size": self.corpus.tokenizer.vocab_size,
-                 **self.corpus.facts(self.cfg.train.steps * self.tokens_per_step)}
+                 # tokens read: each window of seq_len inputs reads its last target too
+                 **self.corpus.facts(t.steps * t.batch_size * (m.seq_len + 1))}
         resumed_id = self.record["mlflow_run_id"] if self.record else None
         try:
             with self.stop, RunLogger(self.cfg, c, facts, self.corpus.fingerprint, self.output_dir,

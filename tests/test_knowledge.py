@@ -13,8 +13,9 @@ from flax import nnx
 from glam.config import DataConfig
 from glam.data import World
 from glam.eval.harness import make_score
-from glam.eval.knowledge import (SPLITS, KnowledgeProbe, fact_prompt, sample_facts,
-                                 stored_bits, summarize)
+from glam.config import ConfigError
+from glam.eval.knowledge import (SPLITS, KnowledgeProbe, fact_prompt, prompt_templates,
+                                 sample_facts, stored_bits, summarize)
 from glam.model import GLaM
 from glam.resolve import model_config
 
@@ -48,7 +49,8 @@ def test_batched_probe_equals_a_per_fact_reference(n_experts):
         split = probe.sample.split[i]
         person = (world.qa_people, world.bio_only_people)[split][
             person_attr[0] - (len(world.qa_people) if split else 0)]
-        prompt = [tok.eos_id, *tok.encode(fact_prompt(world, person, person_attr[1]))]
+        prompt = [tok.eos_id, *tok.encode(fact_prompt(world, person, person_attr[1],
+                                                      prompt_templates(world)))]
         value = tok.encode(world.value(person, person_attr[1]))
         row = jnp.asarray([prompt + value])
         logp = jax.nn.log_softmax(logits(state, row)[0], axis=-1)
@@ -145,3 +147,22 @@ def test_popularity_zero_keeps_the_uniform_streams():
     rng = np.random.default_rng(0)
     assert [world.draw_person(rng) for _ in range(5)] == \
         np.random.default_rng(0).integers(len(world.people), size=5).tolist()
+
+
+@pytest.mark.parametrize("k", [2, 3, 4])
+def test_no_prompt_is_continued_by_another_attributes_sentence(k):
+    """A prompt another attribute's training sentence also begins with ("<e> was born in", shared
+    with "<e> was born in the year <v>") caps what a perfect model can score: each attribute's
+    prompt is one the training text uses and no other attribute's sentence continues."""
+    cfg = dataclasses.replace(SMALL, templates_per_attribute=k, n_attributes=6)
+    world = World(cfg)
+    heads = prompt_templates(world)
+    sentences = [[world.fact(0, a, t) for t in range(k)] for a in range(len(world.attributes))]
+    for a, head in enumerate(heads):
+        prompt = fact_prompt(world, 0, a, heads)
+        assert any(s.startswith(prompt + " ") for s in sentences[a])  # used in training
+        assert not any(s.startswith(prompt + " ") for b, ss in enumerate(sentences) if b != a
+                       for s in ss), (prompt, world.attributes[a][0])
+    assert heads[0] == "{e} comes from"
+    with pytest.raises(ConfigError, match="data.templates_per_attribute"):
+        prompt_templates(World(dataclasses.replace(SMALL, templates_per_attribute=1)))

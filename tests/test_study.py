@@ -93,7 +93,7 @@ def test_plan_lists_every_seed_of_a_range():
 
 
 def test_the_data_quality_study_plans_its_arms_and_prepares_each_corpus_once():
-    """Filtered, unfiltered and 3x unfiltered arms x dense, MoE x 2 seeds: the 3x arm plans
+    """Filtered, unfiltered and 3x unfiltered arms x dense, MoE (one seed): the 3x arm plans
     three times the tokens; `glam-data prepare +study=data_quality` finds two corpora (the 3x
     arm reuses the unfiltered one) with different selections and folders."""
     from glam.data.cli import corpora
@@ -101,7 +101,7 @@ def test_the_data_quality_study_plans_its_arms_and_prepares_each_corpus_once():
     rows = plan(["+study=data_quality"])
     tokens = {(next(o for o in r.overrides.split() if o.startswith("+quality_arm=")), r.family):
               r.train_tokens for r in rows}
-    assert len(rows) == 12 and len(set(tokens)) == 6  # 2 seeds
+    assert len(rows) == 6 and len(set(tokens)) == 6
     for family in ("dense", "moe"):
         base = tokens[("+quality_arm=filtered", family)]
         assert tokens[("+quality_arm=unfiltered", family)] == base

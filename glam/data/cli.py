@@ -53,14 +53,15 @@ def _points(overrides: list[str]):
 
 
 def run_tokens(overrides: list[str]) -> dict[str, list[int]]:
-    """{data.prepared_dir: the distinct training-token counts of the points that train on it}
-    (steps x token_multiple x batch x seq_len; points sized by a FLOP budget are left out)."""
+    """{data.prepared_dir: the distinct counts of tokens the points that train on it read}
+    (steps x token_multiple x batch x (seq_len + 1): each window reads its next-token targets
+    too; points sized by a FLOP budget are left out)."""
     lengths: dict[str, set[int]] = {}
     for cfg in _points(overrides):
         t = cfg.train
         if cfg.data.kind == DataKind.text and t.flops_budget is None:
             lengths.setdefault(cfg.data.prepared_dir, set()).add(
-                round(t.steps * t.token_multiple) * t.batch_size * cfg.model.seq_len)
+                round(t.steps * t.token_multiple) * t.batch_size * (cfg.model.seq_len + 1))
     return {k: sorted(v) for k, v in lengths.items()}
 
 
@@ -70,9 +71,10 @@ def record_epochs(cfg: Config, manifest: dict, lengths: list[int]) -> None:
     from glam.data.prepare import MANIFEST, write_atomic
     from glam.data.text import source_epochs
 
-    manifest["epochs"] = {str(n): source_epochs(manifest, cfg.data.sources, n) for n in lengths}
-    for n, epochs in manifest["epochs"].items():
-        log.info("%s training tokens read: %s", f"{int(n):,}",
+    new = {str(n): source_epochs(manifest, cfg.data.sources, n) for n in lengths}
+    manifest["epochs"] = {**manifest.get("epochs", {}), **new}  # other sweeps' lengths kept
+    for n, epochs in new.items():
+        log.info("%s tokens read by training: %s", f"{int(n):,}",
                  ", ".join(f"{k} {v:.2f} epochs" for k, v in epochs.items()))
     write_atomic(Path(cfg.data.prepared_dir) / MANIFEST, json.dumps(manifest, indent=1).encode())
 

@@ -92,7 +92,7 @@ def source_epochs(manifest: dict, sources, run_tokens: float) -> dict[str, float
     Args:
       manifest: a prepared corpus's manifest (`load_manifest`).
       sources: the `data.sources` configs (name, weight).
-      run_tokens: training tokens of the run (steps x batch x seq_len).
+      run_tokens: tokens the run reads (steps x batch x (seq_len + 1)).
     """
     total = sum(s.weight for s in sources)
     return {s.name: run_tokens * s.weight / total

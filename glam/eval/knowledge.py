@@ -11,9 +11,10 @@ Facts are sampled by person (all of them when the world has at most `max_facts`)
 in the two splits of the world: `qa_seen` (people whose QA lines are in the training text) and
 `bio_only` (people known only from biographies). Each split's sum is scaled by (people in the
 split / people sampled from it), so the estimate is of the whole world. The prompt of a fact is
-the training text's own form, "<eos> <first template of the attribute up to the value>", as at
-the start of a biography; the value's tokens are scored in one forward pass per batch of facts
-(no generation).
+the training text's own form, "<eos> <a template of the attribute up to the value>", as at the
+start of a biography, with a template no other attribute's sentence continues
+(`prompt_templates`); the value's tokens are scored in one forward pass per batch of facts (no
+generation).
 
 Metrics (`KnowledgeProbe.__call__`), overall and per split (`knowledge/<split>/...`):
 - `bits`: bits stored (estimate for the whole world or split);
@@ -29,6 +30,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from glam.config import ConfigError
 from glam.data.world import World
 from glam.distributed import fetch
 
@@ -57,11 +59,43 @@ class FactSample:
     split_bits: np.ndarray
 
 
-def fact_prompt(world: World, person: int, attribute: int) -> str:
-    """The text before the value in the attribute's first template ("<name> was born in")."""
-    template = world.attributes[attribute][2][0]
-    head, _ = template.split("{v}", 1)
-    return head.format(e=world.name(person)).strip()
+def _head(template: str) -> str | None:
+    """A template's text before its value, the person as "{e}"; None when the value comes
+    first (nothing to prompt with)."""
+    head = template.split("{v}", 1)[0].strip()
+    return head if head.startswith("{e}") else None
+
+
+def prompt_templates(world: World) -> list[str]:
+    """Per attribute, the head of the first template the training text uses (the first
+    `templates_per_attribute`) that no sentence of another attribute continues: "{e} was born
+    in" would be ambiguous (the birth year's "{e} was born in the year {v}" shares it, and a
+    model that knows both facts still splits its mass between a city and "the"), so the birth
+    city is asked as "{e} comes from".
+
+    Raises:
+      ConfigError: an attribute has no such template among those in use (names it and the
+        fix).
+    """
+    k = world.cfg.templates_per_attribute
+    used = [[t for t in templates[:k]] for _, _, templates, _ in world.attributes]
+    heads = []
+    for a, (name, _, templates, _) in enumerate(world.attributes):
+        others = [t for b, ts in enumerate(used) if b != a for t in ts]
+        head = next((h for h in map(_head, templates[:k])
+                     if h and not any(t.startswith(h + " ") for t in others)), None)
+        if head is None:
+            raise ConfigError(f"data.templates_per_attribute: with {k}, every template of "
+                              f"{name!r} in use begins like another attribute's sentence, so no "
+                              "prompt asks for it alone; use at least 2 templates, or "
+                              "eval.knowledge_facts=0 (no knowledge probe).")
+        heads.append(head)
+    return heads
+
+
+def fact_prompt(world: World, person: int, attribute: int, heads: list[str]) -> str:
+    """The prompt of a fact: its attribute's head (`prompt_templates`) with the person's name."""
+    return heads[attribute].format(e=world.name(person))
 
 
 def sample_facts(world: World, tokenizer, max_facts: int, seed: int) -> FactSample:
@@ -71,6 +105,7 @@ def sample_facts(world: World, tokenizer, max_facts: int, seed: int) -> FactSamp
 
     Raises:
       ValueError: `max_facts` is smaller than one person's facts.
+      ConfigError: see `prompt_templates`.
     """
     n_attr = len(world.attributes)
     if max_facts < n_attr:
@@ -82,6 +117,7 @@ def sample_facts(world: World, tokenizer, max_facts: int, seed: int) -> FactSamp
     budget = max_facts // n_attr
     eos = tokenizer.eos_id
     bits_a = np.asarray([math.log2(len(v)) for v in world.values])
+    heads = prompt_templates(world)
     prompts, values, max_bits, split = [], [], [], []
     scale = np.zeros(len(SPLITS))
     for s, people in enumerate(groups):
@@ -92,7 +128,7 @@ def sample_facts(world: World, tokenizer, max_facts: int, seed: int) -> FactSamp
         scale[s] = len(people) / take
         for i in chosen:
             for a in range(n_attr):
-                prompts.append([eos, *tokenizer.encode(fact_prompt(world, people[i], a))])
+                prompts.append([eos, *tokenizer.encode(fact_prompt(world, people[i], a, heads))])
                 values.append(tokenizer.encode(world.value(people[i], a)))
                 max_bits.append(bits_a[a])
                 split.append(s)
@@ -156,10 +192,10 @@ def rows(sample: FactSample, window: int, pad: int) -> tuple[np.ndarray, ...]:
 
 
 class KnowledgeProbe:
-    """Scores a model's knowledge of the world (`summarize`'s metrics) in batches of
-    `batch_size` facts, each a row of the shortest window (multiple of 8, at most `seq_len`)
-    that holds every prompt + value and whose batches split into whole MoE routing groups:
-    relative positions need no full-length window.
+    """Scores a model's knowledge of the world (`summarize`'s metrics). Each fact is a row of
+    the shortest window (multiple of 8, at most `seq_len`) that holds every prompt + value
+    (relative positions need no full-length window), in batches of as many tokens as an
+    evaluation batch (`batch_size` x `seq_len`) that split into whole MoE routing groups.
 
     Args:
       score: `glam.eval.harness.make_score(graphdef)`, (state, tokens, mask, target) ->
@@ -170,16 +206,19 @@ class KnowledgeProbe:
       group_size: the MoE routing group (tokens; `model.router.group_size`), None if dense.
     Raises:
       ValueError: a fact prompt is longer than `seq_len`, or `max_facts` is too small.
+      ConfigError: see `prompt_templates`.
     """
 
     def __init__(self, score, world: World, tokenizer, *, seq_len: int, batch_size: int,
                  total_params: int, activated_params: int, max_facts: int, seed: int,
                  group_size: int | None = None):
-        self.score, self.batch_size = score, batch_size
+        self.score = score
         self.sample = sample_facts(world, tokenizer, max_facts, seed)
         longest = max(len(p) + len(v) for p, v in zip(self.sample.prompts, self.sample.values))
         window = next((w for w in range(-(-longest // 8) * 8, seq_len, 8)
-                       if not group_size or (batch_size * w) % group_size == 0), seq_len)
+                       if not group_size or (batch_size * seq_len // w * w) % group_size == 0),
+                      seq_len)
+        self.batch_size = batch_size * seq_len // window
         self.tokens, self.mask, self.target = rows(self.sample, window, tokenizer.pad_id)
         self.params = (total_params, activated_params)
 
@@ -190,7 +229,7 @@ class KnowledgeProbe:
         for lo in range(0, n, b):
             hi = min(lo + b, n)
             batch = [a[lo:hi] for a in (self.tokens, self.mask, self.target)]
-            if hi - lo < b:  # one compiled shape: fill with copies of the first row
+            if hi - lo < b:  # one compiled shape: fill with copies of its first row
                 batch = [np.concatenate([a, np.repeat(a[:1], b - (hi - lo), 0)]) for a in batch]
             total, _ = fetch(self.score(state, *batch))
             out[lo:hi] = np.asarray(total)[: hi - lo]
