@@ -32,7 +32,7 @@ from glam.data.feed import TextFeed, WorldFeed
 from glam.data.text import TextCorpus
 from glam.data.world_text import KINDS as WORLD_SOURCES
 from glam.eval import Evaluator, Task, read_jsonl, world_tasks
-from glam.eval.knowledge import KnowledgeProbe
+from glam.eval.knowledge import KnowledgeProbe, prompt_templates
 from glam.identity import checkpoint_identity
 from glam.interrupts import StopOnSignal
 from glam.ledger import MetricLedger
@@ -197,6 +197,8 @@ class Trainer:
         self.record = self._newest_record() if latest is not None else None
         world = corpus_world(cfg, self.corpus)
         tasks = build_tasks(cfg, world)
+        if world and cfg.eval.knowledge_facts:
+            prompt_templates(world)  # a world the probe cannot ask: refused before compiling
         compile_cache.use(t.compilation_cache_dir)  # before the first program is compiled
         self.cache_counts = compile_cache.counts()
         self.schedule = lr_schedule(cfg.schedule, t.steps)

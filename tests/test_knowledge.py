@@ -166,3 +166,17 @@ def test_no_prompt_is_continued_by_another_attributes_sentence(k):
     assert heads[0] == "{e} comes from"
     with pytest.raises(ConfigError, match="data.templates_per_attribute"):
         prompt_templates(World(dataclasses.replace(SMALL, templates_per_attribute=1)))
+
+
+def test_a_world_the_probe_cannot_ask_is_refused_before_any_run(tmp_path):
+    """One template per fact: the birth city's only sentence begins like the birth year's. The
+    trainer refuses it with the field named, before an MLflow run exists."""
+    from glam.resolve import load
+    from glam.train import run
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = load(["model=tiny_dense", "data.templates_per_attribute=1", "data.train_tokens=20000",
+                f"logger.tracking_uri={uri}"])
+    with pytest.raises(ConfigError, match="data.templates_per_attribute"):
+        run(cfg, tmp_path / "out")
+    assert not (tmp_path / "mlflow.db").exists()
