@@ -110,8 +110,11 @@ def test_the_cli_writes_the_study_and_prints_its_command(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("args,message", [
-    # the committed CPU study: one token count, two sizes
+    # the committed expert-count study: one size, one token count
     (["--ladder", str(REPO / "docs/results/study_expert_count/runs.csv")],
+     "one value of parameter counts"),
+    # the committed compute-vs-accuracy study: three sizes, one token count
+    (["--ladder", str(REPO / "docs/results/study_compute_vs_accuracy/runs.csv")],
      "one value of token counts"),
     (["--ladder", "no/such/runs.csv"], "no run table at no/such/runs.csv"),
     ([], "--budget needs --ladder"),
