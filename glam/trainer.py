@@ -221,8 +221,7 @@ class Trainer:
             self.evaluator.score, world, self.corpus.tokenizer, seq_len=m.seq_len,
             batch_size=e.batch_size, total_params=self.counts.total_params,
             activated_params=self.counts.activated_params, max_facts=e.knowledge_facts,
-            seed=e.seed, group_size=m.router.group_size if m.n_experts else None)
-            if world and e.knowledge_facts else None)
+            seed=e.seed) if world and e.knowledge_facts else None)
         self.predictions: list[dict] = []  # of the latest evaluation
         self.expert_load: dict = {}
         self.base_key = jax.random.key(t.seed + 1)

@@ -42,7 +42,7 @@ def rescore(run_dir: Path) -> tuple[str, dict[str, float]]:
                            seq_len=m.seq_len, batch_size=e.batch_size,
                            total_params=counts.total_params,
                            activated_params=counts.activated_params, max_facts=e.knowledge_facts,
-                           seed=e.seed, group_size=m.router.group_size if m.n_experts else None)
+                           seed=e.seed)
     run_id = json.loads((run_dir / "mlflow_run.json").read_text())["run_id"]
     return run_id, probe(state)
 

@@ -31,7 +31,7 @@ def _probe(world, n_experts=0, max_facts=4096, batch_size=16):
     graphdef, state = nnx.split(GLaM(cfg, rngs=nnx.Rngs(0)))
     probe = KnowledgeProbe(make_score(graphdef), world, world.tokenizer, seq_len=32,
                            batch_size=batch_size, total_params=1000, activated_params=500,
-                           max_facts=max_facts, seed=0, group_size=1)
+                           max_facts=max_facts, seed=0)
     return probe, graphdef, state
 
 

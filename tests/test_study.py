@@ -15,7 +15,8 @@ from glam.resolve import CONF_DIR, SWEEPS_DIR, load
 from glam.study.plan import plan
 from glam.study.points import expand
 
-STUDIES = sorted(p.stem for p in (SWEEPS_DIR / "study").glob("*.yaml") if p.stem != "base")
+STUDIES = sorted(p.stem for p in (SWEEPS_DIR / "study").glob("*.yaml")
+                 if not p.stem.endswith("base"))  # base, knowledge_base: shared parts
 
 
 @pytest.mark.parametrize("model", ["ladder_xs", "ladder_s", "cpu_moe"])

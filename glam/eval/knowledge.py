@@ -192,10 +192,10 @@ def rows(sample: FactSample, window: int, pad: int) -> tuple[np.ndarray, ...]:
 
 
 class KnowledgeProbe:
-    """Scores a model's knowledge of the world (`summarize`'s metrics). Each fact is a row of
-    the shortest window (multiple of 8, at most `seq_len`) that holds every prompt + value
-    (relative positions need no full-length window), in batches of as many tokens as an
-    evaluation batch (`batch_size` x `seq_len`) that split into whole MoE routing groups.
+    """Scores a model's knowledge of the world (`summarize`'s metrics), each fact a
+    left-padded row of the model's window, in batches of `batch_size` rows: the shape of the
+    evaluator's rank-classification batches, so the probe runs the program the evaluator has
+    already compiled (`score`) and never compiles one of its own.
 
     Args:
       score: `glam.eval.harness.make_score(graphdef)`, (state, tokens, mask, target) ->
@@ -203,23 +203,16 @@ class KnowledgeProbe:
       world, tokenizer: the world the corpus renders and the run's tokenizer.
       total_params, activated_params: the model's counts (embeddings included).
       max_facts: facts scored at most (`eval.knowledge_facts`).
-      group_size: the MoE routing group (tokens; `model.router.group_size`), None if dense.
     Raises:
       ValueError: a fact prompt is longer than `seq_len`, or `max_facts` is too small.
       ConfigError: see `prompt_templates`.
     """
 
     def __init__(self, score, world: World, tokenizer, *, seq_len: int, batch_size: int,
-                 total_params: int, activated_params: int, max_facts: int, seed: int,
-                 group_size: int | None = None):
-        self.score = score
+                 total_params: int, activated_params: int, max_facts: int, seed: int):
+        self.score, self.batch_size = score, batch_size
         self.sample = sample_facts(world, tokenizer, max_facts, seed)
-        longest = max(len(p) + len(v) for p, v in zip(self.sample.prompts, self.sample.values))
-        window = next((w for w in range(-(-longest // 8) * 8, seq_len, 8)
-                       if not group_size or (batch_size * seq_len // w * w) % group_size == 0),
-                      seq_len)
-        self.batch_size = batch_size * seq_len // window
-        self.tokens, self.mask, self.target = rows(self.sample, window, tokenizer.pad_id)
+        self.tokens, self.mask, self.target = rows(self.sample, seq_len, tokenizer.pad_id)
         self.params = (total_params, activated_params)
 
     def value_logp(self, state) -> np.ndarray:
