@@ -59,6 +59,7 @@ def expert_loads(client: MlflowClient, table: pd.DataFrame) -> dict:
 def analyze(table: pd.DataFrame, out: Path, which: list[str], shots: int,
             client: MlflowClient | None) -> list[Path]:
     written: list[Path] = []
+    table = table.copy()  # one block per dtype: the figures add columns to it
     # A data-quality study's arms are not seeds: the per-size and per-E figures would pool them.
     arms = quality.is_study(table)
     if ("compute_vs_accuracy" in which and not arms
