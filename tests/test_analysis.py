@@ -397,3 +397,19 @@ def test_verdicts_weigh_each_gap_against_the_seed_spread():
     assert "absent" not in text
     one = pd.DataFrame(rows).query("seed == 0")
     assert "one seed: no spread" in "\n".join(verdicts(one, ("knowledge/bits",)))
+
+
+def test_a_missing_value_never_becomes_a_verdict_or_a_fitted_point():
+    """A seed without the metric (an older run) is left out of the gain and its spread: the
+    spread is never NaN, and a point with no value does not count towards a fit's 4 points."""
+    from analysis.fit import honest_fit
+    from analysis.knowledge import verdicts
+
+    rows = [{"model": "s", "n_experts": e, "seed": s, "knowledge/bits": v}
+            for e, vals in ((0, (100.0, float("nan"))), (8, (200.0, 204.0)))
+            for s, v in enumerate(vals)]
+    text = "\n".join(verdicts(pd.DataFrame(rows), ("knowledge/bits",)))
+    assert "nan" not in text and "MoE ahead beyond 2x" in text
+    stats = pd.DataFrame({"x": [1.0, 2.0, 4.0, 8.0], "mean": [1.0, 2.0, 4.0, float("nan")],
+                          "std": [0.1] * 4, "count": [2, 2, 2, 0]})
+    assert honest_fit([1, 1, 2, 2, 4, 4], [1, 1, 2, 2, 4, 4], stats, "m") is None
