@@ -360,6 +360,13 @@ class TokenizerConfig(Section):
         _positive(self, prefix, ("vocab_size", "sample_chars"))
         check(0 < self.character_coverage <= 1, f"{prefix}.character_coverage",
               f"must be in (0, 1], got {self.character_coverage}.")
+        # Every piece is learnt from the sample's text: fewer characters than pieces cannot
+        # train the vocabulary (SentencePiece wants tens of characters a piece).
+        check(self.path is not None or self.sample_chars >= self.vocab_size,
+              f"{prefix}.sample_chars",
+              f"{self.sample_chars:,} characters cannot train {self.vocab_size:,} pieces (fewer "
+              "characters than pieces); raise it to tens of characters a piece (the default is "
+              f"5,000,000) or lower {prefix}.vocab_size.")
 
 
 @dataclass

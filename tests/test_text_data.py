@@ -1,7 +1,9 @@
 """Real text: source files, glam-data prepare, SentencePiece, the grain pipeline and its mixture."""
 
+import bz2
 import gzip
 import json
+import lzma
 import os
 from pathlib import Path
 
@@ -14,10 +16,12 @@ import pytest
 from flax import nnx
 
 from glam.config import ConfigError, DataConfig, Malformed, SourceConfig, TokenizerConfig
-from glam.data.prepare import MANIFEST, prepare
+from glam.data import prepare as prepare_module
+from glam.data.prepare import MANIFEST, plan, prepare, sample_documents, train_tokenizer
 from glam.data.sources import DataError, ReadStats, documents, expand
 from glam.data.text import SOURCE_KEY, TextCorpus
-from glam.data.tokenizer import EOS, SentencePieceTokenizer
+from glam.data.tokenizer import (EOS, MAX_SENTENCE_BYTES, SENTENCE_CHARS, SentencePieceTokenizer,
+                                 training_sentences)
 from glam.model import GLaM
 from glam.resolve import load, load_raw, model_config
 
@@ -112,6 +116,93 @@ def test_globs_expand_sorted_and_bad_paths_are_named(tmp_path):
         expand(SourceConfig(name="s", paths=[str(tmp_path / "d.csv")]), "data.sources[0]")
 
 
+def _compress(name: str, data: bytes) -> bytes:
+    """`data` compressed as the name's suffix says, in two members or frames (as parallel
+    compressors write them), so a reader that stops after the first is caught."""
+    half = len(data) // 2
+    codec = {".gz": gzip.compress, ".bz2": bz2.compress, ".xz": lzma.compress,
+             ".zst": lambda b: pa.Codec("zstd").compress(b, asbytes=True)}.get(
+                 Path(name).suffix.lower())
+    return codec(data[:half]) + codec(data[half:]) if codec else data
+
+
+_SHIPPED = ["c4-train.00000-of-01024.json.gz", "x.json", "x.ndjson", "x.jsonl.bz2", "x.jsonl.xz",
+            "x.jsonl.zst", "val.json.zst", "X.JSONL.GZ", "x.txt.gz", "x.txt.bz2", "x.txt.xz",
+            "x.txt.zst"]
+
+
+@pytest.mark.parametrize("name", _SHIPPED)
+def test_corpora_read_in_the_forms_they_ship_in(tmp_path, name):
+    """JSON lines under every common name and compression, and compressed text, read whole
+    (every member or frame) by the reader and by the samplers of the workers."""
+    docs = _docs(40, 0)
+    txt = ".txt" in name
+    data = "".join(d + "\n" if txt else json.dumps({"text": d, "meta": {"url": "x"}}) + "\n"
+                   for d in docs).encode()
+    (tmp_path / name).write_bytes(_compress(name, data))
+    source = SourceConfig(name="s", paths=[str(tmp_path / "*")], **({"txt_unit": "line"} if txt else {}))
+    [url] = expand(source, "data.sources[0]")
+    assert [t for _, t, _ in documents(url, source, Malformed.stop, ReadStats())] == docs
+    assert sorted(t for _, t in sample_documents(url, source, Malformed.stop, 0, "q", 1.0)) \
+        == sorted(docs)
+    whole = SourceConfig(name="s", paths=[url])
+    if txt:  # a document per file
+        assert [t for _, t, _ in documents(url, whole, Malformed.stop, ReadStats())] \
+            == ["\n".join(docs) + "\n"]
+    if Path(name).suffix.lower() in (".gz", ".bz2", ".xz", ".zst"):
+        packed = (tmp_path / name).read_bytes()
+        (tmp_path / name).write_bytes(packed[: len(packed) * 3 // 4])
+        with pytest.raises(DataError, match=r":\d+: cannot read the file past this point"):
+            list(documents(url, source, Malformed.skip, ReadStats()))
+
+
+@pytest.mark.parametrize("name,content,message", [
+    ("d.csv", b"text\nx\n", r"d.csv: unsupported file type; glam reads JSON lines .* Convert"),
+    ("d.jsonl.lz4", b"", r"unsupported file type; .*\.gz, \.bz2, \.xz, \.zst"),
+    ("shards.tar.gz", b"", r"shards.tar.gz: an archive of files; unpack it"),
+    ("shards.zip", b"", r"an archive of files; unpack it"),
+    ("p.parquet.zst", b"", r"compressed parquet file .* store it as .parquet"),
+])
+def test_forms_that_are_not_read_are_refused_with_the_fix(tmp_path, name, content, message):
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(DataError, match=message):
+        expand(SourceConfig(name="s", paths=[str(tmp_path / name)]), "data.sources[0]")
+
+
+@pytest.mark.parametrize("content", [
+    b'[\n  {"text": "one"},\n  {"text": "two"}\n]\n',
+    b'[{"text": "one"}, {"text": "two"}]\n',
+])
+def test_a_json_array_is_refused_with_the_conversion(tmp_path, content):
+    (tmp_path / "a.json").write_bytes(content)
+    source = SourceConfig(name="s", paths=[str(tmp_path / "a.json")])
+    for policy in Malformed:  # not a malformed line to skip: the whole file is of another form
+        with pytest.raises(DataError, match=r"a.json: one JSON array, not JSON lines.*jq -c"):
+            list(documents(str(tmp_path / "a.json"), source, policy, ReadStats()))
+
+
+def test_compressed_files_prepare_on_the_workers_as_their_plain_copy(tmp_path):
+    """The same documents as one .jsonl and as four files of four compressions give the same
+    documents and tokens, the compressed files each their own identity and shards."""
+    docs = _docs(240, 3)
+    _jsonl(tmp_path / "plain" / "all.jsonl", docs)
+    for i, name in enumerate(["c4-train.0.json.gz", "b.jsonl.bz2", "c.jsonl.xz", "d.jsonl.zst"]):
+        part = "".join(json.dumps({"text": t}) + "\n" for t in docs[i::4]).encode()
+        (tmp_path / "packed").mkdir(exist_ok=True)
+        (tmp_path / "packed" / name).write_bytes(_compress(name, part))
+    d = _config(tmp_path, [{"name": "plain", "paths": [str(tmp_path / "plain" / "*")],
+                            "val_share": 0.2},
+                           {"name": "packed", "paths": [str(tmp_path / "packed" / "*")],
+                            "val_share": 0.2}])
+    manifest = prepare(d, progress=False)
+    plain, packed = manifest["sources"]["plain"], manifest["sources"]["packed"]
+    assert len(packed["files"]) == 4 and all(int(f["size"]) > 0 for f in packed["files"])
+    assert len({shard for split in packed["splits"].values() for shard in split["shards"]}) == 8
+    for count in ("documents", "tokens"):  # the split is salted by the source's name
+        assert sum(s[count] for s in packed["splits"].values()) \
+            == sum(s[count] for s in plain["splits"].values()) > 0
+
+
 @pytest.mark.parametrize("line,reason,message", [
     (b'{"text": "ok", \n', "invalid_json", "invalid JSON"),
     (b'["a list"]\n', "not_an_object", "a JSON list, not an object"),
@@ -170,6 +261,118 @@ def test_sentencepiece_round_trips_any_text_and_knows_ordinary_words(pydocs):
         spm.SentencePieceTrainer.train(sentence_iterator=iter(_docs(50, 0)), model_writer=out,
                                        vocab_size=60, minloglevel=2)
         SentencePieceTokenizer(out.getvalue())  # default ids: <unk> 0, <s> 1, </s> 2
+
+
+class _Serial:
+    """The engine's interface, run in this process."""
+
+    def map(self, fn, jobs):
+        for job in jobs:
+            yield fn(*job)
+
+
+def _sample(monkeypatch, d: DataConfig) -> tuple[list[str], dict]:
+    """The sentences and options `train_tokenizer` would train SentencePiece on."""
+    seen = {}
+
+    def train(sentences, **kw):
+        seen.update(sentences=list(sentences), **kw)
+
+    monkeypatch.setattr(prepare_module.SentencePieceTokenizer, "train", train)
+    train_tokenizer(d, plan(d), _Serial())
+    return seen.pop("sentences"), seen
+
+
+def _write_docs(path: Path, docs, meta_chars=0):
+    lines = "".join(json.dumps({"text": t, "meta": "m" * meta_chars}) + "\n" for t in docs)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(_compress(path.name, lines.encode()))
+
+
+def _words(rng, n):
+    return " ".join(rng.choice(WORDS, n))
+
+
+@pytest.mark.parametrize("case", ["few_huge_lines", "smaller_than_one_document", "gzipped",
+                                  "heavy_metadata", "no_spaces"])
+def test_the_tokenizer_sample_is_measured_in_characters(tmp_path, monkeypatch, case):
+    """However the text is laid out (a few documents of one long line each, a sample smaller
+    than one document, compressed files, JSON fields beside a short text, a script without
+    spaces) the sample holds about `sample_chars` characters of text, or all of it when the
+    corpus holds less, in sentences SentencePiece keeps (none over its max_sentence_length)."""
+    rng = np.random.default_rng(0)
+    name, sample_chars, meta = "c.jsonl", 10**7, 0
+    if case == "no_spaces":
+        docs = ["".join(rng.choice(list("漢字かなカナ𝔘"), 30_000)) for _ in range(3)]
+    elif case == "heavy_metadata":  # 2,000 short documents in 1 MB of JSON
+        docs, sample_chars, meta = [_words(rng, 5) for _ in range(2000)], 20_000, 500
+    else:
+        docs = [_words(rng, 12_000) for _ in range(6)]  # ~70,000 characters each, one line
+        if case == "smaller_than_one_document":
+            sample_chars = 30_000
+        elif case == "gzipped":
+            name, sample_chars = "c.json.gz", 150_000  # gzip shrinks these words ~4x
+    _write_docs(tmp_path / name, docs, meta)
+    d = _config(tmp_path, [{"name": "s", "paths": [str(tmp_path / name)]}], vocab=300)
+    d.tokenizer.sample_chars = sample_chars
+    sentences, options = _sample(monkeypatch, d)
+    chars, corpus = sum(map(len, sentences)), sum(map(len, docs))
+    if sample_chars >= corpus:
+        assert chars == corpus and options["whole_corpus"]
+    else:
+        assert sample_chars <= chars <= sample_chars + SENTENCE_CHARS
+        assert not options["whole_corpus"]
+    assert max(len(s.encode()) for s in sentences) <= MAX_SENTENCE_BYTES
+    if case == "smaller_than_one_document":  # pieces drawn from several documents
+        assert sum(any(s in doc for s in sentences) for doc in docs) >= 2
+
+
+def test_a_line_repeated_across_documents_is_sampled_in_proportion(tmp_path, monkeypatch):
+    """Boilerplate (the same line in every document) takes its share of the sample, neither all
+    of its copies nor none."""
+    rng = np.random.default_rng(0)
+    boilerplate = "Subscribe to our newsletter for more stories like this one"
+    docs = [f"{_words(rng, 30)}\n{boilerplate}" for _ in range(600)]
+    _write_docs(tmp_path / "c.jsonl", docs)
+    d = _config(tmp_path, [{"name": "s", "paths": [str(tmp_path / "c.jsonl")]}], vocab=300)
+    d.tokenizer.sample_chars = sum(map(len, docs)) // 4
+    sentences, _ = _sample(monkeypatch, d)
+    assert 0.5 * 600 / 4 < sentences.count(boilerplate) < 2 * 600 / 4
+
+
+def test_long_lines_are_cut_into_sentences_sentencepiece_keeps():
+    """Every character of a line longer than SentencePiece's max_sentence_length reaches it, in
+    pieces cut before spaces (a script without spaces anywhere)."""
+    line = " ".join(["word"] * 50_000)
+    pieces = training_sentences(f"short line\n\n   \n{line}")
+    assert pieces[0] == "short line" and "".join(pieces[1:]) == line
+    assert all(len(p) <= SENTENCE_CHARS and p.startswith(" word") for p in pieces[2:])
+    dense = "漢𝔘" * 40_000
+    pieces = training_sentences(dense)
+    assert "".join(pieces) == dense
+    assert max(len(p.encode()) for p in pieces) <= MAX_SENTENCE_BYTES
+
+
+def test_a_sample_too_small_for_the_vocabulary_is_refused_naming_its_field():
+    with pytest.raises(ConfigError, match=r"data.tokenizer.sample_chars: 100 characters cannot "
+                                          r"train 400 pieces .*raise it .*vocab_size"):
+        load_raw(["data=pydocs", "data.tokenizer.vocab_size=400", "data.tokenizer.sample_chars=100"])
+    TokenizerConfig(path="given.model", sample_chars=100).check()  # nothing to train
+
+
+def test_refusals_of_the_sample_name_the_field_that_fixes_them(tmp_path, monkeypatch):
+    """A vocabulary the whole corpus cannot fill asks for more text (not a larger sample); a
+    corpus without text names the sources."""
+    rng = np.random.default_rng(0)
+    _write_docs(tmp_path / "c.jsonl", [_words(rng, 3000) for _ in range(3)])
+    d = _config(tmp_path, [{"name": "s", "paths": [str(tmp_path / "c.jsonl")]}], vocab=3000)
+    with pytest.raises(ConfigError, match=r"vocab_size: SentencePiece cannot train 3000 pieces"
+                                          r".*add text to data.sources") as err:
+        train_tokenizer(d, plan(d), _Serial())
+    assert "raise data.tokenizer.sample_chars" not in str(err.value)
+    (tmp_path / "c.jsonl").write_text('{"text": "  "}\n\n')
+    with pytest.raises(DataError, match=r"^data.sources: no text to train the tokenizer on"):
+        train_tokenizer(d, plan(d), _Serial())
 
 
 def test_the_vocabulary_comes_from_the_tokenizer_and_a_mismatch_is_refused(pydocs):
@@ -428,7 +631,7 @@ def test_damaged_files_and_odd_text_are_named_or_handled(tmp_path):
     with pytest.raises(DataError, match=r"cut.jsonl.gz:\d+: cannot read the file past this point"):
         list(documents(str(tmp_path / "cut.jsonl.gz"), source, Malformed.skip, ReadStats()))
     (tmp_path / "x.parquet.gz").write_bytes(b"")
-    with pytest.raises(DataError, match="gzipped parquet"):
+    with pytest.raises(DataError, match="compressed parquet"):
         expand(SourceConfig(name="s", paths=[str(tmp_path / "x.parquet.gz")]), "data.sources[0]")
     (tmp_path / "crlf.txt").write_bytes(b"line one\r\nline two\r\n")
     crlf = SourceConfig(name="s", paths=[str(tmp_path / "crlf.txt")], txt_unit="line")

@@ -3,9 +3,10 @@
 Stages, each on a Dask cluster (local worker processes by default, `data.engine.address` for a
 running cluster; the same code either way):
 
-1. sample: every input file contributes documents chosen by a seeded hash, about
-   `tokenizer.sample_chars x weight` characters per source; SentencePiece trains on them
-   (skipped when `tokenizer.path` names a model, or the trained one is still valid).
+1. sample: every input file contributes training sentences (lines, long ones cut into pieces)
+   chosen by a seeded hash, about `tokenizer.sample_chars x weight` characters per source
+   (drawn again with a higher threshold when the first draw falls short); SentencePiece trains
+   on them (skipped when `tokenizer.path` names a model, or the trained one is still valid).
 2. tokenize: one task per input file. Each document becomes token ids plus <eos>, goes to the
    train or the validation split by a seeded hash of its text (`val_share`), and is written as
    one ArrayRecord record (int32 ids) of `shards/<source>/<file>.<split>.array_record`.
@@ -36,7 +37,7 @@ from glam.config import (ConfigError, DataConfig, DataKind, Malformed, QualityRo
 from glam.data import pydocs, world_text
 from glam.data import quality as quality_filter
 from glam.data.sources import DataError, ReadStats, documents, expand, file_identity
-from glam.data.tokenizer import SentencePieceTokenizer
+from glam.data.tokenizer import SentencePieceTokenizer, training_sentences
 
 log = logging.getLogger("glam.data")
 
@@ -86,12 +87,23 @@ def write_atomic(path: Path, data: bytes) -> None:
 
 # -- work done on the engine's workers (plain functions of picklable arguments) -----------------
 def sample_file(url: str, source: SourceConfig, policy: Malformed, seed: int,
-                keep: float) -> list[tuple[float, list[str]]]:
-    """(hash, lines of at most 4096 characters) of the documents of one file whose seeded hash
-    is below `keep`: candidates for the tokenizer's training sample (the driver keeps the
-    lowest hashes up to its character budget)."""
-    return [(u, [line[:4096] for line in text.splitlines() if line.strip()])
-            for u, text in sample_documents(url, source, policy, seed, "sample", keep, None)]
+                keep: float) -> list[tuple[float, str]]:
+    """(draw, sentence) of the training sentences of one file (`training_sentences`: lines, a
+    long line cut into pieces of at most SENTENCE_CHARS characters) whose seeded draw is below
+    `keep`: candidates for the tokenizer's training sample (the driver keeps the lowest draws
+    up to its character budget). Drawing sentences rather than documents measures the sample in
+    characters however long the documents are; each sentence's draw is fixed by its document's
+    text and its place there, so a line repeated across documents (boilerplate) is drawn anew
+    in each rather than all its copies at once."""
+    out = []
+    for _, text, _ in documents(url, source, policy, ReadStats()):
+        key = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=32,
+                              key=f"{seed}:sample".encode()).digest()
+        for i, sentence in enumerate(training_sentences(text)):
+            draw = hashlib.blake2b(i.to_bytes(8, "little"), digest_size=8, key=key).digest()
+            if (u := int.from_bytes(draw, "little") / 2.0**64) < keep:
+                out.append((u, sentence))
+    return out
 
 
 def sample_documents(url: str, source: SourceConfig, policy: Malformed, seed: int, salt: str,
@@ -287,41 +299,52 @@ class Engine:
 
 
 def train_tokenizer(d: DataConfig, p: Plan, engine: Engine) -> SentencePieceTokenizer:
-    """SentencePiece trained on a seeded sample of every source, in proportion to its weight.
+    """SentencePiece trained on a seeded sample of every source, in proportion to its weight:
+    about `tokenizer.sample_chars x weight / total weight` characters of each source (all of
+    its text when it holds less), drawn as training sentences.
 
     Raises:
-      DataError: the sample is empty.
+      DataError: no source of weight > 0 holds any text.
       ConfigError: SentencePiece cannot train `tokenizer.vocab_size` pieces on the sample.
     """
     t = d.tokenizer
     total = sum(s.weight for s in d.sources)
-    lines: list[str] = []
+    sentences: list[str] = []
+    whole_corpus = True  # every source gave all its text: a larger sample_chars cannot help
     for source in d.sources:
         budget = t.sample_chars * source.weight / total
-        # File sizes are compressed bytes for .gz and parquet: the hash threshold overshoots
-        # there, and the budget is met below by keeping the lowest hashes.
+        if budget <= 0:
+            continue
+        # The file sizes guess the text's length: over it for JSON fields and multi-byte
+        # characters, under it for compressed files. An overshoot is cut below by keeping the
+        # lowest hashes; a shortfall draws again with a threshold raised to fit.
         size = sum(int(i.get("size", 0)) for i in p.identities[source.name]) or 1
         keep = min(1.0, budget / size)
-        if keep <= 0:
-            continue
-        jobs = [(u, source, d.malformed, d.seed, keep) for u in p.files[source.name]]
-        candidates = sorted((c for found in engine.map(sample_file, jobs) for c in found),
-                            key=lambda c: c[0])
-        chars = 0
-        for _, doc_lines in candidates:
-            if chars >= budget:
+        while True:
+            jobs = [(u, source, d.malformed, d.seed, keep) for u in p.files[source.name]]
+            candidates = sorted(c for found in engine.map(sample_file, jobs) for c in found)
+            chars = sum(len(c[1]) for c in candidates)
+            if chars >= budget or keep >= 1.0:
                 break
-            lines += doc_lines
-            chars += sum(map(len, doc_lines))
-    if not lines:
-        raise DataError("the tokenizer sample is empty: every source's weight is 0 or its files "
-                        "hold no text.")
-    log.info("training a %s tokenizer (%d pieces) on %d lines, %d characters", t.model_type,
-             t.vocab_size, len(lines), sum(map(len, lines)))
-    return SentencePieceTokenizer.train(iter(lines), vocab_size=t.vocab_size,
+            keep = min(1.0, keep * (8.0 if not chars else max(2.0, 1.25 * budget / chars)))
+        whole_corpus &= chars < budget
+        taken = 0
+        for _, sentence in candidates:
+            if taken >= budget:
+                break
+            sentences.append(sentence)
+            taken += len(sentence)
+    if not sentences:
+        raise DataError("data.sources: no text to train the tokenizer on; the files of every "
+                        "source of weight > 0 hold no document (check each source's paths and "
+                        "text_field), or give a trained model as data.tokenizer.path.")
+    log.info("training a %s tokenizer (%d pieces) on %d sentences, %d characters", t.model_type,
+             t.vocab_size, len(sentences), sum(map(len, sentences)))
+    return SentencePieceTokenizer.train(iter(sentences), vocab_size=t.vocab_size,
                                         model_type=str(t.model_type),
                                         byte_fallback=t.byte_fallback,
-                                        character_coverage=t.character_coverage, seed=d.seed)
+                                        character_coverage=t.character_coverage, seed=d.seed,
+                                        whole_corpus=whole_corpus)
 
 
 def train_classifier(d: DataConfig, p: Plan, engine: Engine) -> quality_filter.Classifier:

@@ -1,15 +1,21 @@
 """Reading a text source's files: globs to files, files to documents, bad input to errors that
 name the file and line.
 
-Formats, by file name: `.jsonl` (one JSON object per line, the text under `text_field`),
-`.parquet` (the `text_field` column), `.txt` (the whole file, or each line, is a document); any
-of them gzip-compressed with a further `.gz` (`.jsonl.gz`). Paths are local or fsspec URLs
+Formats, by file name: JSON lines (`.jsonl`, `.json`, `.ndjson`: one JSON object per line, the
+text under `text_field`), `.parquet` (the `text_field` column), `.txt` (the whole file, or each
+line, is a document); JSON lines and text compressed with a further `.gz`, `.bz2`, `.xz` or
+`.zst` (`c4-train.00000-of-01024.json.gz`, `00.jsonl.zst`). Paths are local or fsspec URLs
 (`gs://`, `s3://`, ... when that filesystem's package is installed).
 """
 
 from __future__ import annotations
 
+import bz2
+import contextlib
+import gzip
+import io
 import json
+import lzma
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -18,29 +24,75 @@ import fsspec
 
 from glam.config import Malformed, SourceConfig, TextUnit
 
-FORMATS = (".jsonl", ".parquet", ".txt")
+# File name ending -> how it is read.
+FORMATS = {".jsonl": ".jsonl", ".json": ".jsonl", ".ndjson": ".jsonl", ".parquet": ".parquet",
+           ".txt": ".txt"}
+COMPRESSIONS = (".gz", ".bz2", ".xz", ".zst")
+_ARCHIVES = (".tar", ".tgz", ".zip", ".7z")
 _GLOB_CHARS = set("*?[")
+SUPPORTED = ("JSON lines (.jsonl, .json, .ndjson), .parquet or .txt; JSON lines and .txt also "
+             "compressed (.gz, .bz2, .xz, .zst)")
 
 
 class DataError(ValueError):
     """Bad input data; the message names the file (and line) and the fix."""
 
 
+def compression(path: str) -> str | None:
+    """The file's compression by its name (`.gz`, `.bz2`, `.xz`, `.zst`), or None."""
+    return next((c for c in COMPRESSIONS if path.lower().endswith(c)), None)
+
+
 def file_format(path: str) -> str:
-    """`.jsonl`, `.parquet` or `.txt` from the file name (a trailing `.gz` aside).
+    """How the file is read, from its name: `.jsonl` (JSON lines: `.jsonl`, `.json`,
+    `.ndjson`), `.parquet` or `.txt`, a compression suffix aside.
 
     Raises:
-      DataError: another extension.
+      DataError: another extension, an archive, or a compressed parquet file; the message names
+        the forms that are read and how to convert.
     """
-    name = path[:-3] if path.endswith(".gz") else path
-    if name != path and name.endswith(".parquet"):
-        raise DataError(f"{path}: a gzipped parquet file cannot be read in place; parquet "
+    packed = compression(path)
+    name = (path[: -len(packed)] if packed else path).lower()
+    if packed and name.endswith(".parquet"):
+        raise DataError(f"{path}: a compressed parquet file cannot be read in place; parquet "
                         "compresses its own pages, so store it as .parquet.")
-    for ext in FORMATS:
+    for ext, kind in FORMATS.items():
         if name.endswith(ext):
-            return ext
-    raise DataError(f"{path}: unsupported file type; use .jsonl, .jsonl.gz, .parquet, .txt or "
-                    ".txt.gz (or narrow the glob).")
+            return kind
+    if name.endswith(_ARCHIVES) or path.lower().endswith(_ARCHIVES):
+        raise DataError(f"{path}: an archive of files; unpack it and give its files (or a glob "
+                        f"of them): glam reads {SUPPORTED}.")
+    raise DataError(f"{path}: unsupported file type; glam reads {SUPPORTED}. Convert other "
+                    'forms to JSON lines (one {"text": ...} object a line), or narrow the glob.')
+
+
+@contextlib.contextmanager
+def open_text_file(url: str) -> Iterator[io.BufferedIOBase]:
+    """The file's bytes, decompressed by its name's compression suffix (gzip and bzip2 files of
+    several members, zstd of several frames read whole).
+
+    Raises (while reading):
+      EOFError, OSError, zlib.error, lzma.LZMAError: a truncated or damaged file.
+    """
+    packed = compression(url)
+    with fsspec.open(url, "rb") as raw:
+        if packed == ".gz":
+            f = gzip.GzipFile(fileobj=raw)
+        elif packed == ".bz2":
+            f = bz2.BZ2File(raw)
+        elif packed == ".xz":
+            f = lzma.LZMAFile(raw)
+        elif packed == ".zst":
+            import pyarrow as pa
+
+            # Arrow's zstd stream reads every frame and raises on a truncated one.
+            f = io.BufferedReader(pa.CompressedInputStream(pa.PythonFile(raw, mode="r"), "zstd"),
+                                  1 << 16)
+        else:
+            yield raw
+            return
+        with f:
+            yield f
 
 
 def expand(source: SourceConfig, prefix: str) -> list[str]:
@@ -121,8 +173,9 @@ def documents(url: str, source: SourceConfig, policy: Malformed,
     Raises:
       DataError: with `policy=stop`, the first malformed line (invalid JSON, not an object,
         missing or non-string `text_field`, not UTF-8), naming file and line; with either policy,
-        a parquet file without the `text_field` column, or a file that cannot be read to its end
-        (a truncated .gz, a damaged parquet page), naming file and line. With `policy=skip`
+        a parquet file without the `text_field` column, a `.json` file holding one JSON array
+        rather than JSON lines, or a file that cannot be read to its end (truncated or damaged
+        compression, a damaged parquet page), naming file and line. With `policy=skip`
         malformed lines are counted in `stats` instead.
     """
     import pyarrow as pa
@@ -131,7 +184,7 @@ def documents(url: str, source: SourceConfig, policy: Malformed,
     kind = file_format(url)
     position = [0]  # the line or row being read, for an error in the middle of the file
     try:
-        with fsspec.open(url, "rb", compression="infer") as f:
+        with open_text_file(url) as f:
             if kind == ".parquet":
                 yield from _parquet(f, url, source, policy, stats, position)
             elif kind == ".txt" and source.txt_unit == TextUnit.file:
@@ -140,7 +193,7 @@ def documents(url: str, source: SourceConfig, policy: Malformed,
                     yield 1, text, None
             else:
                 yield from _lines(f, url, kind, source, policy, stats, position)
-    except (EOFError, OSError, zlib.error, pa.ArrowException) as err:
+    except (EOFError, OSError, zlib.error, lzma.LZMAError, pa.ArrowException) as err:
         where = f"row {position[0] + 1}" if kind == ".parquet" else position[0] + 1
         raise DataError(f"{url}:{where}: cannot read the file past this point "
                         f"({type(err).__name__}: {err}); it is truncated or damaged.") from err
@@ -148,6 +201,7 @@ def documents(url: str, source: SourceConfig, policy: Malformed,
 
 def _lines(f, url: str, kind: str, source: SourceConfig, policy, stats,
            position: list) -> Iterator[tuple[int, str, str | None]]:
+    seen_text = False
     for n, raw in enumerate(f, start=1):
         position[0] = n - 1
         where = f"{url}:{n}"
@@ -157,10 +211,28 @@ def _lines(f, url: str, kind: str, source: SourceConfig, policy, stats,
         if kind == ".txt":
             yield n, line.rstrip("\r\n"), None
             continue
+        if not seen_text:
+            _refuse_json_array(line, url)
+            seen_text = True
         row = _json_row(line, source.text_field, policy, stats, where)
         if row is not None and row[source.text_field].strip():
             label = row.get(source.label_field) if source.label_field else None
             yield n, row[source.text_field], None if label is None else str(label)
+
+
+def _refuse_json_array(first_line: str, url: str) -> None:
+    """Raise DataError when the first line opens one JSON array (`[` alone, or a list of
+    objects): the file is JSON, not JSON lines."""
+    line = first_line.strip()
+    if not line.startswith("["):
+        return
+    try:
+        value = json.loads(line)
+    except json.JSONDecodeError:
+        value = None  # an array over many lines
+    if value is None or (value and all(isinstance(v, dict) for v in value)):
+        raise DataError(f"{url}: one JSON array, not JSON lines (one object a line); convert "
+                        f"it, e.g. `jq -c '.[]' {url} > out.jsonl`.")
 
 
 def _txt_file(raw: bytes, url: str, policy, stats) -> str | None:

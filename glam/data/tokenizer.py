@@ -15,6 +15,28 @@ from glam.config import ConfigError
 
 SPECIALS = ("<pad>", "<unk>", "<eos>")
 PAD, UNK, EOS = 0, 1, 2
+# SentencePiece's trainer drops, without a word, every sentence longer than its
+# max_sentence_length (in UTF-8 bytes); training sentences are cut to SENTENCE_CHARS characters,
+# which at 4 bytes a character stay within it.
+MAX_SENTENCE_BYTES = 1 << 16
+SENTENCE_CHARS = 4096
+
+
+def training_sentences(text: str, max_chars: int = SENTENCE_CHARS) -> list[str]:
+    """The sentences SentencePiece trains on from one document: its lines that hold more than
+    whitespace, a line longer than `max_chars` characters cut into pieces of at most
+    `max_chars` (before a space where the second half of the piece has one, else anywhere), so
+    every character of a long line reaches the trainer."""
+    out = []
+    for line in text.splitlines():
+        start = 0
+        while len(line) - start > max_chars:
+            cut = line.rfind(" ", start + max_chars // 2, start + max_chars + 1)
+            cut = cut if cut > start else start + max_chars
+            out.append(line[start:cut])
+            start = cut
+        out.append(line[start:])
+    return [s for s in out if s.strip()]
 
 
 class Tokenizer(Protocol):
@@ -86,9 +108,12 @@ class SentencePieceTokenizer:
 
     @classmethod
     def train(cls, sentences: Iterator[str], *, vocab_size: int, model_type: str,
-              byte_fallback: bool, character_coverage: float, seed: int) -> "SentencePieceTokenizer":
-        """Train on `sentences` (one document each). `seed` makes the result reproducible
-        (SentencePiece shuffles its input sentences with it).
+              byte_fallback: bool, character_coverage: float, seed: int,
+              whole_corpus: bool = False) -> "SentencePieceTokenizer":
+        """Train on `sentences` (each at most MAX_SENTENCE_BYTES of UTF-8: `training_sentences`
+        cuts documents so). `seed` makes the result reproducible (SentencePiece shuffles its
+        input sentences with it). `whole_corpus`: the sentences are all the corpus's text, so a
+        larger sample cannot help (the refusal says so).
 
         Raises:
           ConfigError: SentencePiece cannot train `vocab_size` pieces on this sample (too few for
@@ -103,14 +128,16 @@ class SentencePieceTokenizer:
                 sentence_iterator=sentences, model_writer=out, vocab_size=vocab_size,
                 model_type=model_type, byte_fallback=byte_fallback,
                 character_coverage=character_coverage, pad_id=PAD, unk_id=UNK, eos_id=EOS,
-                bos_id=-1, max_sentence_length=1 << 16, num_threads=1,
+                bos_id=-1, max_sentence_length=MAX_SENTENCE_BYTES, num_threads=1,
                 split_digits=True, allow_whitespace_only_pieces=True, remove_extra_whitespaces=False,
                 normalization_rule_name="identity", minloglevel=2)
         except RuntimeError as err:
+            more = ("add text to data.sources (the sample already holds all the corpus's text, "
+                    "so a larger data.tokenizer.sample_chars adds nothing)" if whole_corpus
+                    else "raise data.tokenizer.sample_chars")
             raise ConfigError(f"data.tokenizer.vocab_size: SentencePiece cannot train {vocab_size} "
                               f"pieces on this sample ({str(err).split('] ')[-1]}). Pick another "
-                              "vocab_size (byte fallback alone takes 256), or raise "
-                              "data.tokenizer.sample_chars.") from err
+                              f"vocab_size (byte fallback alone takes 256), or {more}.") from err
         return cls(out.getvalue())
 
     @property
