@@ -8,12 +8,17 @@ decode step therefore equals running the whole window again with dropless routin
 checks that against the model's own forward pass. A model trained with capacity-factor routing
 dropped some assignments in training; at generation none is dropped.
 
+The cache holds prompt + new tokens, at most `max_length` (MAX_LENGTH by default): memory grows
+linearly in that length, as each step computes the position bias of its own query row only.
+
 Letters: B prompts, L cache length (prompt + new tokens), N heads, D head width, V vocabulary.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from functools import partial
 
 import jax
@@ -23,13 +28,24 @@ from flax import nnx
 
 from glam.config import ModelConfig
 from glam.model import GLaM
-from glam.model.layers import Attention, project, relative_position_buckets
+from glam.model.layers import Attention, distance_buckets, project
+
+MAX_LENGTH = 8192  # default bound on prompt + new tokens (the cache's length L)
 
 
 def inference_config(cfg: ModelConfig) -> ModelConfig:
     """`cfg` routed as generation routes: dropless, each token its own group."""
     return dataclasses.replace(cfg, router=dataclasses.replace(
         cfg.router, dispatch="dropless", group_size=1, jitter=0.0))
+
+
+def step_position_bias(attn: Attention, pos: jax.Array, length: int) -> jax.Array:
+    """The relative position bias [N, 1, L] float32 of the query at position `pos` (int scalar)
+    against keys 0..L-1: the row `pos` of training's [L, L] table, without building the table
+    (keys after `pos` get the distance-0 bucket; the caller masks them)."""
+    table = jnp.asarray(distance_buckets(attn.num_buckets, attn.max_distance))
+    distance = jnp.clip(pos - jnp.arange(length), 0, attn.max_distance)
+    return jnp.transpose(attn.rel_bias[...][table[distance]])[:, None, :]
 
 
 def _cached_attention(attn: Attention, x: jax.Array, cache: tuple, pos: jax.Array):
@@ -41,9 +57,7 @@ def _cached_attention(attn: Attention, x: jax.Array, cache: tuple, pos: jax.Arra
     k_cache = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), pos, axis=1)
     v_cache = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), pos, axis=1)
     scores = jnp.einsum("btnd,bund->bntu", q, k_cache).astype(jnp.float32) * d**-0.5
-    buckets = jnp.asarray(relative_position_buckets(length, attn.num_buckets, attn.max_distance))
-    bias = attn.rel_bias[...][buckets[pos]]  # [L, N]: query `pos` against every key
-    scores = scores + jnp.transpose(bias)[None, :, None, :]
+    scores = scores + step_position_bias(attn, pos, length)[None]
     allowed = jnp.arange(length) <= pos
     scores = jnp.where(allowed[None, None, None, :], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(dt)
@@ -72,7 +86,8 @@ def sample(logits: jax.Array, key: jax.Array, temperature: float, top_k: int,
     and to the smallest set whose probability reaches `top_p` (1: all; Holtzman et al. 2020)."""
     if temperature == 0:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    logits = logits / temperature
+    # Shifted so that the likeliest is 0: a tiny temperature sends the rest to -inf, never NaN.
+    logits = (logits - jnp.max(logits, axis=-1, keepdims=True)) / temperature
     if top_k:
         kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
         logits = jnp.where(logits < kth, -jnp.inf, logits)
@@ -113,42 +128,84 @@ def _generate(model, prompt, key, new_tokens, temperature, top_k, top_p, eos):
     return out
 
 
+def check_arguments(prompt: np.ndarray, new_tokens: int, vocab: int, *, temperature: float,
+                    top_k: int, top_p: float, max_length: int) -> None:
+    """Refuse what `generate` cannot do, before anything compiles; arguments as there.
+
+    Raises:
+      ValueError: names the argument (and its glam-generate flag) and the fix.
+    """
+    def whole(value) -> bool:
+        return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+    if prompt.ndim != 2 or prompt.shape[1] < 1:
+        raise ValueError(f"prompt must be [B, P] token ids with P >= 1, got shape {prompt.shape}")
+    if prompt.size and (prompt.min() < 0 or prompt.max() >= vocab):
+        raise ValueError(f"prompt: token ids {prompt.min()}..{prompt.max()} outside the "
+                         f"embedding's 0..{vocab - 1}; encode with the model's own tokenizer")
+    if not whole(new_tokens) or new_tokens < 0:
+        raise ValueError(f"new_tokens (--max-new-tokens) must be a whole number >= 0, got "
+                         f"{new_tokens!r}")
+    if not whole(max_length) or max_length < 1:
+        raise ValueError(f"max_length (--max-length) must be a whole number >= 1, got "
+                         f"{max_length!r}")
+    length = prompt.shape[1] + new_tokens
+    if length > max_length:
+        raise ValueError(f"prompt ({prompt.shape[1]} tokens) + new_tokens ({new_tokens}) = "
+                         f"{length} exceeds max_length={max_length} (--max-length): ask for at "
+                         f"most {max(max_length - prompt.shape[1], 0)} new tokens, or raise "
+                         "max_length (the cache grows linearly with it)")
+    if not isinstance(temperature, numbers.Real) or not math.isfinite(temperature) \
+            or temperature < 0:
+        raise ValueError(f"temperature (--temperature) must be a finite number >= 0 (0: greedy), "
+                         f"got {temperature!r}")
+    if 0 < temperature < np.finfo(np.float32).tiny:  # would divide by a float32 zero
+        raise ValueError(f"temperature (--temperature) {temperature!r} is below float32's "
+                         "smallest normal number; use 0 for greedy decoding")
+    if not whole(top_k) or not 0 <= top_k <= vocab:
+        raise ValueError(f"top_k (--top-k) must be a whole number in [0, {vocab}] (0: no limit; "
+                         f"the vocabulary has {vocab} tokens), got {top_k!r}")
+    if not isinstance(top_p, numbers.Real) or not 0 < top_p <= 1:
+        raise ValueError(f"top_p (--top-p) must be in (0, 1] (1: no limit), got {top_p!r}")
+
+
 def generate(model: GLaM, prompt: np.ndarray, new_tokens: int, *, seed: int = 0,
              temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-             eos_id: int = 2) -> np.ndarray:
+             eos_id: int = 2, max_length: int = MAX_LENGTH) -> np.ndarray:
     """Continue each prompt by `new_tokens` tokens with the KV cache.
 
     Args:
       model: a GLaM built from `inference_config` (dropless routing, group size 1).
-      prompt: [B, P] int token ids (P >= 1; equal lengths: left-pad is not supported).
-      new_tokens: tokens to add (>= 1); after a row emits `eos_id` it continues with padding.
+      prompt: [B, P] int token ids in [0, V) (P >= 1; equal lengths: left-pad is not supported).
+      new_tokens: tokens to add (>= 0); after a row emits `eos_id` it continues with padding.
       seed: of the sampling draws (unused when temperature is 0).
-      temperature: 0 for greedy decoding; > 0 samples.
-      top_k: keep only the k most likely tokens (0: no limit).
-      top_p: keep the smallest set of tokens whose probability reaches top_p (1: no limit).
+      temperature: 0 for greedy decoding; > 0 (finite) samples.
+      top_k: keep only the k most likely tokens (0: no limit; at most V).
+      top_p: in (0, 1]: keep the smallest set of tokens whose probability reaches top_p (1: no
+        limit).
+      max_length: the most tokens P + new_tokens may come to (the cache holds
+        2 * layers * B * (P + new_tokens) * N * D values).
 
     Returns:
       [B, P + new_tokens] int32: the prompts and their continuations.
 
     Raises:
-      ValueError: a bad argument (named), or a model whose routing may drop tokens.
+      ValueError: a bad argument (see `check_arguments`), or a model whose routing may drop
+        tokens.
     """
-    prompt = np.asarray(prompt, np.int32)
-    if prompt.ndim != 2 or prompt.shape[1] < 1:
-        raise ValueError(f"prompt must be [B, P] token ids with P >= 1, got shape {prompt.shape}")
-    if new_tokens < 1:
-        raise ValueError(f"new_tokens must be at least 1, got {new_tokens}")
-    vocab = model.embed.shape[0]
-    if top_k > vocab:
-        raise ValueError(f"top_k={top_k} is larger than the vocabulary ({vocab} tokens)")
-    if temperature < 0 or top_k < 0 or not 0 < top_p <= 1:
-        raise ValueError(f"temperature >= 0, top_k >= 0 and 0 < top_p <= 1 are needed, got "
-                         f"{temperature}, {top_k}, {top_p}")
+    prompt = np.asarray(prompt)
+    if not np.issubdtype(prompt.dtype, np.integer):
+        raise ValueError(f"prompt must hold integer token ids, got dtype {prompt.dtype}")
+    check_arguments(prompt, new_tokens, model.embed.shape[0], temperature=temperature,
+                    top_k=top_k, top_p=top_p, max_length=max_length)
     moe = [b.ffn for b in model.blocks if b.is_moe]
     if moe and (moe[0].cfg.router.dispatch != "dropless" or moe[0].cfg.router.group_size != 1):
         raise ValueError("build the model from glam.generate.inference_config(cfg): generation "
                          "routes each token alone and dropless")
-    return np.asarray(_generate(model, jnp.asarray(prompt), jax.random.key(seed), new_tokens,
+    prompt = prompt.astype(np.int32)
+    if new_tokens == 0:
+        return prompt
+    return np.asarray(_generate(model, jnp.asarray(prompt), jax.random.key(seed), int(new_tokens),
                                 float(temperature), int(top_k), float(top_p), eos_id))
 
 
@@ -172,6 +229,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--top-k", type=int, default=0, help="0: no limit")
     parser.add_argument("--top-p", type=float, default=1.0, help="1: no limit")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-length", type=int, default=MAX_LENGTH,
+                        help="most tokens a prompt plus its continuation may come to (the cache "
+                             "grows linearly with it)")
     parser.add_argument("--tracking-uri", help="MLflow store of a run id (default "
                                                "$MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
     args = parser.parse_args(argv)
@@ -184,7 +244,7 @@ def main(argv: list[str] | None = None) -> None:
                 raise ValueError(f"--prompt {text!r} encodes to no tokens")
             out = generate(model, np.asarray([ids]), args.max_new_tokens, seed=args.seed,
                            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                           eos_id=loaded.tokenizer.eos_id)[0]
+                           eos_id=loaded.tokenizer.eos_id, max_length=args.max_length)[0]
             new = [int(t) for t in out[len(ids):]]
             if loaded.tokenizer.eos_id in new:
                 new = new[: new.index(loaded.tokenizer.eos_id)]

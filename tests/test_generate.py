@@ -66,6 +66,15 @@ def test_sampling_rules():
         assert set(nucleus[:, row]) <= allowed
 
 
+def test_a_tiny_temperature_samples_the_likeliest_token():
+    """Logits divided by a temperature near 0 overflow; shifted first, they pick the argmax."""
+    logits = jnp.asarray(np.random.default_rng(4).normal(size=(8, 50)) * 10, jnp.float32)
+    greedy = np.asarray(logits).argmax(-1)
+    for top_p in (1.0, 0.9):
+        picked = sample(logits, jax.random.key(0), 2e-38, 0, top_p)
+        np.testing.assert_array_equal(np.asarray(picked), greedy)
+
+
 def test_generation_stops_into_padding_and_refuses_bad_arguments():
     model = _model("tiny_moe")
     prompt = np.array([[5, 6, 7]], np.int32)
@@ -76,11 +85,79 @@ def test_generation_stops_into_padding_and_refuses_bad_arguments():
     with pytest.raises(ValueError, match="top_p"):
         generate(model, prompt, 2, top_p=0.0)
     with pytest.raises(ValueError, match="new_tokens"):
-        generate(model, prompt, 0)
+        generate(model, prompt, -1)
     capacity = GLaM(load(["model=tiny_moe", "model.vocab_size=512"], "cpu").model,
                     rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="inference_config"):
         generate(capacity, prompt, 2)
+
+
+def _shapes(closed) -> list[tuple[int, ...]]:
+    """Shapes of every constant and intermediate of a closed jaxpr, sub-jaxprs included."""
+    out = [np.shape(c) for c in closed.consts]
+
+    def walk(jaxpr):
+        for eqn in jaxpr.eqns:
+            out.extend(tuple(v.aval.shape) for v in eqn.outvars if hasattr(v.aval, "shape"))
+            for param in eqn.params.values():
+                for sub in param if isinstance(param, (tuple, list)) else (param,):
+                    if hasattr(sub, "jaxpr") and hasattr(sub, "consts"):
+                        out.extend(np.shape(c) for c in sub.consts)
+                        walk(sub.jaxpr)
+                    elif hasattr(sub, "eqns"):
+                        walk(sub)
+
+    walk(closed.jaxpr)
+    return out
+
+
+def test_a_decode_step_builds_its_own_position_bias_row_not_the_length_squared_table():
+    """Memory linear in the cache length L: no constant or intermediate of a decode step holds
+    L * L values (the [L, L] bucket table); the bias of a step is [N, 1, L], the row `pos` of
+    training's table."""
+    model = _model("tiny_dense")
+    length, heads, width = 1024, model.blocks[0].attn.wq.shape[1], model.blocks[0].attn.wq.shape[2]
+    caches = [(jnp.zeros((1, length, heads, width)),) * 2 for _ in model.blocks]
+    closed = jax.make_jaxpr(lambda tok, pos, c: decode_step(model, tok, pos, c))(
+        jnp.zeros((1,), jnp.int32), jnp.asarray(5), caches)
+    largest = max(int(np.prod(s)) for s in _shapes(closed))
+    assert largest < length * length // 8, largest
+
+    from glam.generate import step_position_bias
+    from glam.model.layers import relative_position_buckets
+
+    attn = model.blocks[0].attn
+    attn.rel_bias[...] = jnp.asarray(np.random.default_rng(0).normal(size=attn.rel_bias.shape),
+                                     jnp.float32)
+    full = np.asarray(attn.rel_bias[...])[relative_position_buckets(length, attn.num_buckets,
+                                                                     attn.max_distance)]
+    for pos in (0, 7, 100, 1023):
+        row = np.asarray(step_position_bias(attn, jnp.asarray(pos), length))
+        assert row.shape == (heads, 1, length)
+        np.testing.assert_array_equal(row[:, 0, : pos + 1], full[pos, : pos + 1].T)
+
+
+def test_generation_refuses_what_it_cannot_honour_before_compiling():
+    """Each refusal names the argument; a length past max_length is refused, not compiled."""
+    model = _model("tiny_dense")
+    prompt = np.array([[5, 6, 7]], np.int32)
+    refused = {"temperature": [{"temperature": float("nan")}, {"temperature": float("inf")},
+                               {"temperature": -0.5}, {"temperature": 1e-45}],
+               "top_k": [{"top_k": -1}, {"top_k": 2.5}, {"top_k": 513}],
+               "top_p": [{"top_p": float("nan")}, {"top_p": 1.5}, {"top_p": -0.1}],
+               "max_length": [{"new_tokens": 8190}, {"new_tokens": 8, "max_length": 10},
+                              {"new_tokens": 1, "max_length": 0}],
+               "new_tokens": [{"new_tokens": -3}, {"new_tokens": 2.0}]}
+    for name, cases in refused.items():
+        for kwargs in cases:
+            kwargs = {"new_tokens": 2, **kwargs}
+            with pytest.raises(ValueError, match=name):
+                generate(model, prompt, kwargs.pop("new_tokens"), **kwargs)
+    for ids in ([[5, 512]], [[-1, 5]]):  # outside the 512-row embedding: never clamped
+        with pytest.raises(ValueError, match="outside the embedding"):
+            generate(model, np.array(ids), 2)
+    np.testing.assert_array_equal(generate(model, prompt, 0), prompt)
+    assert generate(model, prompt, 2, max_length=5).shape == (1, 5)
 
 
 def test_an_export_loads_back_to_the_same_model(tmp_path):

@@ -56,18 +56,26 @@ class RMSNorm(nnx.Module):
         return (x32 * self.scale[...]).astype(x.dtype)
 
 
-def relative_position_buckets(length: int, num_buckets: int, max_distance: int) -> np.ndarray:
-    """T5 causal buckets [T, U] of the distance from query t back to key u (u > t is masked).
+def distance_buckets(num_buckets: int, max_distance: int) -> np.ndarray:
+    """T5 causal bucket [max_distance + 1] int of each distance 0..max_distance (a query back to
+    a key); every longer distance falls in the last entry's bucket, num_buckets - 1.
 
     Distances below num_buckets / 2 get a bucket each; longer ones share log-spaced buckets up to
-    max_distance, beyond which all fall in the last bucket.
+    max_distance (which needs max_distance > num_buckets / 2, as ModelConfig checks).
     """
-    distance = np.maximum(np.arange(length)[:, None] - np.arange(length)[None, :], 0)
+    distance = np.arange(max_distance + 1)
     exact = num_buckets // 2
     log_ratio = np.log(np.maximum(distance, 1) / exact) / math.log(max_distance / exact)
     large = exact + (log_ratio * (num_buckets - exact)).astype(np.int64)
     large = np.minimum(large, num_buckets - 1)
     return np.where(distance < exact, distance, large)
+
+
+def relative_position_buckets(length: int, num_buckets: int, max_distance: int) -> np.ndarray:
+    """T5 causal buckets [T, U] of the distance from query t back to key u (u > t is masked):
+    `distance_buckets` of min(t - u, max_distance), 0 where u > t."""
+    distance = np.maximum(np.arange(length)[:, None] - np.arange(length)[None, :], 0)
+    return distance_buckets(num_buckets, max_distance)[np.minimum(distance, max_distance)]
 
 
 class Attention(nnx.Module):
