@@ -13,9 +13,11 @@ JSON, and the tokenizer, in one folder (`<run dir>/model/`, also the MLflow arti
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import tempfile
+import warnings
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -25,6 +27,8 @@ import jax
 import numpy as np
 from flax import nnx
 from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
 from glam.config import ModelConfig
@@ -33,6 +37,11 @@ from glam.model import GLaM
 from glam.tracking import flatten
 
 FOLDER = "model"
+
+
+class ExportError(ValueError):
+    """A file of an export folder is damaged, of another glam version, or does not fit the
+    others; the message names the file and what is wrong."""
 
 
 def _nested(flat: dict[str, np.ndarray], like: dict) -> dict:
@@ -47,21 +56,25 @@ def _nested(flat: dict[str, np.ndarray], like: dict) -> dict:
     return out
 
 
-def _check_params(flat: dict[str, np.ndarray], state) -> None:
-    """Every parameter the config's model has is in the file with its shape, and no other.
+def _check_params(flat: dict[str, np.ndarray], state, folder: Path) -> None:
+    """Every parameter the config's model has is in the file, floating point, with its shape,
+    and no other.
 
     Raises:
-      ValueError: names the missing, extra or misshapen parameters.
+      ExportError: names the missing, extra, misshapen or non-float parameters.
     """
     want = {k: tuple(v.shape) for k, v in flatten(nnx.to_pure_dict(state)).items()}
     have = {k: tuple(v.shape) for k, v in flat.items()}
     problems = ([f"missing {k}" for k in want if k not in have]
                 + [f"unexpected {k}" for k in have if k not in want]
                 + [f"{k}: file {have[k]}, config {want[k]}" for k in want
-                   if k in have and have[k] != want[k]])
+                   if k in have and have[k] != want[k]]
+                + [f"{k}: dtype {v.dtype}" for k, v in flat.items()
+                   if not np.issubdtype(v.dtype, np.floating)])
     if problems:
-        raise ValueError("model.safetensors does not fit config.json: " + "; ".join(problems[:5])
-                         + ("" if len(problems) <= 5 else f"; {len(problems) - 5} more"))
+        raise ExportError(f"{folder / 'model.safetensors'} does not fit "
+                          f"{folder / 'config.json'}: " + "; ".join(problems[:5])
+                          + ("" if len(problems) <= 5 else f"; {len(problems) - 5} more"))
 
 
 def save(folder: Path, params: dict, model: ModelConfig, tokenizer: Tokenizer,
@@ -129,28 +142,146 @@ def resolve_source(source: str | Path, tracking_uri: str | None = None) -> Path:
                             "MLflow run id")
 
 
+def _require(path: Path) -> None:
+    """Raise FileNotFoundError naming `path` unless it is a file."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing from the export folder; export the run again")
+
+
+def _read_json(path: Path):
+    """The JSON value in `path`.
+
+    Raises:
+      FileNotFoundError: `path` does not exist.
+      ExportError: it is not valid JSON (truncated or damaged).
+    """
+    _require(path)
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ExportError(f"{path}: not valid JSON ({err}); the file is truncated or damaged, "
+                          "export the run again") from None
+
+
+def _foreign_keys(saved: dict, schema: type, prefix: str) -> tuple[list[str], list[str]]:
+    """(keys of `saved` that dataclass `schema` lacks, fields of `schema` that `saved` lacks),
+    as dotted paths, nested sections included."""
+    fields = {f.name: f for f in dataclasses.fields(schema)}
+    unknown = [f"{prefix}{k}" for k in saved if k not in fields]
+    missing = [f"{prefix}{k}" for k in fields if k not in saved]
+    for name, value in saved.items():
+        section = getattr(fields.get(name), "default_factory", None)
+        if dataclasses.is_dataclass(section) and isinstance(value, dict):
+            more = _foreign_keys(value, section, f"{prefix}{name}.")
+            unknown, missing = unknown + more[0], missing + more[1]
+    return unknown, missing
+
+
+def _read_config(path: Path) -> tuple[ModelConfig, str, str | None]:
+    """The checked ModelConfig, tokenizer kind and run id of an export's config.json.
+
+    Raises:
+      FileNotFoundError, ExportError: see `_read_json`; a config of another glam version
+        (unknown keys, named), or a value ModelConfig refuses.
+    """
+    saved = _read_json(path)
+    kind = saved.get("tokenizer") if isinstance(saved, dict) else None
+    if not isinstance(saved, dict) or not isinstance(saved.get("model"), dict) \
+            or kind not in ("word", "sentencepiece"):
+        raise ExportError(f"{path}: not a glam export config (needs a \"model\" object and "
+                          "\"tokenizer\": \"word\" or \"sentencepiece\")")
+    unknown, missing = _foreign_keys(saved["model"], ModelConfig, "model.")
+    version = saved.get("glam_version", "unknown")
+    if unknown:
+        raise ExportError(f"{path}: written by another glam version ({version}; this is "
+                          f"{metadata.version('glam')}): unknown keys {', '.join(unknown)}; "
+                          "load it with the glam version that wrote it")
+    if missing:  # an export older than these fields: they take their defaults
+        warnings.warn(f"{path}: no {', '.join(missing)} (glam {version}); using the defaults",
+                      stacklevel=3)
+    try:
+        config = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig),
+                                                     saved["model"]))
+        config.check("model")
+        if config.vocab_size is None:
+            raise ExportError("model.vocab_size: null; an export records the embedding's rows")
+    except (OmegaConfBaseException, ValueError) as err:
+        key = getattr(err, "full_key", None)  # OmegaConf's errors name the key apart
+        raise ExportError(f"{path}: {f'model.{key}: ' if key else ''}"
+                          f"{str(err).splitlines()[0]}") from None
+    return config, kind, saved.get("run_id")
+
+
+def _read_params(path: Path) -> dict[str, np.ndarray]:
+    """Every array in the safetensors file `path`.
+
+    Raises:
+      FileNotFoundError: `path` does not exist.
+      ExportError: it is truncated or damaged (safetensors' reason).
+    """
+    _require(path)
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ExportError(f"{path}: not a readable safetensors file ({err}); the file is "
+                          "truncated or damaged, export the run again") from None
+
+
+def _read_tokenizer(folder: Path, kind: str, config: ModelConfig) -> Tokenizer:
+    """The export's tokenizer, checked against the embedding: a word vocabulary may be smaller
+    than model.vocab_size (the world's rule), a SentencePiece model must match it exactly.
+
+    Raises:
+      FileNotFoundError: the tokenizer file is missing.
+      ExportError: it is damaged, or its vocabulary does not fit the embedding (both sizes named).
+    """
+    if kind == "word":
+        path = folder / "vocab.json"
+        words = _read_json(path)
+        if not isinstance(words, list) or not all(isinstance(w, str) for w in words):
+            raise ExportError(f"{path}: not a list of words")
+        try:
+            tokenizer = WordTokenizer(words)
+        except ValueError as err:
+            raise ExportError(f"{path}: {err}") from None
+        fits = tokenizer.vocab_size <= config.vocab_size
+    else:
+        path = folder / "tokenizer.model"
+        _require(path)
+        try:
+            tokenizer = SentencePieceTokenizer(path.read_bytes())
+        except (RuntimeError, ValueError) as err:
+            raise ExportError(f"{path}: not a usable SentencePiece model "
+                              f"({str(err).splitlines()[0]})") from None
+        fits = tokenizer.vocab_size == config.vocab_size
+    if not fits:
+        raise ExportError(f"{path}: {tokenizer.vocab_size} token ids (specials included), but "
+                          f"the embedding in {folder / 'config.json'} has model.vocab_size="
+                          f"{config.vocab_size} rows; the tokenizer is not the one this model "
+                          "was trained with")
+    return tokenizer
+
+
 def load(source: str | Path, tracking_uri: str | None = None,
          transform: Callable[[ModelConfig], ModelConfig] | None = None) -> Loaded:
     """Load an exported model (`resolve_source`); `transform` changes the model config before
     the model is built (`glam.generate.inference_config` for generation).
 
     Raises:
-      FileNotFoundError: see `resolve_source`.
-      ValueError: the parameter file does not fit the config (names the parameters).
+      FileNotFoundError: see `resolve_source`; a file of the folder is missing (named).
+      ExportError (a ValueError): a file is truncated or damaged, from another glam version
+        (its unknown config keys named), or does not fit the others (parameter names and
+        shapes, or the tokenizer's and the embedding's sizes); the message names the file.
     """
     folder = resolve_source(source, tracking_uri)
-    saved = json.loads((folder / "config.json").read_text())
-    schema = OmegaConf.structured(ModelConfig)
-    config = OmegaConf.to_object(OmegaConf.merge(schema, saved["model"]))
+    config, kind, run_id = _read_config(folder / "config.json")
+    tokenizer = _read_tokenizer(folder, kind, config)
     config = transform(config) if transform else config
     model = nnx.eval_shape(lambda: GLaM(config, rngs=nnx.Rngs(0)))
     state = nnx.state(model, nnx.Param)
-    flat = load_file(str(folder / "model.safetensors"))
-    _check_params(flat, state)
+    flat = _read_params(folder / "model.safetensors")
+    _check_params(flat, state, folder)
     values = _nested(flat, nnx.to_pure_dict(state))
     nnx.replace_by_pure_dict(state, jax.tree.map(jax.numpy.asarray, values))
     nnx.update(model, state)
-    tokenizer = (WordTokenizer(json.loads((folder / "vocab.json").read_text()))
-                 if saved["tokenizer"] == "word"
-                 else SentencePieceTokenizer((folder / "tokenizer.model").read_bytes()))
-    return Loaded(model, config, tokenizer, saved.get("run_id"))
+    return Loaded(model, config, tokenizer, run_id)
