@@ -6,10 +6,11 @@ STAMP := $(VENV)/.installed
 
 .PHONY: install test test-fast demo study study-data-quality study-ladder bench clean
 
+# compat: the checkout itself on sys.path, so Hydra finds glam's sweeper in hydra_plugins/
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet -e '.[dev]' --config-settings editable_mode=compat
 	touch $(STAMP)
 
 install: $(STAMP)

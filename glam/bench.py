@@ -1,20 +1,7 @@
-"""`glam-bench` (`make bench`): speed measured in one process, written to BENCHMARKS.md.
-
-1. matmul peak (float32, bfloat16) on the current device: the denominator of MFU (the peak
-   of the benchmarked dtype: bfloat16 on GPU/TPU, float32 on CPU, or `--dtype`);
-2. MoE FFN forward+backward against a dense two-matrix GELU FFN of equal activated FLOPs
-   (width K x H), for E in 8..128 and each dispatch path, at capacity factor 1.25, with
-   routing alone and the expert matmuls alone, and a large elementwise op's bandwidth (the
-   expert parameters and gradients grow with E at fixed FLOPs);
-3. a whole training step, MoE (GLaM placement) vs the dense model it extends and vs a
-   FLOP-matched MoE: step time ratio, tokens/s, model FLOPs utilisation, peak memory;
-4. the expert-parallel step on 8 fake CPU devices vs 1 device (overhead, not speed; run in a
-   child process, since the device count is fixed when JAX starts);
-5. data (`glam.data.bench`): `glam-data prepare` throughput with 1 and 2 workers, its peak
-   memory at two corpus sizes, and the input pipeline's time per batch vs the step.
-
-Times are medians of repeated runs after a warm-up call; ratios come from the same run.
-"""
+"""The measurements of `glam-bench` (listed in `glam.cli.bench`): matmul peak, MoE FFN vs
+dense FFN, whole training steps with MFU and memory, the expert-parallel step, and data
+preparation and loading (`glam.data.bench`). Times are medians of repeated runs after a warm-up
+call; ratios come from the same run."""
 
 from __future__ import annotations
 
@@ -28,6 +15,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -42,7 +30,7 @@ from glam.data.bench import render as render_data
 from glam.model.layers import project
 from glam.model.moe import DISPATCH, experts_ffn
 from glam.model.routing import expert_capacity, top_k_gating
-from glam.resolve import CONF_DIR, load
+from glam.resolve import load
 
 
 def median_seconds(fn, *args, repeats: int = 5) -> float:
@@ -251,28 +239,22 @@ def render(results: dict, command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="glam-bench", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default=str(CONF_DIR.parent / "BENCHMARKS.md"))
-    p.add_argument("--json", default="outputs/bench.json")
-    p.add_argument("--experts", default="8,16,32,64,128")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"],
-                   help="activations of the FFN and step benches (default: bfloat16 on GPU/TPU, "
-                        "float32 on CPU)")
-    args = p.parse_args(argv)
+def run(args: argparse.Namespace, error: Callable[[str], None]) -> None:
+    """Runs `glam-bench` with its parsed arguments (`glam.cli.bench`): checks every shape it
+    will use before any JAX work (`error` reports a bad argument and exits), measures, writes
+    `args.json` and prepends the report to `args.out`."""
     try:  # every shape the bench will use, before any JAX work
         experts = [int(e) for e in args.experts.split(",")]
     except ValueError:
-        p.error(f"--experts: {args.experts!r} is not a comma-separated list of integers")
+        error(f"--experts: {args.experts!r} is not a comma-separated list of integers")
     if any(e < 2 for e in experts):
-        p.error(f"--experts: every count must be at least 2 (top-2 routing), got {experts}")
+        error(f"--experts: every count must be at least 2 (top-2 routing), got {experts}")
     shapes = shapes_for(jax.default_backend())
     for overrides in shapes.step_models().values():
         try:
             load(overrides, backend="cpu")
         except ConfigError as err:
-            p.error(f"step model {' '.join(overrides)}: {err}")
+            error(f"step model {' '.join(overrides)}: {err}")
     dtype = args.dtype or ("bfloat16" if jax.default_backend() in ("gpu", "tpu") else "float32")
     n = shapes.matmul_n
     results = {"date": datetime.date.today().isoformat(), "machine": machine(),

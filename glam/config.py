@@ -635,6 +635,8 @@ class FaultConfig(Section):
                                  factory=True)
     spike_scale: float = doc(100.0, "loss multiplier of a spike step")
     crash_at_step: Optional[int] = doc(None, "raise before this step, as a killed job would")
+    crash_jobs: list[int] = doc(list, "in a multirun, crash_at_step fires in these jobs only "
+                                      "(hydra.job.num); empty: in every job", factory=True)
     repeat_after_rollback: bool = doc(False, "faults fire again on later data orders")
 
 

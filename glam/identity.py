@@ -63,7 +63,7 @@ _TABLE: dict[Role, dict[str, str]] = {
     Role.RESULT: {
         "train": "eval_batches",
         "stability": "max_consecutive_skips spike_factor spike_window max_rollbacks",
-        "faults": "nonfinite_steps spike_steps spike_scale crash_at_step repeat_after_rollback",
+        "faults": "nonfinite_steps spike_steps spike_scale repeat_after_rollback",
         "eval": "every shots builtin tasks max_examples max_answer_tokens length_normalize seed "
                 "knowledge_facts",
         "plan": "placement",
@@ -73,6 +73,8 @@ _TABLE: dict[Role, dict[str, str]] = {
         "mesh": "data expert model fsdp",
         "distributed": "init coordinator_address num_processes process_id local_device_ids",
         "derived": "backend",
+        # a simulated kill changes no result: the same point run again without it resumes
+        "faults": "crash_at_step crash_jobs",
     },
     Role.RECORD: {
         # token_multiple and flops_budget are folded into train.steps; a cached program is

@@ -278,7 +278,8 @@ class Tracker:
 
     def register_model(self, name: str, artifact_path: str) -> None:
         """A new version of registered model `name` (created if missing) whose source is this
-        run's `artifact_path`, after the writes before it."""
+        run's `artifact_path`, after the writes before it; none when this run already has a
+        version of `name` (a relaunched or resumed run registers once)."""
         self._queue.put((self._register, (name, artifact_path), 0))
 
     def _register(self, name: str, artifact_path: str) -> None:
@@ -290,6 +291,9 @@ class Tracker:
             except MlflowException as err:
                 if err.error_code != "RESOURCE_ALREADY_EXISTS":
                     raise
+            if self.client.search_model_versions(f"name = '{name}' and run_id = '{self.run_id}'"):
+                log.info("model %s already has a version from run %s", name, self.run_id)
+                return
             self.client.create_model_version(name, f"runs:/{self.run_id}/{artifact_path}",
                                              run_id=self.run_id)
         except MlflowException as err:
@@ -362,6 +366,9 @@ class Tracker:
         if self._error is not None:
             status = "FAILED" if status == "FINISHED" else status
         self._error, error = None, self._error
+        if exc is not None and status == "FAILED":  # what failed, beside the status in the UI
+            self._with_retries(self.client.set_tag,
+                               (self.run_id, "error", f"{exc_type.__name__}: {exc}"[:2000]))
         self._with_retries(self.client.set_terminated, (self.run_id, status))
         if error is not None and exc_type is None:
             raise error

@@ -21,13 +21,11 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from glam import distributed
 from glam.config import Config, ConfigError
 from glam.interrupts import Interrupted
 from glam.resolve import CONF_DIR, raw, resolve
-from glam.study.runs import point_tags, skip_or_prepare
-from glam.tracking import check_reachable, redact, scrub_password, ui_command
-from glam.trainer import Trainer
+
+# JAX, MLflow and the trainer are imported where a run starts: `glam-train --help` needs none.
 
 log = logging.getLogger("glam.train")
 
@@ -41,6 +39,8 @@ def run(cfg: Config, output_dir: str | Path, extra_tags: dict | None = None) -> 
       glam.checkpoint.CheckpointError: two checkpoints in a row unreadable.
       glam.stability.TrainingDiverged: rollbacks did not get past a failure.
     """
+    from glam.trainer import Trainer
+
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     return Trainer(resolve(cfg), output_dir, extra_tags).run()
@@ -61,6 +61,10 @@ def main(dcfg: DictConfig) -> float:
 
 
 def _main(dcfg: DictConfig) -> float:
+    from glam import distributed
+    from glam.study.runs import point_tags, skip_or_prepare
+    from glam.tracking import check_reachable, scrub_password
+
     logging.getLogger("jax._src.xla_bridge").setLevel(logging.ERROR)  # "no TPU" on every run
     logging.getLogger("absl").setLevel(logging.WARNING)  # orbax's per-save chatter
     hc = HydraConfig.get()
@@ -69,6 +73,8 @@ def _main(dcfg: DictConfig) -> float:
     scrub_password(uri, hc.output_subdir and Path(hc.runtime.output_dir) / hc.output_subdir,
                    Path(hc.sweep.dir) / "multirun.yaml")
     raw_cfg = raw(dcfg)
+    if raw_cfg.faults.crash_jobs and hc.job.get("num") not in raw_cfg.faults.crash_jobs:
+        raw_cfg.faults.crash_at_step = None  # a test's fault meant for other jobs
     resolve(raw_cfg, backend="cpu")  # every check, before joining other processes or starting JAX
     distributed.initialize(raw_cfg.distributed)  # before anything touches a JAX backend
     cfg = resolve(raw_cfg)  # the dispatch for this backend
@@ -102,7 +108,7 @@ def finished_val_loss(tracking_uri: str, run_id: str) -> float:
 def where_it_is(cfg: Config, output_dir: Path, run_id: str) -> str:
     """The lines a single run ends with: where its files and its MLflow run are, and how to
     open the UI on them."""
-    from glam.tracking import client, experiment_url
+    from glam.tracking import client, experiment_url, redact, ui_command
 
     lg = cfg.logger
     experiment = client(lg.tracking_uri).get_run(run_id).info.experiment_id

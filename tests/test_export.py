@@ -13,7 +13,7 @@ from safetensors.numpy import load_file, save_file
 
 from glam import export
 from glam.data.tokenizer import SentencePieceTokenizer, WordTokenizer
-from glam.generate import main as generate_main
+from glam.cli.generate import main as generate_main
 from glam.model import GLaM
 from glam.resolve import load
 

@@ -178,7 +178,7 @@ def test_an_export_loads_back_to_the_same_model(tmp_path):
 def test_a_sentencepiece_model_exports_and_generates(tmp_path, capsys):
     """Text runs export their SentencePiece model; glam-generate encodes and decodes with it."""
     from glam.data.tokenizer import SentencePieceTokenizer
-    from glam.generate import main as generate_main
+    from glam.cli.generate import main as generate_main
 
     words = ["alpha", "beta", "gamma", "delta", "model", "expert", "token", "layer"]
     rng = np.random.default_rng(0)

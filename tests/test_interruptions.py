@@ -10,6 +10,7 @@ import time
 import pytest
 from mlflow.tracking import MlflowClient
 
+import waiting
 from glam.checkpoint import Checkpointer
 from glam.interrupts import Interrupted
 from glam.resolve import load
@@ -80,18 +81,17 @@ def test_sigterm_marks_the_run_killed_and_exits_cleanly_then_it_resumes(tmp_path
     cmd = [sys.executable, "-m", "glam.train", *args]
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 240
+    deadline = time.monotonic() + 240 * waiting.SCALE
     while not (tmp_path / "run" / "checkpoints" / "100").exists():
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-2000:]
         time.sleep(0.2)
     proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
+    _, err = waiting.communicate(proc, 120)
     assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
     assert "Traceback" not in err and "terminate" not in err
     client, (killed,) = _runs(uri)
     assert killed.info.status == "KILLED"
-    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=600)
+    done = waiting.run(cmd, 600, cwd=tmp_path, env=env)
     assert done.returncode == 0, done.stderr[-2000:]
     client, (finished,) = _runs(uri)
     assert finished.info.run_id == killed.info.run_id and finished.info.status == "FINISHED"

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+import waiting
 from glam.config import ConfigError, MeshConfig
 from glam.resolve import CONF_DIR, model_config
 from glam.mesh import check_divisibility, mesh_shape
@@ -39,8 +40,7 @@ def test_meshes_match_one_device():
     (2,4,1), (1,8,1), (2,2,2) of 8 fake devices equal the single-device run."""
     script = Path(__file__).with_name("mesh_check.py")
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
-    proc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True,
-                          timeout=600)
+    proc = waiting.run([sys.executable, str(script)], 600, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     assert set(report) == {"(8, 1, 1)", "(2, 4, 1)", "(1, 8, 1)", "(2, 2, 2)"}

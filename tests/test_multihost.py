@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
+import waiting
 from glam.config import ConfigError, DistributedConfig
 from glam.distributed import agree, detect_cluster, fetch, initialize_args
 
@@ -79,11 +80,7 @@ def _train(run_dir, uri, *overrides, log, env=None, multirun=False):
 
 
 def _wait(procs, logs, timeout=240):
-    try:
-        codes = [p.wait(timeout=timeout) for p in procs]
-    finally:
-        for p in procs:
-            p.kill()
+    codes = waiting.wait(procs, timeout, logs)
     return codes, [path.read_text() for path in logs]
 
 
@@ -206,7 +203,7 @@ def test_a_stop_signal_to_one_process_stops_both_at_the_same_step(tmp_path, free
                 env={**base, "JAX_PLATFORMS": "cpu",
                      "XLA_FLAGS": "--xla_force_host_platform_device_count=1"},
                 stdout=out, stderr=subprocess.STDOUT, text=True))
-    deadline = time.monotonic() + 240
+    deadline = time.monotonic() + 240 * waiting.SCALE
     while not (tmp_path / "run" / "checkpoints" / "100").exists():
         assert all(p.poll() is None for p in procs) and time.monotonic() < deadline, \
             logs[0].read_text()[-3000:]

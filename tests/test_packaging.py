@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
+import waiting
+
 REPO = Path(__file__).resolve().parents[1]
 IGNORE = shutil.ignore_patterns(".git", ".venv", "outputs", "multirun", "mlflow.db", "build",
                                 "dist", "*.egg-info", "__pycache__", ".pytest_cache", "docs")
@@ -40,7 +42,7 @@ def test_wheel_installs_into_a_fresh_venv_and_trains_from_another_directory(tmp_
     env["MLFLOW_TRACKING_URI"] = f"sqlite:///{work / 'mlflow.db'}"
 
     def run(*cmd):
-        out = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True, timeout=600)
+        out = waiting.run(cmd, 600, cwd=work, env=env)
         assert out.returncode == 0, out.stderr[-3000:]
         return out.stdout
 
@@ -77,9 +79,9 @@ def test_wheel_installs_into_a_fresh_venv_and_trains_from_another_directory(tmp_
 def test_the_install_extras_resolve(tmp_path, extra, expected):
     """`pip install '.[gpu]'` (and tpu, search) resolves against the index at the pinned JAX."""
     report = tmp_path / "report.json"
-    out = subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--quiet",
-                          "--ignore-installed", "--no-build-isolation", "--report", str(report),
-                          f"{REPO}[{extra}]"], capture_output=True, text=True, timeout=600)
+    out = waiting.run([sys.executable, "-m", "pip", "install", "--dry-run", "--quiet",
+                       "--ignore-installed", "--no-build-isolation", "--report", str(report),
+                       f"{REPO}[{extra}]"], 600)
     assert out.returncode == 0, out.stderr[-3000:]
     names = {item["metadata"]["name"].lower(): item["metadata"]["version"]
              for item in json.loads(report.read_text())["install"]}

@@ -89,5 +89,29 @@ def test_identity_holds_the_resolved_dispatch_and_not_the_layout():
     assert ident["derived"] == {"drops_tokens": True}
     assert "mesh" not in ident and "logger" not in ident and "eval" not in ident
     layout = select(cfg, {Role.LAYOUT})
-    assert set(layout) == {"mesh", "distributed", "eval", "derived"}
+    assert set(layout) == {"mesh", "distributed", "eval", "derived", "faults"}
     assert layout["eval"] == {"batch_size": cfg.eval.batch_size}
+
+
+HEAVY = ("jax", "flax", "optax", "mlflow", "optuna", "pandas", "matplotlib", "dask")
+
+
+def test_every_command_answers_help_without_importing_jax():
+    """`<command> --help` for every console script of pyproject.toml prints its usage without
+    importing JAX or the other heavy libraries (they cost seconds of CPU before a word)."""
+    import tomllib
+
+    scripts = tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text())["project"]["scripts"]
+    code = ("import importlib, sys\nmodule, name = sys.argv[1].split(':')\n"
+            "sys.argv = [sys.argv[2], '--help']\n"
+            "try:\n    getattr(importlib.import_module(module), name)()\n"
+            "except SystemExit:\n    pass\n"
+            f"print('HEAVY', sorted(m for m in {HEAVY!r} if m in sys.modules))\n")
+    said = {command: subprocess.run([sys.executable, "-c", code, target, command],
+                                    capture_output=True, text=True, timeout=300)
+            for command, target in scripts.items()}
+    for command, out in said.items():
+        assert "usage" in out.stdout.lower() or "powered by hydra" in out.stdout.lower(), \
+            (command, out.stdout[-1000:], out.stderr[-2000:])
+    heavy = {c: out.stdout.strip().splitlines()[-1] for c, out in said.items()}
+    assert all(line == "HEAVY []" for line in heavy.values()), heavy

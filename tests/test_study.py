@@ -9,6 +9,7 @@ import sys
 import pytest
 from mlflow.tracking import MlflowClient
 
+import waiting
 from glam.config import ConfigError
 from glam.placement import dense_counterpart, flops
 from glam.resolve import CONF_DIR, SWEEPS_DIR, load
@@ -121,8 +122,7 @@ def test_the_data_quality_study_plans_its_arms_and_prepares_each_corpus_once():
 
 def test_glam_data_exits_2_on_bad_input_and_0_on_help():
     def run(*args):
-        return subprocess.run([sys.executable, "-m", "glam.data.cli", *args],
-                              capture_output=True, text=True, timeout=120)
+        return waiting.run([sys.executable, "-m", "glam.data.cli", *args], 120)
 
     bad = run("prepare", "data=world_quality", "data.quality.alpha=0")
     assert bad.returncode == 2 and "data.quality.alpha: must be > 0" in bad.stderr
@@ -147,22 +147,34 @@ def test_launcher_configs_compose():
             assert launcher.split("_")[0] in cfg.hydra.launcher._target_.lower()
 
 
-def _multirun(tmp_path, *overrides):
+def _multirun(tmp_path, *overrides, code=0):
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
     cmd = [sys.executable, "-m", "glam.train", "-m", "+study=smoke", "hydra/launcher=joblib",
            "hydra.launcher.n_jobs=2", "model.n_experts=choice(0,4)", *overrides]
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = waiting.run(cmd, 600, cwd=tmp_path, env=env)
+    assert (proc.returncode == 0) == (code == 0), proc.stderr[-3000:]
     return proc
 
 
 @pytest.mark.slow
 @pytest.mark.multiprocess
 def test_joblib_multirun_parent_children_and_rerun_skips(tmp_path):
-    said = _multirun(tmp_path).stdout
+    """A point that fails leaves its child run FAILED with its error and the parent FAILED
+    (never RUNNING); the same command again completes the study; a third run skips it all."""
+    failed = _multirun(tmp_path, "faults.crash_at_step=2", "faults.crash_jobs=[1]", code=1)
+    assert "its MLflow parent run" in failed.stderr and "is FAILED" in failed.stderr
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     exp = client.get_experiment_by_name("smoke")
+    first = {r.data.tags["study_role"]: r for r in client.search_runs(
+        [exp.experiment_id], "attributes.status != 'FINISHED'")}
+    assert set(first) == {"parent", "child"}  # one point finished, the other failed
+    assert first["parent"].info.status == first["child"].info.status == "FAILED"
+    assert first["parent"].data.tags["failed_points"] == "1"
+    assert first["child"].data.tags["error"] == "SimulatedCrash: faults.crash_at_step=2"
+
+    said = _multirun(tmp_path).stdout
     runs = client.search_runs([exp.experiment_id])
+    assert first["child"].info.run_id in {r.info.run_id for r in runs}  # resumed, not replaced
     (parent,) = [r for r in runs if r.data.tags.get("study_role") == "parent"]
     # the study ends with its summary: on the terminal and on its parent run
     assert "study smoke: 2 finished runs" in said and "glam-analyze --study smoke" in said
@@ -175,6 +187,7 @@ def test_joblib_multirun_parent_children_and_rerun_skips(tmp_path):
     assert "study_points.json" in {a.path for a in client.list_artifacts(parent.info.run_id)}
     children = [r for r in runs if r.data.tags.get("study_role") == "child"]
     assert len(children) == 2 and parent.info.status == "FINISHED"
+    assert parent.data.tags["failed_points"] == "0"
     for child in children:
         tags = child.data.tags
         assert tags["mlflow.parentRunId"] == parent.info.run_id
@@ -202,7 +215,7 @@ def test_joblib_multirun_parent_children_and_rerun_skips(tmp_path):
 def test_a_mismatched_study_is_refused_before_any_job(tmp_path):
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
     cmd = [sys.executable, "-m", "glam.train", "-m", "+study=expert_count", "plan.placement=glam"]
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    proc = waiting.run(cmd, 300, cwd=tmp_path, env=env)
     assert proc.returncode != 0
     assert "plan.tolerance" in proc.stderr and "model.n_experts=16" in proc.stderr
     assert not (tmp_path / "outputs" / "studies" / "expert_count").exists() or not list(
@@ -273,8 +286,7 @@ def test_an_empty_multirun_is_refused_before_launch(tmp_path):
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
     for study in ([], ["+study=smoke"]):
         cmd = [sys.executable, "-m", "glam.train", "-m", *study, "train.seed=range(0,0)"]
-        proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True,
-                              timeout=300)
+        proc = waiting.run(cmd, 300, cwd=tmp_path, env=env)
         assert proc.returncode == 2 and "select no point" in proc.stderr, proc.stderr[-2000:]
 
 
@@ -345,8 +357,8 @@ def test_plan_probe_measures_each_shape_once_and_reuses_the_cache(tmp_path):
     estimates both runs from it (the second with a warm compilation cache) and reads the cache
     the next time; a point that cannot run keeps its FLOPs-only estimate and says why."""
     def run(*args):
-        return subprocess.run([sys.executable, "-m", "glam.study.plan", "--json", "--probe", *args],
-                              capture_output=True, text=True, timeout=600, cwd=tmp_path,
+        return waiting.run([sys.executable, "-m", "glam.study.plan", "--json", "--probe", *args],
+                           600, cwd=tmp_path,
                               env={**os.environ, "PYTHONPATH": str(CONF_DIR.parent)})
 
     args = ["model=tiny_moe", "train.steps=20", "eval.max_examples=4", "train.seed=0,1",
@@ -370,26 +382,49 @@ def test_plan_probe_measures_each_shape_once_and_reuses_the_cache(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.multiprocess
-def test_an_optuna_search_is_a_study_and_its_space_is_checked_before_launch(tmp_path):
+def test_an_optuna_search_is_a_study_and_survives_a_failed_trial(tmp_path):
     """Hydra's Optuna sweeper (the `search` extra): each trial is a child run of the study's
-    parent; an interval whose end is invalid is refused before any trial, naming the field."""
+    parent; an interval whose end is invalid, or a failure budget outside [0, 1], is refused
+    before any trial, naming the field. A trial that crashes is a FAILED child run with its
+    error and the search goes on to its trial count; past `max_failure_rate` the search stops
+    and its parent run is FAILED, never RUNNING."""
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
     base = [sys.executable, "-m", "glam.train", "-m", "+study=search_lr_capacity",
-            "hydra.sweeper.n_trials=2", "train.steps=6", "train.batch_size=4",
-            "data.train_tokens=20000", "data.val_tokens=2048", "eval.max_examples=4"]
-    bad = subprocess.run([*base, "schedule.learning_rate=interval(-0.01,0.01)"], cwd=tmp_path,
-                         env=env, capture_output=True, text=True, timeout=300)
-    assert bad.returncode != 0 and "schedule.learning_rate" in bad.stderr, bad.stderr[-2000:]
+            "train.steps=6", "train.batch_size=4", "data.train_tokens=20000",
+            "data.val_tokens=2048", "eval.max_examples=4", "faults.crash_at_step=3"]
+
+    def search(*overrides, timeout=600):
+        return waiting.run([*base, *overrides], timeout, cwd=tmp_path, env=env)
+
+    for bad, field in [("schedule.learning_rate=interval(-0.01,0.01)", "schedule.learning_rate"),
+                       ("hydra.sweeper.max_failure_rate=1.5", "hydra.sweeper.max_failure_rate")]:
+        refused = search(bad, "hydra.sweeper.n_trials=2", timeout=300)
+        assert refused.returncode != 0 and field in refused.stderr, refused.stderr[-2000:]
+        assert "Traceback" not in refused.stderr
     assert not list((tmp_path / "outputs" / "studies").glob("search_lr_capacity/*/"))
 
-    proc = subprocess.run(base, cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=600)
+    # 4 trials in batches of 2, the second crashing at step 3; 0.25 of 4 may fail
+    proc = search("hydra.sweeper.n_trials=4", "faults.crash_jobs=[1]")
     assert proc.returncode == 0, proc.stderr[-3000:]
     client = MlflowClient(env["MLFLOW_TRACKING_URI"])
     runs = client.search_runs([client.get_experiment_by_name("search_lr_capacity").experiment_id])
     (parent,) = [r for r in runs if r.data.tags.get("study_role") == "parent"]
     trials = [r for r in runs if r.data.tags.get("study_role") == "child"]
-    assert len(trials) == 2 and parent.info.status == "FINISHED"
+    assert len(trials) == 4 and parent.info.status == "FINISHED"
+    assert sorted(t.info.status for t in trials) == ["FAILED"] + ["FINISHED"] * 3
+    assert parent.data.tags["failed_points"] == "1"
+    (crashed,) = [t for t in trials if t.info.status == "FAILED"]
+    assert "SimulatedCrash" in crashed.data.tags["error"]
     rates = {float(t.data.params["schedule.learning_rate"]) for t in trials}
-    assert len(rates) == 2 and all(3e-4 <= r <= 3e-2 for r in rates)
+    assert len(rates) == 4 and all(3e-4 <= r <= 3e-2 for r in rates)
     assert "Best value" in proc.stdout + proc.stderr
+    assert "1 of 4 trials failed" in proc.stdout + proc.stderr
+
+    # no failure allowed: the first batch's crash stops the search, its parent FAILED
+    stopped = search("hydra.sweeper.n_trials=4", "faults.crash_jobs=[0]",
+                     "hydra.sweeper.max_failure_rate=0", "study.name=search_stops")
+    assert stopped.returncode != 0
+    exp = client.get_experiment_by_name("search_stops").experiment_id
+    runs = client.search_runs([exp])
+    (parent,) = [r for r in runs if r.data.tags.get("study_role") == "parent"]
+    assert parent.info.status == "FAILED" and len(runs) == 3  # one batch of two trials ran

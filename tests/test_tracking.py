@@ -7,6 +7,8 @@ import time
 import pytest
 from mlflow.tracking import MlflowClient
 
+import waiting
+
 OPEN_ONE_RUN = """
 import sys, time
 from glam.tracking import Tracker
@@ -27,7 +29,7 @@ def test_parallel_first_use_of_a_new_sqlite_database(tmp_path):
     procs = [subprocess.Popen([sys.executable, "-c", OPEN_ONE_RUN, uri, str(i), str(start_at)],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for i in range(6)]
-    outputs = [p.communicate(timeout=300) for p in procs]
+    outputs = [waiting.communicate(p, 300) for p in procs]
     failed = [err[-1500:] for p, (_, err) in zip(procs, outputs) if p.returncode]
     assert not failed, failed[0]
     client = MlflowClient(uri)
@@ -50,7 +52,7 @@ def _start_server(tmp_path, port):
          "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}"],
         cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         start_new_session=True)
-    deadline = time.monotonic() + 90
+    deadline = time.monotonic() + 90 * waiting.SCALE
     while time.monotonic() < deadline:
         try:
             urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).close()
@@ -90,7 +92,7 @@ def test_training_goes_on_through_a_tracking_outage_and_loses_nothing(tmp_path, 
     checkpoints = tmp_path / "run" / "checkpoints"
 
     def wait_for(step, seconds):
-        deadline = time.monotonic() + seconds
+        deadline = time.monotonic() + seconds * waiting.SCALE
         while not (checkpoints / str(step)).exists() and train.poll() is None:
             assert time.monotonic() < deadline, f"no checkpoint {step} after {seconds} s"
             time.sleep(0.1)
@@ -100,7 +102,7 @@ def test_training_goes_on_through_a_tracking_outage_and_loses_nothing(tmp_path, 
         _stop_server(server)
         wait_for(1000, 120)  # four more checkpoints with MLflow away: training did not stall
         server = _start_server(tmp_path, port)
-        out, err = train.communicate(timeout=600)
+        out, err = waiting.communicate(train, 600)
         assert train.returncode == 0, err[-3000:]
         assert "MLflow unreachable" in out + err
         client = MlflowClient(f"http://127.0.0.1:{port}")

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
+import waiting
 from glam.resolve import load
 from glam.train import run
 
@@ -108,7 +109,7 @@ def test_run_names_lead_with_what_tells_points_apart():
 def _glam_train(args, cwd, uri):
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
     cmd = [sys.executable, "-m", "glam.train", *args]
-    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    return waiting.run(cmd, 300, cwd=cwd, env=env)
 
 
 @pytest.mark.slow
@@ -193,11 +194,21 @@ def test_training_time_leaves_out_evaluations_and_checkpoints(monkeypatch):
 
 
 @pytest.mark.slow
+def test_a_relaunched_run_registers_its_model_once(moe_run):
+    """The finished run launched again (same run directory) resumes its MLflow run and exports
+    again, but `logger.register_model` adds no second version for the same run."""
+    cfg, final, client, tmp = moe_run
+    assert run(cfg, tmp / "out")["run_id"] == final["run_id"]
+    [version] = client.search_model_versions("name='tiny-glam'")
+    assert version.run_id == final["run_id"]
+
+
+@pytest.mark.slow
 def test_the_trained_model_is_exported_and_generates(moe_run, capsys):
     """The run ends by exporting its model (safetensors, config, tokenizer) into the run
     directory and as the MLflow artifact model/; glam-generate loads it either way."""
     from glam import export
-    from glam.generate import main as generate_main
+    from glam.cli.generate import main as generate_main
 
     cfg, final, client, tmp = moe_run
     folder = tmp / "out" / "model"

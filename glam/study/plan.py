@@ -175,8 +175,6 @@ def budget(flops: float, ladder: str, overrides: list[str], out: str | None) -> 
 
 def main(argv: list[str] | None = None) -> None:
     """`glam-plan [--json] [--hardware NAME] OVERRIDES...`, e.g. `glam-plan +study=expert_count`."""
-    import pandas as pd  # only for the table
-
     parser = argparse.ArgumentParser(prog="glam-plan", description=main.__doc__)
     parser.add_argument("--json", action="store_true", help="print JSON rows")
     parser.add_argument("--hardware", default="cpu", help="profile for the FLOPs-only estimate")
@@ -219,6 +217,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.json:
         print(json.dumps([dataclasses.asdict(r) for r in rows], indent=1))
         return
+    import pandas as pd  # only for the table
+
     table = pd.DataFrame([dataclasses.asdict(r) for r in rows])
     table["est_minutes"] = (table.pop("est_seconds") / 60).round(1)
     with pd.option_context("display.width", 250, "display.max_columns", 30):

@@ -12,6 +12,7 @@ again completes it.
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import sys
@@ -29,6 +30,7 @@ from glam.config import ConfigError
 from glam.run_logger import RUN_FILE
 from glam.study.plan import plan
 from glam.study.points import expand
+from glam.study.search import check_failure_rate
 from glam import distributed, tracking
 from glam.tracking import check_reachable, experiment_id, redact, scrub
 
@@ -44,6 +46,8 @@ class MultirunCheck(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
         # Hydra turns a callback's exceptions into warnings; a refused multirun must stop here.
         try:
+            check_failure_rate(OmegaConf.select(config, "hydra.sweeper.max_failure_rate",
+                                                default=0.0))
             self._start(config)
         except Exception as err:
             log.error("multirun refused: %s", err)
@@ -85,18 +89,47 @@ class StudyCallback(MultirunCheck):
                                                         config.logger.tracking_uri))
             parent_file.write_text(json.dumps({"run_id": parent, **identity}))
             log.info("MLflow parent run %s for study %s", parent, study)
+        # Hydra skips on_multirun_end when the sweep raises (a failed point, a search past its
+        # failure budget): the parent then ends FAILED at exit, never left RUNNING. Running the
+        # study again reopens it and completes the points that did not finish.
+        self._open = (config.logger.tracking_uri, parent)
+        atexit.register(self._end_failed)
+
+    def _end_failed(self) -> None:
+        if getattr(self, "_open", None):
+            uri, parent = self._open
+            self._open = None
+            client = tracking.client(uri)
+            _tag_failed_points(client, parent)
+            client.set_terminated(parent, "FAILED")
+            print(f"glam-train: the study did not finish; its MLflow parent run {parent} is "
+                  "FAILED. Run the same command again to complete it.", file=sys.stderr)
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
-        # Only reached when every job returned: a failed job leaves the parent RUNNING, and
-        # running the study again completes it.
+        self._open = None
         parent_file = Path(config.hydra.sweep.dir) / PARENT_FILE
         if parent_file.exists():
             client = tracking.client(config.logger.tracking_uri)
             parent = json.loads(parent_file.read_text())["run_id"]
             try:
                 report(client, config.logger.tracking_uri, config.study.name or "study", parent)
+                _tag_failed_points(client, parent)
             finally:
                 client.set_terminated(parent, "FINISHED")
+
+
+def _tag_failed_points(client: MlflowClient, parent: str) -> None:
+    """Tags the parent with its FAILED children's count (`failed_points`, 0 when none) and
+    warns with each one's point and error: a search may finish with failed trials within its
+    budget (`glam.study.search`)."""
+    experiment = client.get_run(parent).info.experiment_id
+    failed = client.search_runs([experiment], f"tags.mlflow.parentRunId = '{parent}' "
+                                              "and attributes.status = 'FAILED'")
+    client.set_tag(parent, "failed_points", str(len(failed)))
+    for run in failed:
+        log.warning("study point %s failed (MLflow run %s): %s",
+                    run.data.tags.get("study_point", "?"), run.info.run_id,
+                    run.data.tags.get("error", "no error recorded"))
 
 
 def report(client: MlflowClient, tracking_uri: str, study: str, parent: str) -> None:
