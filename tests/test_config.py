@@ -218,7 +218,7 @@ def test_credentials_in_a_tracking_uri_are_never_logged():
     ("glam.count", ["model.top_k=9"]),
     ("glam.study.plan", ["model.top_k=9"]),
     ("glam.study.plan", ["+study=smoke", "train.seed=range(0,0)"]),
-    ("glam.bench", ["--experts", "1,8"]),
+    ("glam.cli.bench", ["--experts", "1,8"]),
 ])
 def test_every_cli_refuses_bad_input_with_the_message_alone(cli, argv, capsys):
     import importlib
