@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from glam.config import Config, ConfigError
 from glam.interrupts import Interrupted
-from glam.resolve import CONF_DIR, raw, resolve
+from glam.resolve import CONF_DIR, SWEEPS_DIR, raw, resolve
 
 # JAX, MLflow and the trainer are imported where a run starts: `glam-train --help` needs none.
 
@@ -58,6 +58,33 @@ def main(dcfg: DictConfig) -> float:
     except Interrupted as stop:  # the MLflow run is KILLED, its healthy points published
         log.warning("%s; run the same command again to resume", stop)
         raise SystemExit(stop.exit_code) from None
+
+
+def cli() -> None:
+    """The `glam-train` command: `main`, except that `--help` is answered here at once (Hydra's
+    own help loads every option of every config group first: seconds; `--hydra-help` is still
+    Hydra's, and `--cfg job` prints the composed config)."""
+    if {"--help", "-h"} & set(sys.argv[1:]):
+        print(usage())
+        return
+    main()
+
+
+def usage() -> str:
+    """This module's examples, the config groups with their options, and the studies."""
+    groups = sorted(d for d in CONF_DIR.iterdir() if d.is_dir() and d.name != "hydra")
+    lines = ["usage: glam-train [-m] [KEY=VALUE ...]", "", *__doc__.split("\n\n")[:2], "",
+             "config groups (GROUP=OPTION), from " + str(CONF_DIR) + ":"]
+    lines += [f"  {d.name}: {', '.join(sorted(p.stem for p in d.glob('*.yaml')))}"
+              for d in groups]
+    lines += ["  hydra/launcher: basic, joblib, submitit_local, submitit_slurm, "
+              + ", ".join(sorted(p.stem for p in (CONF_DIR / "hydra" / "launcher").glob("*.yaml"))),
+              f"studies (+study=NAME), from {SWEEPS_DIR / 'study'}:",
+              "  " + ", ".join(sorted(p.stem for p in (SWEEPS_DIR / "study").glob("*.yaml"))),
+              "", "every field and its documentation: glam/config.py",
+              "the composed config: glam-train --cfg job [KEY=VALUE ...]",
+              "Hydra's own help and flags: glam-train --hydra-help"]
+    return "\n".join(lines)
 
 
 def _main(dcfg: DictConfig) -> float:
@@ -120,4 +147,4 @@ def where_it_is(cfg: Config, output_dir: Path, run_id: str) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    cli()
