@@ -6,8 +6,9 @@ Source: Hoffmann et al. 2022, section 3.3 and appendix D.2, with the fitting det
 replication by Besiroglu et al. 2024 (arXiv 2404.10102): the law is written in log space as
 log L = LSE(a - alpha log N, b - beta log D, e) with A = e^a, B = e^b, E = e^e; the loss is
 the Huber loss (delta 1e-3) of the log residuals, summed; L-BFGS-B minimises it from every point
-of a grid of starts and the best end point wins. Intervals come from refitting on bootstrap
-resamples of the runs.
+of a grid of starts and the best end point wins. Intervals come from refitting bootstrap
+resamples of the runs, each refit searching its resample from a grid of starts as the full fit
+does; `LossLaw.undetermined` names what the runs leave open.
 
 The routed extension multiplies the parameter term by Ê^-gamma, with Ê Clark et al.'s
 saturating transform of the expert count E (2022, arXiv 2202.01169, eq. 9): at fixed activated
@@ -19,11 +20,13 @@ is overloaded: `E` below is the irreducible loss, as in Chinchilla; expert count
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
 from scipy.optimize import minimize
-from scipy.special import logsumexp, softmax
+from scipy.special import logsumexp
+from threadpoolctl import threadpool_limits
 
 from analysis.fit import saturating_experts
 
@@ -33,6 +36,11 @@ GRID = {"a": (0.0, 5.0, 10.0, 15.0, 20.0, 25.0), "b": (0.0, 5.0, 10.0, 15.0, 20.
         "beta": (0.0, 0.5, 1.0, 1.5, 2.0), "gamma": (0.0, 0.5, 1.0)}
 NAMES = ("a", "b", "e", "alpha", "beta", "gamma")
 HUBER_DELTA = 1e-3
+# alpha and beta stay within these (the grid starts within 0..2; fits of published ladders land
+# within 0.2..0.9): an exponent at either bound is one the runs do not determine.
+EXPONENT_BOUNDS = (0.0, 4.0)
+EXPONENT_FLOOR = 0.01  # an exponent below this leaves its term constant across any ladder
+EXPONENT_SPAN = 10.0  # a 95% interval whose ends differ by more than this factor says little
 CHINCHILLA_FLOPS_PER_PARAM_TOKEN = 6.0  # C = 6 N D (Kaplan et al. 2020; Hoffmann et al. 2022)
 
 
@@ -42,7 +50,8 @@ class LossLaw:
 
     N: (activated) parameters; D: training tokens; Ê: `saturating_experts(experts)`.
     `boot` holds the bootstrap refits' coefficients ([n_boot, 6]: log A, log B, log E, alpha,
-    beta, gamma), for intervals of anything computed from the law.
+    beta, gamma), for intervals of anything computed from the law. `scatter`, `n_range` and
+    `d_range` (NaN for a law not fitted) describe the runs, for `undetermined`.
     """
 
     E: float
@@ -54,6 +63,9 @@ class LossLaw:
     n_points: int = 0
     excluded: int = 0  # highest-loss runs left out (the outlier rule)
     objective: float = float("nan")  # summed Huber loss at the optimum
+    scatter: float = math.nan  # RMS of the fitted runs' log residuals
+    n_range: tuple[float, float] = (math.nan, math.nan)  # the fitted runs' smallest, largest N
+    d_range: tuple[float, float] = (math.nan, math.nan)  # ... and D
     boot: np.ndarray = field(default_factory=lambda: np.zeros((0, 6)), repr=False)
 
     @property
@@ -83,11 +95,48 @@ class LossLaw:
         """The bootstrap refits as laws."""
         return [LossLaw.of(t) for t in self.boot]
 
+    def undetermined(self, level: float = 0.95) -> dict[str, str]:
+        """The coefficients the runs do not determine, each with the reason (empty: none).
+
+        alpha or beta: at a bound of EXPONENT_BOUNDS (within EXPONENT_FLOOR); or a flat
+        direction, its term moving the predicted loss across the runs' range of N (or D) by
+        less than twice their scatter about the fit (HUBER_DELTA at least); or its bootstrap
+        interval reaching below EXPONENT_FLOOR or spanning more than a factor EXPONENT_SPAN.
+        E: below 1% of the loss predicted at the runs' largest N and D (no floor in the runs).
+        gamma (routed fits): an interval that holds 0.
+        """
+        out, iv = {}, self.intervals(level)
+        (n0, n1), (d0, d1) = self.n_range, self.d_range
+        visible, (lo, hi) = max(HUBER_DELTA, 2 * self.scatter), EXPONENT_BOUNDS
+        for name, what, runs, effect in (
+                ("alpha", "parameter counts", self.n_range, np.log(self(n0, d1) / self(n1, d1))),
+                ("beta", "token counts", self.d_range, np.log(self(n1, d0) / self(n1, d1)))):
+            value = getattr(self, name)
+            low, high = iv.get(name, (value, value))
+            fix = f"add runs whose {what} span more than {runs[0]:.3g} to {runs[1]:.3g}"
+            if not lo + EXPONENT_FLOOR < value < hi - EXPONENT_FLOOR:
+                out[name] = f"{name} = {value:.3g} is at a bound of [{lo:g}, {hi:g}]; {fix}"
+            elif effect < visible:
+                out[name] = (f"flat: its term moves the predicted loss by {effect:.2%} across the "
+                             f"runs, within their scatter ({visible:.2%}); {fix}")
+            elif low < EXPONENT_FLOOR or high > EXPONENT_SPAN * low:
+                out[name] = (f"its {level:.0%} interval [{low:.3g}, {high:.3g}] spans more than "
+                             f"a factor {EXPONENT_SPAN:g}; {fix}")
+        if self.E < 0.01 * self(n1, d1):
+            out["E"] = (f"E = {self.E:.3g}: the runs show no floor, so the law predicts none and "
+                        "its losses fall without limit beyond them")
+        if self.gamma and "gamma" in iv and iv["gamma"][0] < 0 < iv["gamma"][1]:
+            out["gamma"] = (f"its {level:.0%} interval [{iv['gamma'][0]:.3g}, "
+                            f"{iv['gamma'][1]:.3g}] holds 0: the runs do not show whether more "
+                            "experts lower the loss")
+        return out
+
     def summary(self) -> dict:
         return {"E": self.E, "A": self.A, "B": self.B, "alpha": self.alpha, "beta": self.beta,
                 "gamma": self.gamma, "n_points": self.n_points, "excluded": self.excluded,
-                "objective": self.objective, "n_boot": len(self.boot),
-                "intervals_95": self.intervals()}
+                "objective": self.objective, "scatter": self.scatter, "n_range": self.n_range,
+                "d_range": self.d_range, "n_boot": len(self.boot),
+                "intervals_95": self.intervals(), "undetermined": self.undetermined()}
 
 
 def _logs(n, d, experts):
@@ -112,16 +161,19 @@ def _log_predict(theta, logn, logd, loge):
 
 
 def _objective(theta, logn, logd, loge, logl, free):
-    """Summed Huber loss of the log residuals and its gradient over the free coefficients."""
-    theta = _expand(theta, free)
-    terms = _terms(theta, logn, logd, loge)
-    r = logsumexp(terms, axis=0) - logl
-    loss, small = _huber(r)
-    loss = loss.sum()
-    slope = np.where(small, r, HUBER_DELTA * np.sign(r))
-    w = softmax(terms, axis=0) * slope  # d lse / d term, times the loss's slope
-    grad = np.array([w[0].sum(), w[1].sum(), w[2].sum(), -(w[0] * logn).sum(),
-                     -(w[1] * logd).sum(), -(w[0] * loge).sum()])
+    """Summed Huber loss of the log residuals in units of HUBER_DELTA^2, and its gradient over
+    the free coefficients. The unit matters: L-BFGS-B stops once a step lowers the objective by
+    less than 2.2e-9 max(|f|, 1), and the summed loss is ~1e-4 near an optimum, so in its own
+    units every run stopped a few steps from where it started."""
+    terms = _terms(_expand(theta, free), logn, logd, loge)
+    top = terms.max(axis=0)
+    weights = np.exp(terms - top)  # logsumexp and its softmax in one pass
+    total = weights.sum(axis=0)
+    r = top + np.log(total) - logl
+    loss = _huber(r)[0].sum() / HUBER_DELTA**2
+    w = weights / total * (np.clip(r / HUBER_DELTA, -1, 1) / HUBER_DELTA)  # d lse/d term x slope
+    grad = np.array([w[0].sum(), w[1].sum(), w[2].sum(), -(w[0] @ logn), -(w[1] @ logd),
+                     -(w[0] @ loge)])
     return loss, grad[free]
 
 
@@ -131,9 +183,27 @@ def _expand(theta, free):
     return full
 
 
+def _centring(shift):
+    """[6, 6] the map from coefficients on the logs to those on the logs less `shift` (means
+    of log N, log D, log Ê): a' = a - alpha s_N - gamma s_E, b' = b - beta s_D. The same law;
+    L-BFGS-B needs half the iterations once a no longer moves with alpha."""
+    t = np.eye(6)
+    t[0, 3], t[0, 5], t[1, 4] = -shift[0], -shift[2], -shift[1]
+    return t
+
+
 def _minimise(start, data, free):
-    result = minimize(_objective, start[free], args=(*data, free), jac=True, method="L-BFGS-B")
-    return _expand(result.x, free), float(result.fun)
+    """L-BFGS-B from `start` ([6]), exponents within EXPONENT_BOUNDS: the end point ([6]) and
+    its summed Huber loss."""
+    *logs, logl = data
+    shift = np.array([v.mean() for v in logs])
+    t = _centring(shift)
+    bounds = [EXPONENT_BOUNDS if NAMES[i] in ("alpha", "beta") else (None, None)
+              for i in np.flatnonzero(free)]
+    centred = tuple(v - c for v, c in zip(logs, shift))
+    result = minimize(_objective, (t @ start)[free], args=(*centred, logl, free), jac=True,
+                      method="L-BFGS-B", bounds=bounds)
+    return np.linalg.solve(t, _expand(result.x, free)), float(result.fun) * HUBER_DELTA**2
 
 
 def _starts(values, data, n_starts):
@@ -147,17 +217,19 @@ def _starts(values, data, n_starts):
     return grid[np.argsort(objective, kind="stable")[:n_starts]]
 
 
-def _best(starts, data, free):
+def _search(starts, data, free):
+    """The lowest end point of L-BFGS-B runs from each of `starts` ([S, 6]): ([6], its loss)."""
     best, best_loss = None, np.inf
     for start in starts:
         theta, loss = _minimise(start, data, free)
-        if np.isfinite(loss) and loss < best_loss:
+        if np.isfinite(loss) and np.all(np.isfinite(theta)) and loss < best_loss:
             best, best_loss = theta, loss
     return best, best_loss
 
 
 def fit_loss_law(n, d, loss, experts=None, *, exclude_highest: int = 0, n_boot: int = 100,
-                 seed: int = 0, grid: dict | None = None, n_starts: int | None = 200) -> LossLaw:
+                 seed: int = 0, grid: dict | None = None, n_starts: int | None = 200,
+                 boot_starts: int = 4) -> LossLaw:
     """Fit L(N, D[, experts]) to runs by Chinchilla's approach 3.
 
     Args:
@@ -168,16 +240,20 @@ def fit_loss_law(n, d, loss, experts=None, *, exclude_highest: int = 0, n_boot: 
         fitted too; without it gamma stays 0.
       exclude_highest: leave out this many runs with the highest loss before fitting (the
         replication's outlier rule drops 5 of Chinchilla's 245).
-      n_boot: bootstrap refits (runs resampled with replacement, each started from the full
-        fit) for `LossLaw.intervals` and bands; 0 for none.
+      n_boot: bootstrap refits (runs resampled with replacement) for `LossLaw.intervals` and
+        bands; 0 for none.
       seed: of the bootstrap resampling.
       grid: starting values per coefficient (`GRID` by default).
       n_starts: L-BFGS-B runs from the `n_starts` grid combinations of lowest objective and
         the lowest end point wins; None runs it from every combination (Besiroglu et al.'s
         procedure exactly: ~100x slower, the same optimum on the Chinchilla runs).
+      boot_starts: each bootstrap refit searches its resample as the full fit searches the
+        runs: L-BFGS-B from the `boot_starts` grid combinations of lowest objective on the
+        resample and from the full fit's optimum, the lowest end point winning.
 
     Returns:
-      The fitted LossLaw, with `n_points` used and `excluded`.
+      The fitted LossLaw, with `n_points` used, `excluded`, the ranges of N and D it saw and
+      its bootstrap refits.
 
     Raises:
       ValueError: fewer runs than free coefficients + 1, non-positive values, or a
@@ -208,17 +284,22 @@ def fit_loss_law(n, d, loss, experts=None, *, exclude_highest: int = 0, n_boot: 
     data = (*_logs(n, d, experts), np.log(loss))
     grid = {**GRID, **(grid or {})}
     values = [grid[k] if free[i] else (0.0,) for i, k in enumerate(NAMES)]
-    theta, objective = _best(_starts(values, data, n_starts), data, free)
-    rng = np.random.default_rng(seed)
-    boot = []
-    for _ in range(n_boot):
-        rows = rng.integers(0, len(n), len(n))
-        sample = tuple(v[rows] for v in data)
-        if all(len(np.unique(sample[i])) > 1 for i in range(3 if routed else 2)):
-            refit, value = _minimise(theta, sample, free)
-            if np.isfinite(value) and np.all(np.isfinite(refit)):
-                boot.append(refit)
+    with threadpool_limits(1):  # BLAS threads on problems this small cost 10-30x in contention
+        theta, objective = _search(_starts(values, data, n_starts), data, free)
+        rng = np.random.default_rng(seed)
+        boot = []
+        for _ in range(n_boot):
+            rows = rng.integers(0, len(n), len(n))
+            sample = tuple(v[rows] for v in data)
+            if all(len(np.unique(sample[i])) > 1 for i in range(3 if routed else 2)):
+                starts = np.vstack([theta, _starts(values, sample, boot_starts)])
+                refit, _ = _search(starts, sample, free)
+                if refit is not None:
+                    boot.append(refit)
+    scatter = float(np.sqrt(np.mean((_log_predict(theta, *data[:3]) - data[3]) ** 2)))
     return LossLaw.of(theta, n_points=len(n), excluded=exclude_highest, objective=objective,
+                      scatter=scatter, n_range=(float(n.min()), float(n.max())),
+                      d_range=(float(d.min()), float(d.max())),
                       boot=np.asarray(boot).reshape(-1, 6))
 
 

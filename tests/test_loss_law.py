@@ -1,12 +1,13 @@
 """The Chinchilla loss-law fitter (analysis.loss_law) on real and synthetic runs."""
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from analysis.loss_law import LossLaw, compute_optimal, fit_loss_law
+from analysis.loss_law import EXPONENT_BOUNDS, LossLaw, compute_optimal, fit_loss_law
 
 CHINCHILLA = Path(__file__).parent / "data" / "chinchilla_fig4_points.csv"
 # Besiroglu et al. 2024's refit of Chinchilla's approach 3 on these points (tests/data/README.md)
@@ -98,3 +99,53 @@ def test_runs_that_cannot_determine_the_law_are_refused(kwargs, message):
             "loss": [3.0, 2.8, 2.7, 2.8, 2.6, 2.5], **kwargs}
     with pytest.raises(ValueError, match=message):
         fit_loss_law(**args, n_boot=0)
+
+
+# A ladder-sized grid (sizes over 12x, token counts over 16x) and a coarse grid of starts: the
+# fitter's own code path at a cost a test can pay.
+LADDER_N, LADDER_D = (v.ravel() for v in np.meshgrid(np.geomspace(45e3, 573e3, 4),
+                                                     np.geomspace(256e3, 4.1e6, 4)))
+COARSE = {"a": (0.0, 5.0, 10.0), "b": (0.0, 5.0, 10.0), "e": (-1.0, 0.0, 1.0),
+          "alpha": (0.0, 0.5, 1.0), "beta": (0.0, 0.5, 1.0)}
+
+
+def test_bootstrap_intervals_hold_the_true_exponents():
+    """Over 20 noise seeds (0.5% noise), the 95% intervals of the bootstrap refits hold the
+    true alpha and beta at least 17 times each: every refit searches its resample as the full
+    fit does, rather than stopping next to the full fit's optimum."""
+    truth = LossLaw(E=1.0, A=60.0, B=400.0, alpha=0.3, beta=0.28)
+    held = {"alpha": 0, "beta": 0}
+    for seed in range(20):
+        noise = np.exp(0.005 * np.random.default_rng(seed).standard_normal(len(LADDER_N)))
+        law = fit_loss_law(LADDER_N, LADDER_D, truth(LADDER_N, LADDER_D) * noise, n_boot=20,
+                           seed=seed, grid=COARSE, n_starts=4, boot_starts=1)
+        for name in held:
+            low, high = law.intervals()[name]
+            held[name] += low <= getattr(truth, name) <= high
+    assert min(held.values()) >= 17, held
+
+
+@pytest.mark.parametrize("noise", [0.0, 0.005])
+def test_a_ladder_flat_in_tokens_leaves_beta_undetermined(noise):
+    """Losses that do not move with D: beta is reported (flat direction or at its bound), alpha
+    is not."""
+    loss = (1.0 + 60 / LADDER_N**0.3) * np.exp(
+        noise * np.random.default_rng(1).standard_normal(len(LADDER_N)))
+    law = fit_loss_law(LADDER_N, LADDER_D, loss, n_boot=10, grid=COARSE, n_starts=8)
+    undetermined = law.undetermined()
+    assert "beta" in undetermined and "alpha" not in undetermined
+    assert "token counts" in undetermined["beta"]
+
+
+def test_determined_and_undetermined_exponents():
+    """The fit of a well-spread noiseless ladder determines everything; an interval spanning more
+    than a factor 10, an exponent at its bound and E at zero are each reported."""
+    truth = LossLaw(E=1.0, A=60.0, B=400.0, alpha=0.3, beta=0.28)
+    law = fit_loss_law(LADDER_N, LADDER_D, truth(LADDER_N, LADDER_D), n_boot=5, grid=COARSE,
+                       n_starts=8)
+    assert law.undetermined() == {}
+    wide = law.boot.copy()
+    wide[:, 3] = np.linspace(0.05, 2.0, len(wide))
+    assert "spans more than a factor 10" in replace(law, boot=wide).undetermined()["alpha"]
+    assert "at a bound" in replace(law, beta=EXPONENT_BOUNDS[1]).undetermined()["beta"]
+    assert "no floor" in replace(law, E=1e-9).undetermined()["E"]
