@@ -3,11 +3,12 @@
 A ladder is a study whose runs vary the activated size N and the training tokens D (and, for
 MoE, the expert count E), each run with its own schedule length. `fit_ladder` fits
 L(N, D, E) (`analysis.loss_law`, Chinchilla's approach 3 with the routed extension when the
-ladder has several expert counts) to the runs' final validation losses; `propose` takes the
-compute-optimal N and D of each expert count for the budget and sizes a model of the base
-config's shape family (the ladder's largest rung unless `model=` says otherwise) to that N. `write_study` writes the proposals as model presets and a
-study that trains each at exactly the budget (`train.flops_budget`), so the next study is one
-command:
+ladder has several expert counts) to the runs' final validation losses; `propose` refuses a
+law whose exponents the runs do not determine, takes the compute-optimal N and D of each expert
+count for the budget and sizes a model of the base config's shape family (the ladder's largest
+rung unless `model=` says otherwise) to that N, refusing an optimum that family cannot reach.
+`write_study` writes the proposals as model presets and a study that trains each at exactly the
+budget (`train.flops_budget`), so the next study is one command:
 
     glam-plan --budget 3e14 --ladder docs/results/study_ladder/runs.csv +study=study_ladder
     glam-train -m --config-dir outputs/plan/budget_3e14 +study=budget_3e14
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,10 +28,13 @@ import yaml
 
 from analysis.loss_law import Allocation, LossLaw, compute_optimal, fit_loss_law
 from glam import accounting
-from glam.config import ModelConfig
+from glam.config import ConfigError, ModelConfig
 from glam.placement import dense_counterpart
 
 COLUMNS = ("activated_params", "train_tokens", "val_loss", "n_experts")
+MAX_LAYERS = 96  # the deepest shape `size_model` tries
+SIZING_SLACK = 2.0  # an optimum this far outside the sizes a family reaches is refused
+EXTRAPOLATION_WARN = 10.0  # a budget, N or D this far outside the ladder's runs is warned about
 
 
 def ladder_points(table: pd.DataFrame) -> pd.DataFrame:
@@ -62,30 +67,43 @@ def fit_ladder(table: pd.DataFrame, n_boot: int = 100) -> LossLaw:
                         points["experts"] if routed else None, n_boot=n_boot)
 
 
+def _shape(base: ModelConfig, layers: int, heads: int) -> ModelConfig:
+    """`base`'s dense shape at `layers` x `heads` heads of its head width (FFN ratio kept)."""
+    head = base.d_model // base.n_heads if base.d_head is None else base.d_head
+    return dataclasses.replace(
+        dense_counterpart(base), d_model=head * heads, n_layers=layers, n_heads=heads,
+        d_head=None if base.d_head is None else head, attn_width=None,
+        d_ff=max(1, round(base.d_ff / base.d_model * head * heads)))
+
+
+def _heads(base: ModelConfig, layers: int) -> tuple[int, int]:
+    """The fewest and most heads `size_model` tries at `layers` layers."""
+    head = base.d_model // base.n_heads if base.d_head is None else base.d_head
+    ratio = base.d_model / base.n_layers
+    low = max(1, round(ratio * layers / 4 / head))
+    return low, max(low, round(4 * ratio * layers / head))
+
+
 def size_model(base: ModelConfig, params: float, experts: int) -> ModelConfig:
     """A model of `base`'s family (head width, FFN ratio, MoE placement and routing) with about
     `params` activated parameters and `experts` experts (0: dense).
 
-    Depth L = 1..96 (multiples of `moe_every` for MoE) and width M (a multiple of the head
-    width, within 4x of the base's width per layer times L) are searched; the candidate closest
-    in log(activated parameters) wins, ties broken towards the base's width per layer
+    Depth L = 1..MAX_LAYERS (multiples of `moe_every` for MoE) and width M (a multiple of the
+    head width, within 4x of the base's width per layer times L) are searched; the candidate
+    closest in log(activated parameters) wins, ties broken towards the base's width per layer
     (score |log(P / params)| + 0.05 |log((M / L) / (M0 / L0))|). MoE expert widths are left to
-    `plan.placement` (matched: the dense FLOPs).
+    `plan.placement` (matched: the dense FLOPs). `size_range` gives the sizes it can reach.
     """
-    head = base.d_model // base.n_heads if base.d_head is None else base.d_head
-    ratio, ffn = base.d_model / base.n_layers, base.d_ff / base.d_model
+    ratio = base.d_model / base.n_layers
     step = base.moe_every if experts else 1
     best, best_score = None, math.inf
-    for layers in range(step, 97, step):
-        low, high = max(1, round(ratio * layers / 4 / head)), round(4 * ratio * layers / head)
-        for heads in range(low, max(low, high) + 1):
-            width = head * heads
-            shape = dataclasses.replace(
-                dense_counterpart(base), d_model=width, n_layers=layers, n_heads=heads,
-                d_head=None if base.d_head is None else head, attn_width=None,
-                d_ff=max(1, round(ffn * width)))
+    for layers in range(step, MAX_LAYERS + 1, step):
+        low, high = _heads(base, layers)
+        for heads in range(low, high + 1):
+            shape = _shape(base, layers, heads)
             size = accounting.count(shape).activated_params
-            score = abs(math.log(size / params)) + 0.05 * abs(math.log(width / layers / ratio))
+            score = (abs(math.log(size / params))
+                     + 0.05 * abs(math.log(shape.d_model / layers / ratio)))
             if score < best_score:
                 best, best_score = shape, score
             if size > 2 * params:  # wider only grows: nothing closer at this depth
@@ -93,6 +111,14 @@ def size_model(base: ModelConfig, params: float, experts: int) -> ModelConfig:
         if heads == low and size > 2 * params:  # deeper only grows too
             break
     return dataclasses.replace(best, n_experts=experts, expert_d_ff=None)
+
+
+def size_range(base: ModelConfig, experts: int) -> tuple[int, int]:
+    """The fewest and most activated parameters `size_model` reaches in `base`'s family."""
+    step = base.moe_every if experts else 1
+    deepest = MAX_LAYERS // step * step
+    return (accounting.count(_shape(base, step, _heads(base, step)[0])).activated_params,
+            accounting.count(_shape(base, deepest, _heads(base, deepest)[1])).activated_params)
 
 
 @dataclass(frozen=True)
@@ -108,6 +134,7 @@ class Proposal:
     tokens: float  # the tokens the budget buys it: C / (3 x forward FLOPs per token)
     loss: float  # the law's loss at (params, tokens)
     loss_band: tuple[float, float]  # 95% bootstrap band of that loss
+    beyond: dict[str, float]  # `extrapolation` of the budget, params and tokens
 
     def row(self) -> dict:
         a = self.allocation
@@ -115,7 +142,8 @@ class Proposal:
                 "optimal_tokens": a.tokens, "d_model": self.model.d_model,
                 "n_layers": self.model.n_layers, "d_ff": self.model.d_ff,
                 "params": self.params, "tokens": self.tokens, "expected_val_loss": self.loss,
-                "loss_low": self.loss_band[0], "loss_high": self.loss_band[1]}
+                "loss_low": self.loss_band[0], "loss_high": self.loss_band[1],
+                "beyond_ladder": max(self.beyond.values())}
 
 
 def flops_per_param_token(base: ModelConfig) -> float:
@@ -126,15 +154,61 @@ def flops_per_param_token(base: ModelConfig) -> float:
     return c.train_flops_per_token / c.activated_params
 
 
+def extrapolation(law: LossLaw, flops: float, k: float, params: float,
+                  tokens: float) -> dict[str, float]:
+    """How far outside the fitted runs a proposal lies: for the budget (against k N D of the
+    runs' smallest and largest N and D), its parameters and its tokens, the factor beyond the
+    runs' range (1: within it)."""
+    (n0, n1), (d0, d1) = law.n_range, law.d_range
+
+    def beyond(x, low, high):
+        return float(max(x / high, low / x, 1.0))
+
+    return {"budget": beyond(flops, k * n0 * d0, k * n1 * d1), "params": beyond(params, n0, n1),
+            "tokens": beyond(tokens, d0, d1)}
+
+
+def check_determined(law: LossLaw) -> None:
+    """Refuse a law whose alpha or beta the runs do not determine (`LossLaw.undetermined`):
+    its optimum would be a guess with a band that does not say so.
+
+    Raises:
+      ConfigError (`--ladder`): names each undetermined exponent, why, and the runs to add.
+    """
+    bad = {k: v for k, v in law.undetermined().items() if k in ("alpha", "beta")}
+    if bad:
+        raise ConfigError("--ladder: the runs do not determine the loss law, so no budget can "
+                          "be planned from them:\n  " + "\n  ".join(
+                              f"{k}: {v}" for k, v in bad.items()))
+
+
 def propose(law: LossLaw, flops: float, base: ModelConfig, experts: list[int],
             tag: str) -> list[Proposal]:
     """The compute-optimal configuration for `flops` training FLOPs at each expert count in
     `experts` (0: dense), sized from `base` (a resolved model config); the optimum is solved at
-    `base`'s FLOPs per parameter and token."""
+    `base`'s FLOPs per parameter and token.
+
+    Raises:
+      ConfigError: `--ladder` when `check_determined` refuses the law; `--budget` when an
+        optimum lies more than SIZING_SLACK outside the sizes of `base`'s family
+        (`size_range`), naming the budgets that family can serve.
+    """
+    check_determined(law)
     out = []
     k = flops_per_param_token(base)
     for e in sorted(set(experts)):
         allocation = compute_optimal(law, flops, experts=max(e, 1), flops_per_param_token=k)
+        low, high = size_range(base, e)
+        if not low / SIZING_SLACK <= allocation.params <= high * SIZING_SLACK:
+            # N_opt grows as C^(beta / (alpha + beta)): the budgets whose optimum it reaches
+            reach = [flops * (n / allocation.params) ** ((law.alpha + law.beta) / law.beta)
+                     for n in (low, high)]
+            raise ConfigError(
+                f"--budget {flops:.3g}: the law's optimum{f' at E = {e}' if e else ''} is "
+                f"{allocation.params:.3g} activated parameters, outside the {low:.3g}-"
+                f"{high:.3g} that the family of model={base.name} reaches (1-{MAX_LAYERS} "
+                f"layers); give a budget of {reach[0]:.2g}-{reach[1]:.2g} FLOPs, or size from "
+                "a model= of another family")
         model = size_model(base, allocation.params, e)
         counts = accounting.count(dense_counterpart(model))
         params, tokens = counts.activated_params, flops / counts.train_flops_per_token
@@ -143,8 +217,30 @@ def propose(law: LossLaw, flops: float, base: ModelConfig, experts: list[int],
         band = tuple(map(float, np.quantile(at, [0.025, 0.975]))) if at else (loss, loss)
         name = f"{tag}_{'dense' if e == 0 else f'e{e}'}"
         out.append(Proposal(name, e, allocation, dataclasses.replace(model, name=name),
-                            float(params), float(tokens), loss, band))
+                            float(params), float(tokens), loss, band,
+                            extrapolation(law, flops, k, params, tokens)))
     return out
+
+
+def check_out(out: Path) -> None:
+    """Refuse a folder `write_study` could not write into, before any fitting: a file, a path
+    through a file, or one under a folder this process may not write.
+
+    Raises:
+      ConfigError (`--out`): what is in the way, and the fix.
+    """
+    for path in (out, out / "model", out / "study"):
+        if path.exists() and not path.is_dir():
+            raise ConfigError(f"--out {out}: {path} is a file; give a folder (new or earlier "
+                              "written by glam-plan --budget)")
+    existing = next(p for p in (out, *out.parents) if p.exists())
+    if not existing.is_dir():
+        raise ConfigError(f"--out {out}: {existing} is a file, not a folder; give a folder path")
+    try:
+        tempfile.TemporaryFile(dir=existing).close()
+    except OSError as err:
+        raise ConfigError(f"--out {out}: cannot write in {existing} ({err.strerror}); give a "
+                          "folder this user may write") from None
 
 
 def write_study(proposals: list[Proposal], flops: float, base_overrides: dict, out: Path,

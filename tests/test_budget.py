@@ -1,6 +1,7 @@
 """`glam-plan --budget`: a training budget in FLOPs -> the compute-optimal dense and MoE configs
 of a fitted ladder, written as presets and a study (analysis.budget, train.flops_budget)."""
 
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -19,12 +20,25 @@ TRUTH = LossLaw(E=0.5, A=60.0, B=400.0, alpha=0.3, beta=0.28, gamma=0.05)
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _ladder() -> pd.DataFrame:
+def _ladder(flat_in_tokens: bool = False) -> pd.DataFrame:
+    """24 runs on TRUTH, or (`flat_in_tokens`) on losses that do not move with the tokens."""
     rows = [{"activated_params": n, "train_tokens": d, "n_experts": e, "status": "FINISHED",
-             "val_loss": float(TRUTH(n, d, max(e, 1)))}
+             "val_loss": float(TRUTH(n, 1e15 if flat_in_tokens else d, max(e, 1)))}
             for n in (3e4, 1e5, 3e5, 1e6) for d in (1e6, 3e6, 1e7) for e in (0, 8)]
     rows.append({**rows[0], "status": "FAILED", "val_loss": 99.0})  # left out
     return pd.DataFrame(rows)
+
+
+@pytest.fixture
+def quick_fit(monkeypatch):
+    """glam-plan --budget fitting with 10 bootstrap refits rather than 100."""
+    fit = budget.fit_ladder
+    monkeypatch.setattr(budget, "fit_ladder", lambda table: fit(table, n_boot=10))
+
+
+def _within(value: float, band: tuple[float, float]) -> bool:
+    """`value` in `band`, up to rounding: on a noiseless ladder the band is a point."""
+    return band[0] * (1 - 1e-9) <= value <= band[1] * (1 + 1e-9)
 
 
 def _steps_flops(cfg) -> float:
@@ -55,7 +69,7 @@ def test_the_proposals_are_the_analytic_optimum_sized_and_written_as_a_study(tmp
         exact = compute_optimal(TRUTH, flops, experts=max(p.experts, 1), flops_per_param_token=k)
         assert p.allocation.params == pytest.approx(exact.params, rel=0.02)
         assert p.allocation.loss == pytest.approx(exact.loss, rel=0.002)
-        assert p.allocation.loss_band[0] <= p.allocation.loss <= p.allocation.loss_band[1]
+        assert _within(p.allocation.loss, p.allocation.loss_band)
     # more experts at the same budget: lower expected loss (gamma > 0)
     assert proposals[1].allocation.loss < proposals[0].allocation.loss
 
@@ -80,7 +94,7 @@ def test_the_proposals_are_the_analytic_optimum_sized_and_written_as_a_study(tmp
         # what the law expects of the shape actually proposed (never below the optimum)
         assert p.loss == pytest.approx(float(law(p.params, p.tokens, max(p.experts, 1))))
         assert p.loss >= p.allocation.loss * (1 - 1e-9)
-        assert p.loss_band[0] <= p.loss <= p.loss_band[1]
+        assert _within(p.loss, p.loss_band)
         per_step = _steps_flops(cfg) / cfg.train.steps
         assert abs(_steps_flops(cfg) - flops) <= per_step / 2
 
@@ -90,13 +104,14 @@ def test_budget_names_never_round_two_budgets_together():
     assert budget.budget_tag(2.5e13) == "budget_2p5e13" != budget.budget_tag(3e13)
 
 
-def test_the_cli_writes_the_study_and_prints_its_command(tmp_path, capsys):
+def test_the_cli_writes_the_study_and_prints_its_command(tmp_path, capsys, quick_fit):
     table = tmp_path / "ladder.csv"
     _ladder().to_csv(table, index=False)
     plan_main(["--budget", "3e13", "--ladder", str(table), "--out", str(tmp_path / "next"),
                "model=ladder_s"])
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
     assert "fitted on 24 runs" in out and "budget_3e13_e8" in out
+    assert "N^0.300 [0.3, 0.3]" in out and "warning" not in err  # within the ladder
     assert f"glam-train -m --config-dir {tmp_path / 'next'} +study=budget_3e13" in out
     assert (tmp_path / "next" / "model" / "budget_3e13_dense.yaml").is_file()
 
@@ -140,3 +155,65 @@ def test_the_committed_cpu_ladder_gives_a_plan(tmp_path, capsys):
                     "+study=budget_3e12", f"model={preset}"], "cpu")
         per_step = _steps_flops(cfg) / cfg.train.steps
         assert abs(_steps_flops(cfg) - 3e12) <= per_step / 2
+
+
+def _plan(tmp_path, *args) -> int:
+    """glam-plan on `<tmp_path>/ladder.csv` (`_ladder()` unless already written): exit code."""
+    table = tmp_path / "ladder.csv"
+    if not table.exists():
+        _ladder().to_csv(table, index=False)
+    try:
+        plan_main(["--ladder", str(table), "model=ladder_s", *args])
+    except SystemExit as stop:
+        return stop.code
+    return 0
+
+
+def test_a_ladder_that_leaves_an_exponent_undetermined_is_refused(tmp_path, capsys, quick_fit):
+    """Losses flat in the tokens: no beta, so no optimum; refused, nothing written."""
+    _ladder(flat_in_tokens=True).to_csv(tmp_path / "ladder.csv", index=False)
+    code = _plan(tmp_path, "--budget", "3e13", "--out", str(tmp_path / "next"))
+    err = capsys.readouterr().err
+    assert code == 2 and "--ladder" in err and "beta" in err and "token counts" in err
+    assert "Traceback" not in err and not (tmp_path / "next").exists()
+
+
+@pytest.mark.parametrize("flops", ["1e30", "10"])
+def test_a_budget_the_model_family_cannot_reach_is_refused(flops, tmp_path, capsys, quick_fit):
+    """An optimum far beyond the sizes of the family (1..96 layers) or below its smallest
+    shape: refused with the budgets that family can serve, nothing written."""
+    code = _plan(tmp_path, "--budget", flops, "--out", str(tmp_path / "next"))
+    err = capsys.readouterr().err
+    assert code == 2 and f"--budget {float(flops):.3g}" in err
+    assert "give a budget of" in err and "model=" in err and not (tmp_path / "next").exists()
+
+
+def test_a_budget_far_beyond_the_ladder_is_warned_about(tmp_path, capsys, quick_fit):
+    """The ladder's runs reach ~7e13 FLOPs: 3e16 is planned, with the distance printed."""
+    code = _plan(tmp_path, "--budget", "3e16", "--out", str(tmp_path / "far"))
+    captured = capsys.readouterr()
+    assert code == 0 and "beyond_ladder" in captured.out
+    assert "warning: budget_3e16_dense extrapolates" in captured.err
+    assert re.search(r"budget [0-9.]+x", captured.err)
+    law = budget.fit_ladder(_ladder())
+    base = load(["model=ladder_s"], "cpu").model
+    near, far = (budget.propose(law, f, base, [0], "t")[0] for f in (3e13, 3e16))
+    assert max(near.beyond.values()) < budget.EXTRAPOLATION_WARN < far.beyond["budget"]
+
+
+@pytest.mark.parametrize("case", ["file", "under_a_file", "unwritable"])
+def test_out_is_checked_before_fitting(case, tmp_path, capsys, monkeypatch):
+    """An --out that cannot take the study is refused at once (exit 2), not after the fit."""
+    (tmp_path / "taken").write_text("")
+    out = {"file": tmp_path / "taken", "under_a_file": tmp_path / "taken" / "next",
+           "unwritable": Path("/proc/glam_plan_out")}[case]
+    if case == "unwritable" and not Path("/proc").is_dir():
+        pytest.skip("no /proc to stand for a folder nobody may write")
+
+    def no_fit(table):
+        raise AssertionError("fitted before checking --out")
+
+    monkeypatch.setattr(budget, "fit_ladder", no_fit)
+    code = _plan(tmp_path, "--budget", "3e13", "--out", str(out))
+    err = capsys.readouterr().err
+    assert code == 2 and f"--out {out}" in err and "Traceback" not in err

@@ -134,9 +134,14 @@ def probed(rows: list[PlanRow], cfgs: list[ResolvedConfig], points: list[list[st
 
 def budget(flops: float, ladder: str, overrides: list[str], out: str | None) -> Path:
     """`glam-plan --budget`: fit the ladder, propose, write the study (`analysis.budget`), print
-    the proposals and the command; returns the study file.
+    the law with its intervals, what it leaves undetermined, the proposals, how far they lie
+    outside the ladder (a warning beyond `EXTRAPOLATION_WARN`) and the command; returns the
+    study file.
 
     Raises:
+      ConfigError: `--out` cannot be written (checked before fitting); the ladder leaves an
+        exponent undetermined (`--ladder`); the optimum is beyond the family's sizes
+        (`--budget`).
       ValueError: the ladder cannot determine the loss law (named), or is not a run table.
       FileNotFoundError / ValueError: no such table or MLflow experiment.
     """
@@ -146,6 +151,9 @@ def budget(flops: float, ladder: str, overrides: list[str], out: str | None) -> 
     from analysis.runs import load_runs, read_table
     from glam.resolve import to_container
 
+    tag = proposals.budget_tag(flops)
+    folder = Path(out or f"outputs/plan/{tag}")
+    proposals.check_out(folder)
     path = Path(ladder)
     runs = (read_table(path) if path.suffix in (".csv", ".parquet") or path.exists()
             else load_runs(load_raw(overrides).logger.tracking_uri, ladder))
@@ -154,23 +162,44 @@ def budget(flops: float, ladder: str, overrides: list[str], out: str | None) -> 
         overrides = [f"model={rung}", *overrides]  # size from the ladder's own family
     cfg, raw = load(overrides, "cpu"), load_raw(overrides).model
     law = proposals.fit_ladder(runs)
+    print(f"fitted on {law.n_points} runs of {ladder}: {_law_text(law)}")
+    for name, reason in law.undetermined().items():
+        if name not in ("alpha", "beta"):  # those `propose` refuses
+            print(f"glam-plan: warning: {name}: {reason}", file=sys.stderr)
     experts = sorted({int(e) for e in proposals.ladder_points(runs)["experts"]} | {1})
-    tag = proposals.budget_tag(flops)
     chosen = proposals.propose(law, flops, cfg.model, [0 if e == 1 else e for e in experts], tag)
+    for p in chosen:
+        far = {k: v for k, v in p.beyond.items() if v > 1}
+        if max(p.beyond.values()) > proposals.EXTRAPOLATION_WARN:
+            print(f"glam-plan: warning: {p.name} extrapolates the law beyond the ladder's runs ("
+                  + ", ".join(f"{k} {v:.3g}x" for k, v in far.items()) + "); the further, the "
+                  "less its band can be trusted", file=sys.stderr)
     plain = to_container(cfg)
-    folder = Path(out or f"outputs/plan/{tag}")
     study = proposals.write_study(
         chosen, flops, {"data": plain["data"], "eval": plain["eval"],
                         "train": {"batch_size": cfg.train.batch_size}}, folder, tag, raw)
-    law_text = (f"L(N, D{', E' if law.gamma else ''}) = {law.E:.3f} + {law.A:.4g} / (N^"
-                f"{law.alpha:.3f}{f' Ê^{law.gamma:.3f}' if law.gamma else ''}) + "
-                f"{law.B:.4g} / D^{law.beta:.3f}")
-    print(f"fitted on {law.n_points} runs of {ladder}: {law_text}")
     with pd.option_context("display.width", 250, "display.max_columns", 30):
         print(proposals.table(chosen).to_string(index=False, float_format="{:.4g}".format))
+    print(f"beyond_ladder: how far outside the ladder's runs (budget, parameters or tokens) each "
+          f"proposal lies (1: within; warned beyond {proposals.EXTRAPOLATION_WARN:g}x); loss_low"
+          f"-loss_high: the 95% band of {len(law.boot)} bootstrap refits")
     print(f"wrote {len(chosen)} presets and the study {study}; train them with:\n"
           f"  glam-train -m --config-dir {folder} +study={tag}")
     return study
+
+
+def _law_text(law) -> str:
+    """The fitted law, each exponent with its 95% bootstrap interval."""
+    iv = law.intervals()
+
+    def exponent(name: str) -> str:
+        value = getattr(law, name)
+        return f"{value:.3f}" + (f" [{iv[name][0]:.3g}, {iv[name][1]:.3g}]" if iv else "")
+
+    experts = f" Ê^{exponent('gamma')}" if law.gamma else ""
+    return (f"L(N, D{', E' if law.gamma else ''}) = {law.E:.3f} + {law.A:.4g} / (N^"
+            f"{exponent('alpha')}{experts}) + {law.B:.4g} / D^{exponent('beta')} "
+            "(95% intervals in brackets)")
 
 
 def main(argv: list[str] | None = None) -> None:
