@@ -29,8 +29,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from glam.config import (Config, ConfigError, DataKind, Dispatch, ModelConfig, Placement, Section,
                          check, doc, freeze)
-from glam.data.prepare import planned_vocab_size
-from glam.data.world import ATTRIBUTES, WORLD_TASKS, world_vocab_size
+from glam.data.vocab import vocab_size
+from glam.data.world import ATTRIBUTES, WORLD_TASKS
 from glam import accounting
 from glam.placement import expert_width
 
@@ -227,7 +227,7 @@ def resolve(cfg: Config, backend: str | None = None) -> ResolvedConfig:
                 check(task.name not in WORLD_TASKS, f"eval.tasks[{i}].name",
                       f"{task.name!r} is a built-in task's name; rename it (or "
                       "eval.builtin=false).")
-        data_vocab = world_vocab_size(d)
+        data_vocab = vocab_size(d)
         model = _fill_shape(cfg.model, cfg.plan.placement, data_vocab, filled)
         check(data_vocab <= model.vocab_size, "model.vocab_size",
               f"{model.vocab_size} is smaller than the corpus vocabulary ({data_vocab} words); "
@@ -237,7 +237,7 @@ def resolve(cfg: Config, backend: str | None = None) -> ResolvedConfig:
             check(getattr(d, split) >= t.batch_size * window, f"data.{split}",
                   f"must hold at least one batch ({t.batch_size} x {window} tokens).")
     else:
-        data_vocab = planned_vocab_size(d)
+        data_vocab = vocab_size(d)
         model = _fill_shape(cfg.model, cfg.plan.placement, data_vocab, filled)
         check(model.vocab_size == data_vocab, "model.vocab_size",
               f"{model.vocab_size}, but the tokenizer has {data_vocab} pieces; set "

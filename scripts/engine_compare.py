@@ -1,5 +1,5 @@
 """Ray Data vs Dask for `glam-data prepare`'s tokenize stage, on the same work: the same
-per-file function (`glam.data.prepare.tokenize_file`) over 32 copies of the docstring corpus,
+per-file function (`glam.data.work.tokenize_file`) over 32 copies of the docstring corpus,
 with 1 and 2 local workers, engine start-up timed apart.
 
     pip install "ray[data]"            # not a glam dependency: glam runs on Dask
@@ -17,7 +17,9 @@ from pathlib import Path
 
 from glam.config import Malformed
 from glam.data.bench import COPIES, _corpus, _text_config
-from glam.data.prepare import Engine, prepare, tokenize_file
+from glam.data.engine import Engine
+from glam.data.prepare import prepare
+from glam.data.work import tokenize_file
 
 
 def jobs(paths: list[str], out: Path, model: str) -> list[tuple]:

@@ -9,7 +9,8 @@ import pytest
 
 from glam.config import ConfigError, DataConfig, QualityConfig, SourceConfig, TokenizerConfig
 from glam.data import quality
-from glam.data.prepare import _unit_hash, prepare
+from glam.data.prepare import prepare
+from glam.data.shards import unit_hash
 from glam.data.sources import DataError
 from glam.data.text import load_manifest
 from glam.resolve import load_raw
@@ -86,7 +87,7 @@ def test_the_classifier_recovers_planted_quality(tmp_path):
 def test_pareto_keeps_the_expected_fraction_and_the_same_documents_every_time():
     cfg = QualityConfig(selection="pareto", alpha=9.0)
     texts = [f"document {i}" for i in range(40_000)]
-    uniforms = np.asarray([_unit_hash(0, "pareto", t) for t in texts])
+    uniforms = np.asarray([unit_hash(0, "pareto", t) for t in texts])
     for score in (0.0, 0.5, 0.8, 1.0):
         kept = quality.keep(np.full(len(texts), score), uniforms, cfg)
         expected = float(quality.keep_probability(score, 9.0))  # (2 - s)^-9
@@ -94,7 +95,7 @@ def test_pareto_keeps_the_expected_fraction_and_the_same_documents_every_time():
             + 1e-9, score
     scores = np.linspace(0, 1, len(texts))
     a = quality.keep(scores, uniforms, cfg)
-    b = quality.keep(scores, np.asarray([_unit_hash(0, "pareto", t) for t in texts]), cfg)
+    b = quality.keep(scores, np.asarray([unit_hash(0, "pareto", t) for t in texts]), cfg)
     assert (a == b).all()  # a pure function of (seed, text, score)
     threshold = quality.keep(scores, uniforms, QualityConfig(selection="threshold", threshold=0.7))
     assert (threshold == (scores >= 0.7)).all()

@@ -115,3 +115,19 @@ def test_every_command_answers_help_without_importing_jax():
             (command, out.stdout[-1000:], out.stderr[-2000:])
     heavy = {c: out.stdout.strip().splitlines()[-1] for c, out in said.items()}
     assert all(line == "HEAVY []" for line in heavy.values()), heavy
+
+
+def test_resolving_does_not_import_the_preparation():
+    """The vocabulary a config implies comes from `glam.data.vocab`: `glam.resolve` does not
+    import `glam-data prepare`'s driver (nor the Dask engine it starts)."""
+    code = ("import sys, glam.resolve\n"
+            "print(sorted(m for m in sys.modules if m.startswith(('glam.data.prepare', "
+            "'glam.data.engine', 'dask'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_no_data_module_is_over_400_lines():
+    long = {p.name: n for p in (PACKAGE / "data").glob("*.py")
+            if (n := len(p.read_text().splitlines())) > 400}
+    assert not long, long

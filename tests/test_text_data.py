@@ -16,12 +16,14 @@ import pytest
 from flax import nnx
 
 from glam.config import ConfigError, DataConfig, Malformed, SourceConfig, TokenizerConfig
-from glam.data import prepare as prepare_module
-from glam.data.prepare import MANIFEST, plan, prepare, sample_documents, train_tokenizer
+from glam.data.manifest import MANIFEST
+from glam.data.prepare import prepare
 from glam.data.sources import DataError, ReadStats, documents, expand
 from glam.data.text import SOURCE_KEY, TextCorpus
 from glam.data.tokenizer import (EOS, MAX_SENTENCE_BYTES, SENTENCE_CHARS, SentencePieceTokenizer,
                                  training_sentences)
+from glam.data.trained import train_tokenizer
+from glam.data.work import plan, sample_documents
 from glam.model import GLaM
 from glam.resolve import load, load_raw, model_config
 
@@ -278,7 +280,7 @@ def _sample(monkeypatch, d: DataConfig) -> tuple[list[str], dict]:
     def train(sentences, **kw):
         seen.update(sentences=list(sentences), **kw)
 
-    monkeypatch.setattr(prepare_module.SentencePieceTokenizer, "train", train)
+    monkeypatch.setattr(SentencePieceTokenizer, "train", train)
     train_tokenizer(d, plan(d), _Serial())
     return seen.pop("sentences"), seen
 
@@ -730,7 +732,7 @@ def test_prepare_runs_on_a_cluster_given_its_address(tmp_path):
 
 
 def test_an_unreachable_cluster_is_refused_before_any_work(tmp_path, free_port, monkeypatch):
-    monkeypatch.setattr("glam.data.prepare.CONNECT_TIMEOUT", "2s")
+    monkeypatch.setattr("glam.data.engine.CONNECT_TIMEOUT", "2s")
     d = _config(tmp_path, _two_sources(tmp_path, n=20))
     d.engine.address = f"tcp://127.0.0.1:{free_port()}"
     with pytest.raises(ConfigError, match="data.engine.address: no Dask scheduler answers"):

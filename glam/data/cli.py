@@ -68,7 +68,8 @@ def run_tokens(overrides: list[str]) -> dict[str, list[int]]:
 def record_epochs(cfg: Config, manifest: dict, lengths: list[int]) -> None:
     """Write into the manifest, and log, the epochs of each source's training split that each
     run length of these points reads (`glam.data.text.source_epochs`)."""
-    from glam.data.prepare import MANIFEST, write_atomic
+    from glam.data.manifest import MANIFEST
+    from glam.data.shards import write_atomic
     from glam.data.text import source_epochs
 
     new = {str(n): source_epochs(manifest, cfg.data.sources, n) for n in lengths}

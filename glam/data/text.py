@@ -24,7 +24,8 @@ import numpy as np
 from grain.experimental import ConcatThenSplitIterDataset
 
 from glam.config import ConfigError, DataConfig
-from glam.data.prepare import MANIFEST, shard_settings
+from glam.data.manifest import MANIFEST
+from glam.data.shards import shard_settings
 from glam.data.tokenizer import SentencePieceTokenizer
 
 SOURCE_KEY = "source"  # the index of the source each window of a batch came from
