@@ -1,5 +1,6 @@
 """One training run: the loop, and the collaborators it hands work to.
 
+- `glam.data.corpus`: the run's data (batches, validation sets, tasks), world or text alike;
 - `glam.step`: the pure jitted train/eval steps over NNX state;
 - `glam.ledger.MetricLedger`: step metrics from unchecked to verified to durable (published
   only once a finished checkpoint covers them);
@@ -26,12 +27,10 @@ from tqdm.auto import tqdm
 
 from glam import accounting, compile_cache, distributed
 from glam.checkpoint import CheckpointError, Checkpointer
-from glam.config import ConfigError, DataKind, QualityRole, Resume
-from glam.data import World, WorldCorpus
-from glam.data.feed import TextFeed, WorldFeed
-from glam.data.text import TextCorpus
-from glam.data.world_text import KINDS as WORLD_SOURCES
-from glam.eval import Evaluator, Task, read_jsonl, world_tasks
+from glam.config import ConfigError, QualityRole, Resume
+from glam.data import corpus as corpora
+from glam.data.corpus import Corpus
+from glam.eval import Evaluator
 from glam.eval.knowledge import KnowledgeProbe, prompt_templates
 from glam.identity import checkpoint_identity
 from glam.interrupts import StopOnSignal
@@ -52,37 +51,6 @@ class SimulatedCrash(RuntimeError):
     """Raised by `faults.crash_at_step`, standing in for a killed job."""
 
 
-def corpus_world(cfg: ResolvedConfig, corpus: WorldCorpus | TextCorpus) -> World | None:
-    """The world the corpus is, or renders as text (`world_*` sources); None for other text."""
-    if isinstance(corpus, WorldCorpus):
-        return corpus.world
-    return World(cfg.data) if any(s.builtin in WORLD_SOURCES for s in cfg.data.sources) else None
-
-
-def build_tasks(cfg: ResolvedConfig, world: World | None) -> list[Task]:
-    """The world's own tasks (with `eval.builtin`, on the world or on text rendered from it:
-    `world_*` sources) and the user's JSONL tasks."""
-    e = cfg.eval
-    tasks = world_tasks(world, e.max_examples, e.seed) if e.builtin and world else []
-    for spec in e.tasks:
-        examples = read_jsonl(spec.path, spec.kind)[: e.max_examples]
-        train = read_jsonl(spec.train_path, spec.kind) if spec.train_path else []
-        tasks.append(Task(spec.name, spec.kind, examples, train))
-    return tasks
-
-
-def validation_sets(corpus: WorldCorpus | TextCorpus, cfg: ResolvedConfig) -> dict:
-    """{set name: batches of (tokens [B, T+1], segment ids or None)}: the world's one stream
-    (name ""), or each text source's held-out windows (named by source)."""
-    n, b = cfg.train.eval_batches, cfg.train.batch_size
-    if isinstance(corpus, WorldCorpus):
-        return {"": ((x, None) for x in corpus.val_batches(n, b, cfg.model.seq_len + 1))}
-    seg = cfg.data.segment_ids
-    return {name: ((x["tokens"], x["tokens_segment_ids"] if seg else None)
-                   for x in corpus.val_batches(name, n, b))
-            for name in corpus.source_names}
-
-
 def _weighted(losses: dict[str, float], sources) -> float:
     """Mean of `losses` over `sources` (those with a loss) weighted by their mixture weights;
     the plain mean when every weight is 0."""
@@ -92,7 +60,7 @@ def _weighted(losses: dict[str, float], sources) -> float:
             else float(np.mean([losses[k] for k in weights])))
 
 
-def validation(eval_step, model_state, corpus: WorldCorpus | TextCorpus,
+def validation(eval_step, model_state, corpus: Corpus,
                cfg: ResolvedConfig) -> tuple[dict[str, float], dict[str, list[float]]]:
     """Validation loss (nats/token) and perplexity, and each MoE layer's mean expert load
     ([E] fractions of assignments) over `train.eval_batches` validation batches (per source for
@@ -101,7 +69,7 @@ def validation(eval_step, model_state, corpus: WorldCorpus | TextCorpus,
     over the other sources: held-out text that is the same whether or not the web was
     filtered)."""
     losses, loads, batches = {}, {}, 0
-    for name, sets in validation_sets(corpus, cfg).items():
+    for name, sets in corpus.validation_sets().items():
         nll, n = 0.0, 0.0
         for tokens, segments in sets:
             batch_nll, batch_n, batch_loads = distributed.fetch(
@@ -187,16 +155,14 @@ class Trainer:
             raise ConfigError(f"train.resume: 'never', but {self.ckpt.directory} holds checkpoints "
                               f"(newest: step {latest}); use train.resume=auto to continue them "
                               "or a new hydra.run.dir.")
-        window = m.seq_len + 1
-        self.corpus = (TextCorpus(cfg.data, window, t.batch_size, m.vocab_size)
-                       if cfg.data.kind == DataKind.text else WorldCorpus(cfg.data))
+        self.corpus: Corpus = corpora.build(cfg)
         self.identity = checkpoint_identity(cfg, self.corpus.fingerprint)
         self.set_aside: list[str] = []  # damaged checkpoints moved away, reported on the run
         self.reported_set_aside = 0
         # Read (and check) the newest readable record before building or compiling anything.
         self.record = self._newest_record() if latest is not None else None
-        world = corpus_world(cfg, self.corpus)
-        tasks = build_tasks(cfg, world)
+        tasks = self.corpus.tasks()
+        world = self.corpus.world
         if world and cfg.eval.knowledge_facts:
             prompt_templates(world)  # a world the probe cannot ask: refused before compiling
         compile_cache.use(t.compilation_cache_dir)  # before the first program is compiled
@@ -205,10 +171,7 @@ class Trainer:
         self.graphdef, model_graphdef, self.state, state_sharding = init_state(
             m, make_optimizer(cfg.optimizer, self.schedule), t.seed, self.mesh, self.rules)
         self.batch_sharding = data_sharding(self.mesh, self.rules)
-        self.feed = (TextFeed(self.corpus, t.batch_size, t.seed, self.batch_sharding,
-                              cfg.data.segment_ids) if isinstance(self.corpus, TextCorpus)
-                     else WorldFeed(self.corpus, t.batch_size, window, t.seed,
-                                    self.batch_sharding))
+        self.feed = self.corpus.feed(self.batch_sharding)
         self.train_step = make_train_step(self.graphdef, m, self.schedule, state_sharding,
                                           self.batch_sharding)
         self.eval_step = make_eval_step(model_graphdef)
@@ -286,9 +249,8 @@ class Trainer:
     def _restore(self, step: int, with_data: bool) -> None:
         record = self.ckpt.read_record(step, self.identity)
         self.state = self.ckpt.restore_state(step, self.state)
-        if with_data and isinstance(self.feed, TextFeed):
-            self.ckpt.restore_data(step, self.feed.iterator)
-            self.feed.tokens = np.asarray(record["tokens_drawn"], np.int64)
+        if with_data:
+            self.feed.resume(self.ckpt, step, record["tokens_drawn"])
         self.step, self.data_order = record["step"], record["data_order"]
         self.rollbacks, self.skipped = record["rollbacks"], record["skipped_steps"]
         self.monitor = HealthMonitor.restore(self.cfg.stability, record["monitor"])
@@ -355,10 +317,8 @@ class Trainer:
           TrainingDiverged: rollbacks did not get past a failure.
           SimulatedCrash: `faults.crash_at_step` was reached.
         """
-        m, c, t = self.cfg.model, self.counts, self.cfg.train
-        facts = {"vocab_size": self.corpus.tokenizer.vocab_size,
-                 # tokens read: each window of seq_len inputs reads its last target too
-                 **self.corpus.facts(t.steps * t.batch_size * (m.seq_len + 1))}
+        m, c = self.cfg.model, self.counts
+        facts = self.corpus.facts()
         resumed_id = self.record["mlflow_run_id"] if self.record else None
         try:
             with self.stop, RunLogger(self.cfg, c, facts, self.corpus.fingerprint, self.output_dir,
@@ -370,8 +330,7 @@ class Trainer:
                     log.info("MLflow run %s (%s): %s params, %s activated, %.3g forward "
                              "FLOPs/token", logger.run_id, m.family, f"{c.total_params:,}",
                              f"{c.activated_params:,}", c.forward_flops_per_token)
-                    if isinstance(self.corpus, TextCorpus):
-                        logger.attach(self.corpus.artifacts())
+                    logger.attach(self.corpus.artifacts())
                     if self.ckpt:
                         self._save(logger.run_id, [])  # step 0: a rollback target always exists
                 try:

@@ -131,3 +131,9 @@ def test_no_data_module_is_over_400_lines():
     long = {p.name: n for p in (PACKAGE / "data").glob("*.py")
             if (n := len(p.read_text().splitlines())) > 400}
     assert not long, long
+
+
+def test_the_trainer_never_asks_which_corpus():
+    """World and text serve the trainer through one interface (`glam.data.corpus.Corpus`)."""
+    source = (PACKAGE / "trainer.py").read_text()
+    assert "isinstance" not in source and "data.kind" not in source

@@ -10,6 +10,7 @@ from typing import Optional
 import jax
 import numpy as np
 
+from glam.checkpoint import Checkpointer
 from glam.data.text import SOURCE_KEY, TextCorpus
 from glam.data.world import WorldCorpus
 
@@ -34,6 +35,9 @@ class WorldFeed:
 
     def iterator_state(self) -> None:
         return None
+
+    def resume(self, ckpt: Checkpointer, step: int, tokens_drawn: list[int]) -> None:
+        """Nothing to restore: the batches are a function of the step."""
 
     def drawn(self) -> dict[str, float]:
         return {}
@@ -76,6 +80,16 @@ class TextFeed:
     def iterator_state(self) -> dict:
         """The grain iterator's state (JSON), saved with each checkpoint."""
         return self.iterator.get_state()
+
+    def resume(self, ckpt: Checkpointer, step: int, tokens_drawn: list[int]) -> None:
+        """Set the iterator to its state at checkpoint `step`, and the per-source counts to
+        `tokens_drawn` (that checkpoint's record).
+
+        Raises:
+          glam.checkpoint.CheckpointError: the checkpoint holds no data state for this process.
+        """
+        ckpt.restore_data(step, self.iterator)
+        self.tokens = np.asarray(tokens_drawn, np.int64)
 
     def drawn(self) -> dict[str, float]:
         """Training tokens (targets) drawn per source so far (`data/tokens/<source>`; with
