@@ -2,9 +2,12 @@
 
 - `glam.data.corpus`: the run's data (batches, validation sets, tasks), world or text alike;
 - `glam.step`: the pure jitted train/eval steps over NNX state;
+- `glam.hooks`: what happens between steps (health check, live points, progress, evaluation,
+  checkpoint), each at its own interval;
 - `glam.ledger.MetricLedger`: step metrics from unchecked to verified to durable (published
   only once a finished checkpoint covers them);
-- `glam.stability.HealthMonitor`: skips and spikes -> rollback to the last checkpoint;
+- `glam.recovery.Recovery`: damaged checkpoints set aside, rollbacks to the last checkpoint
+  (`glam.stability.HealthMonitor` decides when);
 - `glam.checkpoint.Checkpointer`: orbax state + a JSON record (step, data order, monitor,
   unpublished metrics, run identity from `glam.identity`);
 - `glam.run_logger.RunLogger`: the MLflow run (params, tags, points, artifacts).
@@ -16,35 +19,33 @@ from __future__ import annotations
 
 import logging
 import math
-import sys
 import time
 from pathlib import Path
 
 import jax
 import numpy as np
 from flax import nnx
-from tqdm.auto import tqdm
 
 from glam import accounting, compile_cache, distributed
-from glam.checkpoint import CheckpointError, Checkpointer
-from glam.config import ConfigError, QualityRole, Resume
+from glam.checkpoint import Checkpointer
+from glam.config import Config, QualityRole
 from glam.data import corpus as corpora
 from glam.data.corpus import Corpus
-from glam.eval import Evaluator
+from glam.eval import Evaluator, Task
 from glam.eval.knowledge import KnowledgeProbe, prompt_templates
+from glam.hooks import default_hooks, salvage
 from glam.identity import checkpoint_identity
 from glam.interrupts import StopOnSignal
 from glam.ledger import MetricLedger
 from glam.mesh import activate, check_divisibility, data_sharding, make_mesh, rules_for
 from glam.optim import lr_schedule, make_optimizer
-from glam.resolve import ResolvedConfig
+from glam.recovery import Recovery, newest_step
+from glam.resolve import ResolvedConfig, resolve
 from glam.run_logger import RunLogger
-from glam.tracking import TrackingError
-from glam.stability import HealthMonitor, TrainingDiverged, fault_scale
+from glam.stability import HealthMonitor, fault_scale
 from glam.step import init_state, make_eval_step, make_train_step
 
 log = logging.getLogger("glam.train")
-PROGRESS_EVERY_S = 30.0  # a progress line this often when the progress bar is off
 
 
 class SimulatedCrash(RuntimeError):
@@ -128,9 +129,44 @@ class Throughput:
                 "tokens_per_second": self.tokens_per_second}
 
 
+def evaluators(cfg: ResolvedConfig, corpus: Corpus, model_graphdef, tasks: list[Task],
+               counts: accounting.Counts) -> tuple[Evaluator, KnowledgeProbe | None]:
+    """The few-shot evaluator of `tasks`, and the knowledge probe (`eval.knowledge_facts`, on
+    a world only; None otherwise)."""
+    e, m, world = cfg.eval, cfg.model, corpus.world
+    evaluator = Evaluator(model_graphdef, corpus.tokenizer, tasks, seq_len=m.seq_len,
+                          batch_size=e.batch_size, shots=list(e.shots),
+                          max_answer_tokens=e.max_answer_tokens,
+                          length_normalize=e.length_normalize, seed=e.seed)
+    knowledge = (KnowledgeProbe(
+        evaluator.score, world, corpus.tokenizer, seq_len=m.seq_len, batch_size=e.batch_size,
+        total_params=counts.total_params, activated_params=counts.activated_params,
+        max_facts=e.knowledge_facts, seed=e.seed) if world and e.knowledge_facts else None)
+    return evaluator, knowledge
+
+
+def export_model(logger: RunLogger, cfg: ResolvedConfig, model: nnx.Module, tokenizer) -> None:
+    """Export the trained model (`RunLogger.export_model`); a failed write is only warned
+    about: the training is done and in MLflow."""
+    params = distributed.fetch(nnx.to_pure_dict(nnx.state(model, nnx.Param)))  # every process
+    try:
+        logger.export_model(params, cfg, tokenizer)
+    except OSError as err:
+        log.warning("the model was not exported: %s", err)
+
+
+def summary(final: dict) -> str:
+    """The final line's figures: validation loss, speed, each task group's average score."""
+    groups = {k: v for k, v in final.items() if k.startswith("eval/") and "_avg/" in k}
+    return ", ".join([f"val_loss {final['val_loss']:.4f}",
+                      f"{final['tokens_per_second']:.0f} tokens/s",
+                      *(f"{k[5:]} {v:.1f}" for k, v in groups.items())])
+
+
 class Trainer:
     """Builds everything a run needs (refusing bad settings before compiling anything), then
-    trains, evaluates and logs it with `run()`.
+    trains, evaluates and logs it with `run()`. Its parts, `step()`, `evaluate()` and `save()`,
+    serve callers that time them (`glam.study.probe`).
 
     Raises (on construction):
       ConfigError: an impossible mesh, `train.resume=never` over checkpoints, or a checkpoint
@@ -150,21 +186,15 @@ class Trainer:
         self.tokens_per_step = t.batch_size * m.seq_len
         self.ckpt = (Checkpointer(output_dir / "checkpoints", cfg.checkpoint)
                      if cfg.checkpoint.every else None)
-        latest = self.ckpt.latest_step() if self.ckpt else None
-        if latest is not None and t.resume == Resume.never:
-            raise ConfigError(f"train.resume: 'never', but {self.ckpt.directory} holds checkpoints "
-                              f"(newest: step {latest}); use train.resume=auto to continue them "
-                              "or a new hydra.run.dir.")
+        latest = newest_step(self.ckpt, t.resume)
         self.corpus: Corpus = corpora.build(cfg)
         self.identity = checkpoint_identity(cfg, self.corpus.fingerprint)
-        self.set_aside: list[str] = []  # damaged checkpoints moved away, reported on the run
-        self.reported_set_aside = 0
+        self.recovery = Recovery(self.ckpt, self.identity)
         # Read (and check) the newest readable record before building or compiling anything.
-        self.record = self._newest_record() if latest is not None else None
+        self.record = self.recovery.newest_record() if latest is not None else None
         tasks = self.corpus.tasks()
-        world = self.corpus.world
-        if world and cfg.eval.knowledge_facts:
-            prompt_templates(world)  # a world the probe cannot ask: refused before compiling
+        if self.corpus.world and cfg.eval.knowledge_facts:
+            prompt_templates(self.corpus.world)  # one the probe cannot ask: refused right away
         compile_cache.use(t.compilation_cache_dir)  # before the first program is compiled
         self.cache_counts = compile_cache.counts()
         self.schedule = lr_schedule(cfg.schedule, t.steps)
@@ -175,138 +205,20 @@ class Trainer:
         self.train_step = make_train_step(self.graphdef, m, self.schedule, state_sharding,
                                           self.batch_sharding)
         self.eval_step = make_eval_step(model_graphdef)
-        e = cfg.eval
-        self.evaluator = Evaluator(model_graphdef, self.corpus.tokenizer, tasks, seq_len=m.seq_len,
-                                   batch_size=e.batch_size, shots=list(e.shots),
-                                   max_answer_tokens=e.max_answer_tokens,
-                                   length_normalize=e.length_normalize, seed=e.seed)
-        self.knowledge = (KnowledgeProbe(
-            self.evaluator.score, world, self.corpus.tokenizer, seq_len=m.seq_len,
-            batch_size=e.batch_size, total_params=self.counts.total_params,
-            activated_params=self.counts.activated_params, max_facts=e.knowledge_facts,
-            seed=e.seed) if world and e.knowledge_facts else None)
-        self.predictions: list[dict] = []  # of the latest evaluation
-        self.expert_load: dict = {}
+        self.evaluator, self.knowledge = evaluators(cfg, self.corpus, model_graphdef, tasks,
+                                                    self.counts)
+        self.predictions, self.expert_load = [], {}  # of the latest evaluation
         self.base_key = jax.random.key(t.seed + 1)
-        self.step, self.data_order, self.rollbacks, self.skipped = 0, 0, [], 0
+        self.global_step, self.data_order, self.rollbacks, self.skipped = 0, 0, [], 0
         self.monitor = HealthMonitor(cfg.stability)
         self.ledger = MetricLedger()
         self.stop = StopOnSignal()
         self.single_process = jax.process_count() == 1
-        if self.record is not None:
-            self._restore_newest(with_data=True)
+        if self.record is not None and not self.recovery.restore_newest(
+                lambda step: self.restore(step, with_data=True)):
+            self.record = None  # every checkpoint set aside: from step 0
         self.setup_seconds = time.perf_counter() - started  # before the MLflow run starts
 
-    # -- checkpoints ---------------------------------------------------------------------------
-    def _set_aside(self, step: int, err: Exception) -> None:
-        where = self.ckpt.set_aside(step)
-        note = f"checkpoint {step} unreadable ({str(err).splitlines()[0][:300]}); moved to {where}"
-        self.set_aside.append(note)
-        log.warning("%s; resuming from the previous checkpoint", note)
-
-    def _report_set_aside(self, logger: RunLogger) -> None:
-        """Tag the run with every checkpoint set aside that it does not show yet."""
-        for i in range(self.reported_set_aside, len(self.set_aside)):
-            logger.set_tag(f"checkpoint_set_aside_{i + 1}", self.set_aside[i])
-        self.reported_set_aside = len(self.set_aside)
-
-    def _newest_record(self) -> dict | None:
-        """The record of the newest checkpoint, or of the one before when the newest is
-        unreadable (set aside: GLaM's practice is to restart from the last healthy checkpoint).
-
-        Raises:
-          CheckpointError: two checkpoints in a row are unreadable; that is no longer a damaged
-            file but a fault to look at (only the newest was set aside).
-        """
-        return self._with_one_set_aside(lambda step: self.ckpt.read_record(step, self.identity))
-
-    def _restore_newest(self, with_data: bool = False) -> None:
-        """Restore the newest checkpoint, or the one before when the newest does not restore
-        (set aside); with none left the run starts from step 0 (its initial state).
-        `with_data`: the data position too (on resuming; a rollback restores the model and
-        lets the data go on).
-
-        Raises:
-          CheckpointError: two checkpoints in a row do not restore.
-        """
-        if self._with_one_set_aside(lambda step: self._restore(step, with_data)) is None:
-            self.record = None
-
-    def _with_one_set_aside(self, use):
-        damaged = None
-        while (step := self.ckpt.latest_step()) is not None:
-            try:
-                return use(step) or True
-            except CheckpointError as err:
-                if damaged is not None:
-                    raise CheckpointError(f"{err}; the checkpoint after it was unreadable too "
-                                          f"(set aside: {damaged}). Look at the storage before "
-                                          "resuming.") from err
-                self._set_aside(step, err)
-                damaged = step
-        return None
-
-    def _restore(self, step: int, with_data: bool) -> None:
-        record = self.ckpt.read_record(step, self.identity)
-        self.state = self.ckpt.restore_state(step, self.state)
-        if with_data:
-            self.feed.resume(self.ckpt, step, record["tokens_drawn"])
-        self.step, self.data_order = record["step"], record["data_order"]
-        self.rollbacks, self.skipped = record["rollbacks"], record["skipped_steps"]
-        self.monitor = HealthMonitor.restore(self.cfg.stability, record["monitor"])
-        # Points this checkpoint covers that may not have reached MLflow yet (the Tracker skips
-        # any that did).
-        self.ledger.restart_from([(s, metrics) for s, metrics in record["unpublished_metrics"]])
-        self.record = record
-
-    def _save(self, run_id: str, unpublished: list) -> None:
-        record = {"step": self.step, "data_order": self.data_order, "rollbacks": self.rollbacks,
-                  "skipped_steps": self.skipped, "monitor": self.monitor.snapshot(),
-                  "unpublished_metrics": unpublished, "mlflow_run_id": run_id,
-                  "tokens_drawn": self.feed.tokens.tolist(),
-                  **self.identity}
-        self.ckpt.save(self.step, self.state, record, self.feed.iterator_state())
-
-    # -- health --------------------------------------------------------------------------------
-    def _check(self) -> str | None:
-        """Fetch pending step metrics; verify healthy ones; return a rollback reason."""
-        for step, metrics in distributed.fetch(self.ledger.take_unchecked()):
-            reason = self.monitor.observe(step, float(metrics["lm_loss"]), bool(metrics["skipped"]))
-            if reason:
-                return reason
-            self.skipped += int(metrics["skipped"])
-            finite = {k: float(v) for k, v in metrics.items() if np.isfinite(v)}
-            finite["skipped_steps"] = self.skipped
-            finite["train_flops"] = step * self.tokens_per_step * self.counts.train_flops_per_token
-            self.ledger.verify(step, finite)
-        return None
-
-    def _rollback(self, reason: str, logger: RunLogger) -> None:
-        max_rollbacks = self.cfg.stability.max_rollbacks
-        at = self.step
-        if self.ckpt is None or self.ckpt.latest_step() is None:
-            raise TrainingDiverged(f"{reason}; no checkpoint to roll back to "
-                                   "(checkpoint.every=0).")
-        if len(self.rollbacks) >= max_rollbacks:
-            raise TrainingDiverged(
-                f"gave up after {len(self.rollbacks)} rollbacks (stability.max_rollbacks="
-                f"{max_rollbacks}); last: {reason}. Lower the learning rate, check the data, "
-                "or raise stability.max_rollbacks.")
-        rollbacks = self.rollbacks + [{"at_step": at, "reason": reason}]
-        data_order = self.data_order + 1  # new batches from here on: often enough to pass
-        self.ckpt.wait()  # the newest checkpoint may still be being written
-        self._restore_newest()
-        self._report_set_aside(logger)
-        if self.record is None:
-            raise TrainingDiverged(f"{reason}; every checkpoint to roll back to was unreadable "
-                                   f"(set aside: {'; '.join(self.set_aside)}).")
-        target = self.step
-        self.rollbacks, self.data_order = rollbacks, data_order
-        logger.set_tag(f"rollback_{len(rollbacks)}", f"at step {at} to step {target}: {reason}")
-        log.warning("rollback %d: %s; back to step %d, data order %d", len(rollbacks), reason,
-                    target, self.data_order)
-
-    # -- the loop ------------------------------------------------------------------------------
     def run(self) -> dict:
         """Train to `train.steps` (from the newest checkpoint, if any), evaluate, log; returns
         the final metrics and the MLflow run id. On an error the MLflow run ends FAILED (KILLED
@@ -318,25 +230,25 @@ class Trainer:
           SimulatedCrash: `faults.crash_at_step` was reached.
         """
         m, c = self.cfg.model, self.counts
-        facts = self.corpus.facts()
         resumed_id = self.record["mlflow_run_id"] if self.record else None
         try:
-            with self.stop, RunLogger(self.cfg, c, facts, self.corpus.fingerprint, self.output_dir,
-                           self.extra_tags, run_id=resumed_id) as logger:
-                self._report_set_aside(logger)
+            with self.stop, RunLogger(self.cfg, c, self.corpus.facts(), self.corpus.fingerprint,
+                                      self.output_dir, self.extra_tags,
+                                      run_id=resumed_id) as logger:
+                self.recovery.report(logger)
                 if resumed_id:
-                    log.info("resuming MLflow run %s from step %d", resumed_id, self.step)
+                    log.info("resuming MLflow run %s from step %d", resumed_id, self.global_step)
                 else:
                     log.info("MLflow run %s (%s): %s params, %s activated, %.3g forward "
                              "FLOPs/token", logger.run_id, m.family, f"{c.total_params:,}",
                              f"{c.activated_params:,}", c.forward_flops_per_token)
                     logger.attach(self.corpus.artifacts())
                     if self.ckpt:
-                        self._save(logger.run_id, [])  # step 0: a rollback target always exists
+                        self.save(logger.run_id, [])  # step 0: a rollback target always exists
                 try:
                     timing = self._loop(logger)
                 except BaseException:
-                    self._salvage(logger)
+                    salvage(self, logger)
                     raise
                 final = self._finish(logger, timing)
         finally:
@@ -344,89 +256,37 @@ class Trainer:
                 # Also on an error: a save in flight completes (on every process, which a
                 # multi-host save needs) rather than dying with the interpreter.
                 self.ckpt.close()
-        groups = {k: v for k, v in final.items() if k.startswith("eval/") and "_avg/" in k}
-        log.info("done: %s", ", ".join([f"val_loss {final['val_loss']:.4f}",
-                                         f"{final['tokens_per_second']:.0f} tokens/s",
-                                         *(f"{k[5:]} {v:.1f}" for k, v in groups.items())]))
+        log.info("done: %s", summary(final))
         return final
 
     def _loop(self, logger: RunLogger) -> dict:
-        cfg, t, every = self.cfg, self.cfg.train, self.cfg.checkpoint.every
-        bar = tqdm(total=t.steps, initial=self.step, unit="step", dynamic_ncols=True,
-                   disable=not (t.progress and distributed.is_primary()),
-                   mininterval=0.5 if sys.stderr.isatty() else 30)
-        timer = Throughput(self.tokens_per_step)
-        lines = bar.disable and distributed.is_primary()
-        last_line = time.monotonic()
-        while self.step < t.steps:
+        """Steps to `train.steps`, each followed by the hooks due (`glam.hooks`, in order);
+        then every checked point published. Returns the timing (`Throughput.as_dict`)."""
+        self.hooks = default_hooks(self)
+        self.timer = Throughput(self.tokens_per_step)
+        while self.global_step < self.cfg.train.steps:
             if self.single_process:
                 self.stop.check()
-            metrics = self._train_step()
-            timer.first_step(metrics)
-            bar.update(1)
-            last = self.step == t.steps
-            checkpoint_due = bool(every) and (self.step % every == 0 or last)
-            # (the final evaluation comes after the loop)
-            eval_due = bool(cfg.eval.every) and self.step % cfg.eval.every == 0 and not last
-            if self.step % t.log_every == 0 or last or checkpoint_due or eval_due:
-                # Several processes stop together, at the same step, or one would wait forever
-                # in the next step's collectives: the signal is shared at each health check.
-                self.stop.check(shared=distributed.any_process)
-                n_new = len(self.ledger.unchecked)
-                reason = self._check()
-                tokens_per_second = timer.checked(n_new)
-                if reason:
-                    self._rollback(reason, logger)
-                    bar.reset(total=t.steps)
-                    bar.update(self.step)
-                    continue
-                newest_step, newest = self.ledger.verified[-1]
-                newest["tokens_per_second"] = tokens_per_second
-                try:
-                    logger.publish([(newest_step, live_points(newest))])
-                except TrackingError:
-                    pass  # raised again where the checked points are published
-                if lines and (last or time.monotonic() - last_line >= PROGRESS_EVERY_S):
-                    log.info("step %d/%d (%.0f%%): loss %.4f, %s tokens/s", self.step, t.steps,
-                             100 * self.step / t.steps, newest.get("lm_loss", math.nan),
-                             f"{tokens_per_second:,.0f}")
-                    last_line = time.monotonic()
-                if eval_due:  # after the health check: a rollback also discards these results
-                    self.ledger.verify(self.step, self._evaluate())
-                bar.set_postfix(loss=f"{newest.get('lm_loss', math.nan):.3f}",
-                                tok_s=f"{tokens_per_second:,.0f}")
-            if checkpoint_due:
-                self.ckpt.wait()  # the previous checkpoint is complete: its points can go out
-                self._save(logger.run_id,
-                           self.ledger.checkpoint(logger.publish, logger.confirmed))
-            elif not every and len(self.ledger.verified) >= cfg.logger.flush_every:
-                self.ledger.publish_verified(logger.publish)
-            if eval_due or checkpoint_due:
-                timer.restart()
-        bar.close()
+            self.timer.first_step(self.step())
+            for hook in self.hooks:  # a rollback (False) ends the step's actions
+                if hook.due(self) and hook(self, logger) is False:
+                    break
+        for hook in self.hooks:
+            hook.close()
         if self.ckpt:
             self.ckpt.wait()
         self.ledger.publish_all(logger.publish)
         self.stop.check(shared=distributed.any_process)  # before the final evaluation
-        return timer.as_dict()
+        return self.timer.as_dict()
 
-    def _salvage(self, logger: RunLogger) -> None:
-        """On any failure, before the run is marked FAILED or KILLED: publish every healthy
-        point held back, the unchecked ones up to (not including) the first unhealthy step.
-        (A resumed run recomputes the same values for those steps, and the tracker writes no
-        step twice.)"""
-        try:
-            self._check()
-        except Exception as err:  # e.g. the device itself failed: keep what was verified
-            log.warning("could not check the last step metrics: %s", err)
-        try:
-            self.ledger.publish_all(logger.publish)
-        except Exception as err:  # the original error matters more
-            log.warning("could not publish the healthy metric points: %s", err)
+    def step(self):
+        """Train one step on the batch of (seed, data order, step); returns its device metrics
+        (unfetched), recorded in the ledger as unchecked.
 
-    def _train_step(self):
-        """Run one step on the batch of (seed, data order, step); returns its device metrics."""
-        cfg, step = self.cfg, self.step
+        Raises:
+          SimulatedCrash: `faults.crash_at_step` is this step (in data order 0).
+        """
+        cfg, step = self.cfg, self.global_step
         if step == cfg.faults.crash_at_step and self.data_order == 0:
             raise SimulatedCrash(f"faults.crash_at_step={step}")
         key = jax.random.fold_in(jax.random.fold_in(self.base_key, self.data_order), step)
@@ -435,12 +295,12 @@ class Trainer:
             tokens, segment_ids = self.feed.next(step, self.data_order)
             self.state, metrics = self.train_step(self.state, tokens, key, scale, segment_ids)
         self.ledger.record(step, {**metrics, **self.feed.drawn()})
-        self.step += 1
+        self.global_step += 1
         return metrics
 
-    def _evaluate(self) -> dict[str, float]:
-        """Validation loss and every few-shot score of the current model; keeps the predictions
-        and expert loads of the latest evaluation."""
+    def evaluate(self) -> dict[str, float]:
+        """Validation loss and every few-shot score of the current model (`validation`,
+        `glam.eval`); keeps the predictions and expert loads of the latest evaluation."""
         model_state = nnx.state(nnx.merge(self.graphdef, self.state)[0])
         val_metrics, self.expert_load = validation(self.eval_step, model_state, self.corpus,
                                                    self.cfg)
@@ -449,10 +309,39 @@ class Trainer:
         knowledge = self.knowledge(model_state) if self.knowledge else {}
         return {**val_metrics, **result.metrics, **knowledge}
 
+    def save(self, run_id: str, unpublished: list) -> None:
+        """Start writing the checkpoint of this step (asynchronously: `ckpt.wait()` for it),
+        its record naming MLflow run `run_id` and holding the `unpublished` metric points."""
+        record = {"step": self.global_step, "data_order": self.data_order,
+                  "rollbacks": self.rollbacks, "skipped_steps": self.skipped,
+                  "monitor": self.monitor.snapshot(), "unpublished_metrics": unpublished,
+                  "mlflow_run_id": run_id, "tokens_drawn": self.feed.tokens.tolist(),
+                  **self.identity}
+        self.ckpt.save(self.global_step, self.state, record, self.feed.iterator_state())
+
+    def restore(self, step: int, with_data: bool) -> None:
+        """Set the run to checkpoint `step`: state, position, health monitor and the metric
+        points it holds back; `with_data`, the data position too (on resuming: a rollback
+        restores the model and lets the data go on).
+
+        Raises:
+          glam.checkpoint.CheckpointError: the checkpoint does not read or restore.
+        """
+        record = self.ckpt.read_record(step, self.identity)
+        self.state = self.ckpt.restore_state(step, self.state)
+        if with_data:
+            self.feed.resume(self.ckpt, step, record["tokens_drawn"])
+        self.global_step, self.data_order = record["step"], record["data_order"]
+        self.rollbacks, self.skipped = record["rollbacks"], record["skipped_steps"]
+        self.monitor = HealthMonitor.restore(self.cfg.stability, record["monitor"])
+        # Points that may not have reached MLflow yet (the Tracker skips any that did).
+        self.ledger.restart_from([(s, metrics) for s, metrics in record["unpublished_metrics"]])
+        self.record = record
+
     def _finish(self, logger: RunLogger, timing: dict) -> dict:
         t = self.cfg.train
         final = {
-            **self._evaluate(), **timing, "setup_seconds": self.setup_seconds,
+            **self.evaluate(), **timing, "setup_seconds": self.setup_seconds,
             "train_tokens": t.steps * self.tokens_per_step,
             "train_flops_total": t.steps * self.tokens_per_step * self.counts.train_flops_per_token,
             "skipped_steps": self.skipped,
@@ -463,12 +352,8 @@ class Trainer:
         }
         logger.publish([(t.steps, final)])
         if self.cfg.logger.export:
-            model = nnx.merge(self.graphdef, self.state)[0]
-            params = distributed.fetch(nnx.to_pure_dict(nnx.state(model, nnx.Param)))  # all
-            try:
-                logger.export_model(params, self.cfg, self.corpus.tokenizer)
-            except OSError as err:  # the training is done and in MLflow: warn, don't fail
-                log.warning("the model was not exported: %s", err)
+            export_model(logger, self.cfg, nnx.merge(self.graphdef, self.state)[0],
+                   self.corpus.tokenizer)
         logger.write_artifacts({"expert_load.json": self.expert_load,
                                 "rollbacks.json": self.rollbacks, "final_metrics.json": final},
                                self.predictions)
@@ -477,13 +362,15 @@ class Trainer:
         return {**final, "run_id": logger.run_id}
 
 
-LIVE = ("lm_loss", "loss", "learning_rate", "tokens_per_second")
+def run(cfg: Config, output_dir: str | Path, extra_tags: dict | None = None) -> dict:
+    """Train per `cfg` (resolved here if it is raw), resuming from `output_dir`'s checkpoints;
+    log to MLflow; return the final metrics and the MLflow run id.
 
-
-def live_points(metrics: dict) -> dict:
-    """The provisional `live/` series published at every health check, so training curves show
-    while a run goes: the checked metrics reach MLflow under their own names only once a
-    checkpoint covers them. A rollback does not erase live points past the step it returns to
-    (their series then resumes after that step); the run's `rollback_<n>` tags record it."""
-    return {f"live/{k}": metrics[k] for k in LIVE if k in metrics}
-
+    Raises:
+      ConfigError: a bad value, an impossible mesh, a checkpoint of another config.
+      glam.checkpoint.CheckpointError: two checkpoints in a row unreadable.
+      glam.stability.TrainingDiverged: rollbacks did not get past a failure.
+    """
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    return Trainer(resolve(cfg), output_dir, extra_tags).run()

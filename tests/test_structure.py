@@ -133,7 +133,44 @@ def test_no_data_module_is_over_400_lines():
     assert not long, long
 
 
+TRAINER = PACKAGE / "trainer.py"
+
+
+def _trainer_class() -> ast.ClassDef:
+    return next(n for n in ast.parse(TRAINER.read_text()).body
+                if isinstance(n, ast.ClassDef) and n.name == "Trainer")
+
+
+def _lines(node: ast.AST) -> int:
+    return node.end_lineno - node.lineno + 1
+
+
+def test_the_trainer_and_its_loop_read_in_one_screen():
+    """The periodic actions are hooks (`glam.hooks`), recovery is `glam.recovery`: the class
+    stays under 200 lines and its loop under 30."""
+    cls = _trainer_class()
+    loop = next(f for f in cls.body if isinstance(f, ast.FunctionDef) and f.name == "_loop")
+    assert _lines(cls) < 200 and _lines(loop) < 30, (_lines(cls), _lines(loop))
+
+
+def _private_uses(source: str, private: set[str]) -> list[str]:
+    """`x._name` for every `_name` in `private` that `source` reads (a call or a reference)."""
+    return [f"line {n.lineno}: .{n.attr}" for n in ast.walk(ast.parse(source))
+            if isinstance(n, ast.Attribute) and n.attr in private]
+
+
+def test_no_module_uses_a_private_trainer_method():
+    """Other modules drive the trainer through its public `step`, `evaluate`, `save`, `run`."""
+    private = {f.name for f in _trainer_class().body if isinstance(f, ast.FunctionDef)
+               and f.name.startswith("_") and not f.name.endswith("__")}
+    assert _private_uses("trainer._loop(logger)\nf(t._finish)", private) == [
+        "line 1: ._loop", "line 2: ._finish"]  # the scan sees a use
+    found = {str(p.relative_to(PACKAGE.parent)): uses for p in PACKAGE.rglob("*.py")
+             if p != TRAINER and (uses := _private_uses(p.read_text(), private))}
+    assert not found, found
+
+
 def test_the_trainer_never_asks_which_corpus():
     """World and text serve the trainer through one interface (`glam.data.corpus.Corpus`)."""
-    source = (PACKAGE / "trainer.py").read_text()
+    source = TRAINER.read_text()
     assert "isinstance" not in source and "data.kind" not in source

@@ -136,24 +136,24 @@ def measure(overrides: list[str], min_steps: int = 5, step_seconds: float = 3.0)
         start = time.perf_counter()
         trainer = Trainer(load(overrides), Path(tmp) / "cold")
         setup_cold = time.perf_counter() - start
-        cold = _timed(trainer._train_step)
+        cold = _timed(trainer.step)
         # Steps for `step_seconds` at least: one step varies with what the other jobs do.
         n, start = 0, time.perf_counter()
         while n < min_steps or time.perf_counter() - start < step_seconds:
-            metrics = trainer._train_step()
+            metrics = trainer.step()
             n += 1
         jax.block_until_ready(metrics)
         step_s = (time.perf_counter() - start) / n
-        eval_cold = _timed(trainer._evaluate)
-        eval_warm = _timed(trainer._evaluate)
-        checkpoint_s = _timed(lambda: (trainer._save("probe", []), trainer.ckpt.wait()))
+        eval_cold = _timed(trainer.evaluate)
+        eval_warm = _timed(trainer.evaluate)
+        checkpoint_s = _timed(lambda: (trainer.save("probe", []), trainer.ckpt.wait()))
         trainer.ckpt.close()
         # A second trainer: new jitted functions, so its programs come from the disk cache.
         start = time.perf_counter()
         warm_trainer = Trainer(load(overrides), Path(tmp) / "warm")
         setup_warm = time.perf_counter() - start
-        warm = _timed(warm_trainer._train_step)
-        eval_cached = _timed(warm_trainer._evaluate)
+        warm = _timed(warm_trainer.step)
+        eval_cached = _timed(warm_trainer.evaluate)
         warm_trainer.ckpt.close()
     return Costs(setup_cold, setup_warm, cold, warm, step_s, eval_cold, eval_cached,
                  eval_warm, checkpoint_s)
