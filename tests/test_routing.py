@@ -235,7 +235,7 @@ def test_best_experts_equal_a_stable_descending_sort(k):
 def test_dispatch_tensors_are_one_hot_per_placed_assignment():
     logits = jax.random.normal(jax.random.key(3), (2, 16, 4))
     routing = top_k_gating(logits, top_k=2, capacity=6)
-    dispatch, combine = dispatch_combine_tensors(routing, 4)
+    dispatch, combine = dispatch_combine_tensors(routing)
     assert float(dispatch.sum()) == float(routing.placed.sum())
     assert float(dispatch.sum(axis=1).max()) == 1.0  # each slot holds at most one token
     np.testing.assert_allclose(combine.sum(axis=(2, 3)), routing.weight.sum(-1), rtol=1e-6)

@@ -41,9 +41,10 @@ def experts_ffn(x: jax.Array, w_in: jax.Array, w_out: jax.Array) -> jax.Array:
     return y.reshape(e, g, c, m).transpose(1, 0, 2, 3)
 
 
-def dispatch_combine_tensors(routing: Routing, n_experts: int) -> tuple[jax.Array, jax.Array]:
+def dispatch_combine_tensors(routing: Routing) -> tuple[jax.Array, jax.Array]:
     """One-hot dispatch [G, S, E, C] (0/1) and combine [G, S, E, C] (gate weights) tensors."""
-    expert = jax.nn.one_hot(routing.expert_index, n_experts, dtype=jnp.float32)  # [G, S, K, E]
+    # [G, S, K, E]
+    expert = jax.nn.one_hot(routing.expert_index, routing.n_experts, dtype=jnp.float32)
     slot = jax.nn.one_hot(routing.position, routing.capacity, dtype=jnp.float32)  # [G, S, K, C]
     dispatch = jnp.einsum("gske,gskc->gsec", expert, slot)
     combine = jnp.einsum("gske,gskc,gsk->gsec", expert, slot, routing.weight)
@@ -52,7 +53,7 @@ def dispatch_combine_tensors(routing: Routing, n_experts: int) -> tuple[jax.Arra
 
 def moe_einsum(x: jax.Array, routing: Routing, w_in: jax.Array, w_out: jax.Array) -> jax.Array:
     """GShard one-hot dispatch: x [G, S, M] -> [G, S, M]."""
-    dispatch, combine = dispatch_combine_tensors(routing, w_in.shape[0])
+    dispatch, combine = dispatch_combine_tensors(routing)
     buffer = jnp.einsum("gsec,gsm->gecm", dispatch.astype(x.dtype), x)
     y = _expert_parallel_ffn(buffer, w_in, w_out)
     return constrain(jnp.einsum("gsec,gecm->gsm", combine.astype(x.dtype), y), "group", None, None)
@@ -102,7 +103,7 @@ gather_rows.defvjp(_gather_rows_fwd, _gather_rows_bwd)
 def moe_gather(x: jax.Array, routing: Routing, w_in: jax.Array, w_out: jax.Array) -> jax.Array:
     """Index dispatch: gather tokens into [G, E, C, M], batched expert matmul, gather back."""
     g, s, m = x.shape
-    e, c = w_in.shape[0], routing.capacity
+    e, c = routing.n_experts, routing.capacity
     k = routing.expert_index.shape[-1]
     # Flat slot of each assignment in the [E * C] buffer; unplaced ones point past the end.
     slot = jnp.where(routing.placed, routing.expert_index * c + routing.position, e * c)
@@ -131,7 +132,7 @@ def moe_dropless(x: jax.Array, routing: Routing, w_in: jax.Array, w_out: jax.Arr
     capacity-based paths.
     """
     g, s, m = x.shape
-    e = w_in.shape[0]
+    e = routing.n_experts
     k = routing.expert_index.shape[-1]
     n = g * s * k
     expert = jnp.where(routing.placed, routing.expert_index, e).reshape(n)  # unplaced: sort last
@@ -145,16 +146,16 @@ def moe_dropless(x: jax.Array, routing: Routing, w_in: jax.Array, w_out: jax.Arr
         h = jax.nn.gelu(jax.lax.ragged_dot(rows, w_in, sizes))
         y_sorted = jax.lax.ragged_dot(h, w_out, sizes)
     else:
-        y_sorted = _blocked_grouped_ffn(rows, expert[order], sizes, w_in, w_out, block)
+        y_sorted = _blocked_grouped_ffn(rows, expert[order], sizes, w_in, w_out, block, e)
     y = jnp.zeros_like(y_sorted).at[order].set(y_sorted).reshape(g, s, k, m)
     out = jnp.einsum("gskm,gsk->gsm", y, routing.weight.astype(x.dtype))
     return constrain(out, "group", None, None)
 
 
-def _blocked_grouped_ffn(rows, expert, sizes, w_in, w_out, block):
-    """Grouped GELU FFN over expert-sorted `rows` [N, M]: pad each group to whole blocks."""
+def _blocked_grouped_ffn(rows, expert, sizes, w_in, w_out, block, e):
+    """Grouped GELU FFN over expert-sorted `rows` [N, M] of `e` experts: pad each group to
+    whole blocks."""
     n, m = rows.shape
-    e = w_in.shape[0]
     n_blocks = -(-n // block) + e
     padded = -(-sizes // block) * block
     padded_start = jnp.cumsum(padded) - padded

@@ -32,6 +32,7 @@ class Routing:
     z_loss: jax.Array  # scalar: mean logsumexp(logits)^2 (ST-MoE)
     stats: dict  # scalars plus "expert_load" [E]
     capacity: int = struct.field(pytree_node=False)
+    n_experts: int = struct.field(pytree_node=False)  # E: the router's outputs, the experts
 
     @property
     def placed(self) -> jax.Array:
@@ -134,7 +135,7 @@ def top_k_gating(logits: jax.Array, *, top_k: int, capacity: int, policy: str = 
 
     stats = {**routing_stats(probs, demand, attempted, placed, real), "aux_loss": aux_loss}
     return Routing(expert_index=index, position=position, weight=weight, aux_loss=aux_loss,
-                   z_loss=z_loss, stats=stats, capacity=capacity)
+                   z_loss=z_loss, stats=stats, capacity=capacity, n_experts=e)
 
 
 def best_experts(scores: jax.Array, k: int, exclude: Optional[jax.Array] = None) -> jax.Array:
