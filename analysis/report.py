@@ -92,7 +92,7 @@ def analyze(table: pd.DataFrame, out: Path, which: list[str], shots: int,
 
 
 def report(args: argparse.Namespace) -> None:
-    """Runs `glam-analyze` with its parsed arguments (see `analysis.cli`).
+    """Runs `glam-analyze` with its parsed arguments (see `glam.cli.analyze`).
 
     Raises:
       SystemExit: no study parent run of that name, or no finished runs to analyse.

@@ -19,6 +19,7 @@ import copy
 import dataclasses
 import difflib
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +28,7 @@ from hydra.core.config_store import ConfigStore
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, OmegaConf
 
-from glam.config import (Config, ConfigError, DataKind, Dispatch, ModelConfig, Placement, Section,
+from glam.config import (Config, DataKind, Dispatch, ModelConfig, Placement, Section,
                          check, doc, freeze)
 from glam.data.vocab import vocab_size
 from glam.data.world import ATTRIBUTES, WORLD_TASKS
@@ -140,9 +141,9 @@ def _default_backend() -> str:
 
 def _fill_shape(m: ModelConfig, placement: Placement, vocab_size: int | None,
                 filled: list[str]) -> ModelConfig:
-    """A copy of `m` with vocabulary size, expert width and group size filled, checked."""
+    """A copy of `m` (its fields checked already) with vocabulary size, expert width and group
+    size filled, checked again with them."""
     m = dataclasses.replace(m, router=dataclasses.replace(m.router))
-    m.check()
     if m.vocab_size is None:
         check(vocab_size is not None, "model.vocab_size", "unset and no corpus to take it from.")
         m.vocab_size = vocab_size
@@ -175,6 +176,7 @@ def resolve_model(m: ModelConfig, backend: str | None = None,
       ConfigError: a model field is invalid, or no expert width matches (`plan.placement`).
     """
     filled: list[str] = []
+    m.check()
     m = _fill_shape(m, placement, vocab_size, filled)
     _fill_dispatch(m, backend or _default_backend(), filled)
     return m, filled
@@ -197,15 +199,21 @@ def model_config(backend: str | None = None, placement: Placement = Placement.gl
     return m
 
 
-def resolve(cfg: Config, backend: str | None = None) -> ResolvedConfig:
+def resolve(cfg: Config, backend: str | None = None, *, checked: bool = False,
+            before_backend: Callable[[], object] | None = None) -> ResolvedConfig:
     """Fill every derived value of `cfg`, check across sections, freeze. `cfg` is not changed.
 
     Args:
-      cfg: a raw config (`raw`, or a `Config` built in code); its sections' own checks are run.
-        A ResolvedConfig is returned as it is.
+      cfg: a raw config (`raw`, or a `Config` built in code). A ResolvedConfig is returned as
+        it is.
       backend: the JAX platform the run will use (cpu, gpu, tpu), which fixes `dispatch=auto`;
         None: `jax.default_backend()`, looked up only once every check has passed (it starts
-        JAX: in a multi-host run, after `glam.distributed.initialize`).
+        JAX).
+      checked: `cfg`'s sections have passed their own checks already (`raw` runs them), so
+        they are not run again.
+      before_backend: called once every check has passed and before the backend is looked up:
+        a multi-host run joins its processes there (`glam.distributed.initialize`), since JAX
+        must not start before.
 
     Raises:
       ConfigError: a value is invalid, alone or with another section's; the field is named.
@@ -216,7 +224,8 @@ def resolve(cfg: Config, backend: str | None = None) -> ResolvedConfig:
             raise ValueError(f"this config was resolved for backend {cfg.derived.backend!r}, "
                              f"not {backend!r}; resolve its raw config again.")
         return cfg
-    cfg.check()
+    if not checked:
+        cfg.check()
     d, t = cfg.data, cfg.train
     filled: list[str] = []
     if d.kind == DataKind.world:
@@ -252,7 +261,10 @@ def resolve(cfg: Config, backend: str | None = None) -> ResolvedConfig:
                   f"model.seq_len); pick a divisor of {tokens}.")
     check(cfg.eval.max_answer_tokens < model.seq_len, "eval.max_answer_tokens",
           f"must be below model.seq_len={model.seq_len}.")
-    backend = backend or _default_backend()
+    if backend is None:
+        if before_backend is not None:
+            before_backend()
+        backend = _default_backend()
     _fill_dispatch(model, backend, filled)
     sections = {f.name: copy.deepcopy(getattr(cfg, f.name)) for f in dataclasses.fields(Config)}
     sections["model"] = model
@@ -284,7 +296,7 @@ def load(overrides: list[str], backend: str | None = None) -> ResolvedConfig:
       hydra.errors.ConfigCompositionException: unknown key, wrong type or choice (key named).
       ConfigError: an invalid value (field named).
     """
-    return resolve(load_raw(overrides), backend)
+    return resolve(load_raw(overrides), backend, checked=True)
 
 
 def to_container(cfg: Config) -> dict:

@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 
 from glam import accounting
-from glam.count import main as count_main
+from glam.cli.count import main as count_main
 from glam.model import GLaM, param_count
 from glam.resolve import CONF_DIR, load, model_config
 

@@ -9,7 +9,7 @@ from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
 from analysis import energy, figures, knowledge, quality
-from analysis.cli import main as analyze_main
+from glam.cli.analyze import main as analyze_main
 from analysis.fit import fit_power_law, fit_routed_law, saturating_experts
 from analysis.runs import export, load_histories, load_runs, read_table
 

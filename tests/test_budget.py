@@ -13,7 +13,7 @@ from glam import accounting
 from glam.config import ConfigError
 from glam.placement import dense_counterpart
 from glam.resolve import SWEEPS_DIR, load, load_raw
-from glam.study.plan import main as plan_main
+from glam.cli.plan import main as plan_main
 
 # A ladder whose losses follow a known routed law exactly.
 TRUTH = LossLaw(E=0.5, A=60.0, B=400.0, alpha=0.3, beta=0.28, gamma=0.05)

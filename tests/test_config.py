@@ -214,10 +214,10 @@ def test_credentials_in_a_tracking_uri_are_never_logged():
 
 
 @pytest.mark.parametrize("cli,argv", [
-    ("glam.count", ["+model.n_expertz=3"]),
-    ("glam.count", ["model.top_k=9"]),
-    ("glam.study.plan", ["model.top_k=9"]),
-    ("glam.study.plan", ["+study=smoke", "train.seed=range(0,0)"]),
+    ("glam.cli.count", ["+model.n_expertz=3"]),
+    ("glam.cli.count", ["model.top_k=9"]),
+    ("glam.cli.plan", ["model.top_k=9"]),
+    ("glam.cli.plan", ["+study=smoke", "train.seed=range(0,0)"]),
     ("glam.cli.bench", ["--experts", "1,8"]),
 ])
 def test_every_cli_refuses_bad_input_with_the_message_alone(cli, argv, capsys):

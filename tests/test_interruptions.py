@@ -14,7 +14,7 @@ import waiting
 from glam.checkpoint import Checkpointer
 from glam.interrupts import Interrupted
 from glam.resolve import load
-from glam.train import run
+from glam.trainer import run
 from glam.trainer import SimulatedCrash
 
 pytestmark = pytest.mark.slow  # every test here trains
@@ -78,7 +78,7 @@ def test_sigterm_marks_the_run_killed_and_exits_cleanly_then_it_resumes(tmp_path
             "data.train_tokens=20000", "data.val_tokens=2048", "eval.max_examples=4",
             "eval.shots=[0]", "hydra.run.dir=run"]
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
-    cmd = [sys.executable, "-m", "glam.train", *args]
+    cmd = [sys.executable, "-m", "glam.cli.train", *args]
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 240 * waiting.SCALE

@@ -172,7 +172,7 @@ def test_a_world_the_probe_cannot_ask_is_refused_before_any_run(tmp_path):
     """One template per fact: the birth city's only sentence begins like the birth year's. The
     trainer refuses it with the field named, before an MLflow run exists."""
     from glam.resolve import load
-    from glam.train import run
+    from glam.trainer import run
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     cfg = load(["model=tiny_dense", "data.templates_per_attribute=1", "data.train_tokens=20000",

@@ -74,7 +74,7 @@ def _train(run_dir, uri, *overrides, log, env=None, multirun=False):
     base = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     flags = ["--multirun"] if multirun else []
     with open(log, "w") as out:  # the child keeps its own handle
-        return subprocess.Popen([sys.executable, "-m", "glam.train", *flags, *args],
+        return subprocess.Popen([sys.executable, "-m", "glam.cli.train", *flags, *args],
                                 env={**base, "JAX_PLATFORMS": "cpu", **(env or {})},
                                 stdout=out, stderr=subprocess.STDOUT, text=True)
 
@@ -199,7 +199,7 @@ def test_a_stop_signal_to_one_process_stops_both_at_the_same_step(tmp_path, free
     for i in range(2):
         with open(logs[i], "w") as out:
             procs.append(subprocess.Popen(
-                [sys.executable, "-m", "glam.train", *args, f"distributed.process_id={i}"],
+                [sys.executable, "-m", "glam.cli.train", *args, f"distributed.process_id={i}"],
                 env={**base, "JAX_PLATFORMS": "cpu",
                      "XLA_FLAGS": "--xla_force_host_platform_device_count=1"},
                 stdout=out, stderr=subprocess.STDOUT, text=True))

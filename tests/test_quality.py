@@ -227,7 +227,7 @@ def test_a_run_on_the_world_rendered_as_text_is_evaluated_on_the_worlds_tasks(tm
     from mlflow.tracking import MlflowClient
 
     from glam.resolve import load
-    from glam.train import run
+    from glam.trainer import run
 
     overrides = ["data=world_quality", f"data.prepared_dir={tmp_path / 'prepared'}",
                  "data.world_sources.wiki_documents=600", "data.world_sources.books_documents=300",

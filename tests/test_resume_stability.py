@@ -10,7 +10,7 @@ from mlflow.tracking import MlflowClient
 from glam.config import ConfigError
 from glam.resolve import load
 from glam.stability import TrainingDiverged
-from glam.train import run
+from glam.trainer import run
 from glam.trainer import SimulatedCrash
 
 pytestmark = pytest.mark.slow  # every test here trains a model

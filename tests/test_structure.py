@@ -18,10 +18,14 @@ def test_the_schema_imports_no_other_glam_module():
     assert out.stdout.strip() == "['glam', 'glam.config']"
 
 
+ROOTS = ("glam", "analysis", "hydra_plugins")  # the packages of the checkout
+
+
 def _imports() -> dict[str, set[str]]:
-    """glam module -> glam modules it imports anywhere (functions included)."""
+    """module of glam, analysis or hydra_plugins -> those modules it imports anywhere
+    (functions included)."""
     graph = {}
-    for path in PACKAGE.rglob("*.py"):
+    for path in (p for root in ROOTS for p in (PACKAGE.parent / root).rglob("*.py")):
         parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
         name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
         deps = set()
@@ -61,6 +65,32 @@ def test_no_import_cycle_in_glam():
     # a package's __init__ re-exporting its submodules is not a cycle of the submodules
     graph = {m: {d for d in deps if not m.startswith(f"{d}.")} for m, deps in graph.items()}
     assert _cycle(graph) is None, " -> ".join(_cycle(graph))
+
+
+def layer(module: str) -> int:
+    """0 the library; 1 planning and analysis (glam.study, analysis); 2 the application: the
+    command-line entry points and Hydra's callbacks and plugins (glam.cli, hydra_plugins)."""
+    if module.startswith(("glam.cli", "hydra_plugins")):
+        return 2
+    return 1 if module.startswith(("glam.study", "analysis")) else 0
+
+
+def test_no_module_imports_one_from_a_higher_layer():
+    upward = sorted(f"{m} -> {d}" for m, deps in _imports().items() for d in deps
+                    if layer(d) > layer(m))
+    assert not upward, upward
+
+
+def test_only_the_application_imports_analysis():
+    """analysis imports glam; in glam only the application layer imports analysis."""
+    inside = sorted(f"{m} -> {d}" for m, deps in _imports().items() for d in deps
+                    if m.startswith("glam.") and layer(m) < 2 and d.split(".")[0] == "analysis")
+    assert not inside, inside
+
+
+def test_the_layer_rules_see_a_violation():
+    assert layer("glam.model.moe") < layer("glam.study.plan") < layer("glam.cli.train")
+    assert layer("analysis.figures") == layer("glam.study.runs") == 1
 
 
 def test_the_cycle_finder_finds_one():

@@ -3,7 +3,6 @@ finished points, and real multiruns into MLflow."""
 
 import json
 import os
-import subprocess
 import sys
 
 import pytest
@@ -98,7 +97,7 @@ def test_the_data_quality_study_plans_its_arms_and_prepares_each_corpus_once():
     """Filtered, unfiltered and 3x unfiltered arms x dense, MoE (one seed): the 3x arm plans
     three times the tokens; `glam-data prepare +study=data_quality` finds two corpora (the 3x
     arm reuses the unfiltered one) with different selections and folders."""
-    from glam.data.cli import corpora
+    from glam.cli.data import corpora
 
     rows = plan(["+study=data_quality"])
     tokens = {(next(o for o in r.overrides.split() if o.startswith("+quality_arm=")), r.family):
@@ -122,7 +121,7 @@ def test_the_data_quality_study_plans_its_arms_and_prepares_each_corpus_once():
 
 def test_glam_data_exits_2_on_bad_input_and_0_on_help():
     def run(*args):
-        return waiting.run([sys.executable, "-m", "glam.data.cli", *args], 120)
+        return waiting.run([sys.executable, "-m", "glam.cli.data", *args], 120)
 
     bad = run("prepare", "data=world_quality", "data.quality.alpha=0")
     assert bad.returncode == 2 and "data.quality.alpha: must be > 0" in bad.stderr
@@ -149,7 +148,7 @@ def test_launcher_configs_compose():
 
 def _multirun(tmp_path, *overrides, code=0):
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
-    cmd = [sys.executable, "-m", "glam.train", "-m", "+study=smoke", "hydra/launcher=joblib",
+    cmd = [sys.executable, "-m", "glam.cli.train", "-m", "+study=smoke", "hydra/launcher=joblib",
            "hydra.launcher.n_jobs=2", "model.n_experts=choice(0,4)", *overrides]
     proc = waiting.run(cmd, 600, cwd=tmp_path, env=env)
     assert (proc.returncode == 0) == (code == 0), proc.stderr[-3000:]
@@ -214,7 +213,7 @@ def test_joblib_multirun_parent_children_and_rerun_skips(tmp_path):
 @pytest.mark.slow
 def test_a_mismatched_study_is_refused_before_any_job(tmp_path):
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
-    cmd = [sys.executable, "-m", "glam.train", "-m", "+study=expert_count", "plan.placement=glam"]
+    cmd = [sys.executable, "-m", "glam.cli.train", "-m", "+study=expert_count", "plan.placement=glam"]
     proc = waiting.run(cmd, 300, cwd=tmp_path, env=env)
     assert proc.returncode != 0
     assert "plan.tolerance" in proc.stderr and "model.n_experts=16" in proc.stderr
@@ -226,7 +225,7 @@ def test_an_accepted_range_study_passes_the_launch_check():
     """The callback's FLOP check expands `range` as Hydra does (it once refused this)."""
     from hydra import compose, initialize_config_dir
 
-    from glam.study.runs import StudyCallback
+    from glam.cli.callbacks import StudyCallback
 
     overrides = ["+study=expert_count", "train.seed=range(0,2)"]
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
@@ -285,7 +284,7 @@ def test_stale_checkpoints_of_an_edited_point_are_set_aside(tmp_path):
 def test_an_empty_multirun_is_refused_before_launch(tmp_path):
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
     for study in ([], ["+study=smoke"]):
-        cmd = [sys.executable, "-m", "glam.train", "-m", *study, "train.seed=range(0,0)"]
+        cmd = [sys.executable, "-m", "glam.cli.train", "-m", *study, "train.seed=range(0,0)"]
         proc = waiting.run(cmd, 300, cwd=tmp_path, env=env)
         assert proc.returncode == 2 and "select no point" in proc.stderr, proc.stderr[-2000:]
 
@@ -357,7 +356,7 @@ def test_plan_probe_measures_each_shape_once_and_reuses_the_cache(tmp_path):
     estimates both runs from it (the second with a warm compilation cache) and reads the cache
     the next time; a point that cannot run keeps its FLOPs-only estimate and says why."""
     def run(*args):
-        return waiting.run([sys.executable, "-m", "glam.study.plan", "--json", "--probe", *args],
+        return waiting.run([sys.executable, "-m", "glam.cli.plan", "--json", "--probe", *args],
                            600, cwd=tmp_path,
                               env={**os.environ, "PYTHONPATH": str(CONF_DIR.parent)})
 
@@ -389,7 +388,7 @@ def test_an_optuna_search_is_a_study_and_survives_a_failed_trial(tmp_path):
     error and the search goes on to its trial count; past `max_failure_rate` the search stops
     and its parent run is FAILED, never RUNNING."""
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
-    base = [sys.executable, "-m", "glam.train", "-m", "+study=search_lr_capacity",
+    base = [sys.executable, "-m", "glam.cli.train", "-m", "+study=search_lr_capacity",
             "train.steps=6", "train.batch_size=4", "data.train_tokens=20000",
             "data.val_tokens=2048", "eval.max_examples=4", "faults.crash_at_step=3"]
 

@@ -4,7 +4,6 @@ import bz2
 import gzip
 import json
 import lzma
-import os
 from pathlib import Path
 
 import jax

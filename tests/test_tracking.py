@@ -85,7 +85,7 @@ def test_training_goes_on_through_a_tracking_outage_and_loses_nothing(tmp_path, 
             "train.progress=false", "train.eval_batches=1", "checkpoint.every=200",
             "data.train_tokens=20000", "data.val_tokens=2048", "eval.max_examples=4",
             "eval.shots=[0]", "hydra.run.dir=run", f"logger.tracking_uri=http://127.0.0.1:{port}"]
-    train = subprocess.Popen([sys.executable, "-m", "glam.train", *args], cwd=tmp_path,
+    train = subprocess.Popen([sys.executable, "-m", "glam.cli.train", *args], cwd=tmp_path,
                              env={k: v for k, v in os.environ.items()
                                   if k != "MLFLOW_TRACKING_URI"},
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -2,7 +2,6 @@
 
 import os
 import re
-import subprocess
 import sys
 
 import numpy as np
@@ -11,7 +10,7 @@ from mlflow.tracking import MlflowClient
 
 import waiting
 from glam.resolve import load
-from glam.train import run
+from glam.trainer import run
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +107,7 @@ def test_run_names_lead_with_what_tells_points_apart():
 
 def _glam_train(args, cwd, uri):
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
-    cmd = [sys.executable, "-m", "glam.train", *args]
+    cmd = [sys.executable, "-m", "glam.cli.train", *args]
     return waiting.run(cmd, 300, cwd=cwd, env=env)
 
 
@@ -226,3 +225,26 @@ def test_the_trained_model_is_exported_and_generates(moe_run, capsys):
     assert said.startswith("q : >>> ") and len(said.split(">>>")[1].split()) >= 1
     with pytest.raises(SystemExit):
         generate_main([str(tmp / "nothing"), "--prompt", "q :"])
+
+
+@pytest.mark.slow
+def test_a_glam_train_run_checks_its_model_section_at_most_twice(tmp_path, monkeypatch):
+    """The config is resolved once per run: the model section is checked when the composed
+    config is read (`glam.resolve.raw`) and once more with its derived values filled."""
+    from glam.cli.train import main
+    from glam.config import ModelConfig
+
+    calls, check = [], ModelConfig.check
+
+    def counted(self, *args, **kwargs):
+        calls.append(1)
+        return check(self, *args, **kwargs)
+
+    monkeypatch.setattr(ModelConfig, "check", counted)
+    monkeypatch.setattr(sys, "argv", [
+        "glam-train", "model=tiny_moe", "train.steps=2", "train.batch_size=4",
+        "checkpoint.every=0", "train.eval_batches=1", "data.train_tokens=5000",
+        "data.val_tokens=2000", "eval.max_examples=4", "eval.shots=[0]", "train.progress=false",
+        f"hydra.run.dir={tmp_path / 'run'}", f"logger.tracking_uri=sqlite:///{tmp_path}/m.db"])
+    main()
+    assert 1 <= len(calls) <= 2, len(calls)

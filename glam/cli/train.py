@@ -30,22 +30,6 @@ from glam.resolve import CONF_DIR, SWEEPS_DIR, raw, resolve
 log = logging.getLogger("glam.train")
 
 
-def run(cfg: Config, output_dir: str | Path, extra_tags: dict | None = None) -> dict:
-    """Train per `cfg` (resolved here if it is raw), resuming from `output_dir`'s checkpoints;
-    log to MLflow; return the final metrics and the MLflow run id.
-
-    Raises:
-      ConfigError: a bad value, an impossible mesh, a checkpoint of another config.
-      glam.checkpoint.CheckpointError: two checkpoints in a row unreadable.
-      glam.stability.TrainingDiverged: rollbacks did not get past a failure.
-    """
-    from glam.trainer import Trainer
-
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    return Trainer(resolve(cfg), output_dir, extra_tags).run()
-
-
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def main(dcfg: DictConfig) -> float:
     """Train one point; a configuration error prints its message alone and exits with 2, a stop
@@ -89,6 +73,7 @@ def usage() -> str:
 
 def _main(dcfg: DictConfig) -> float:
     from glam import distributed
+    from glam.trainer import run
     from glam.study.runs import point_tags, skip_or_prepare
     from glam.tracking import check_reachable, scrub_password
 
@@ -102,9 +87,9 @@ def _main(dcfg: DictConfig) -> float:
     raw_cfg = raw(dcfg)
     if raw_cfg.faults.crash_jobs and hc.job.get("num") not in raw_cfg.faults.crash_jobs:
         raw_cfg.faults.crash_at_step = None  # a test's fault meant for other jobs
-    resolve(raw_cfg, backend="cpu")  # every check, before joining other processes or starting JAX
-    distributed.initialize(raw_cfg.distributed)  # before anything touches a JAX backend
-    cfg = resolve(raw_cfg)  # the dispatch for this backend
+    # every check before joining the other processes, which comes before JAX starts
+    cfg = resolve(raw_cfg, checked=True,
+                  before_backend=lambda: distributed.initialize(raw_cfg.distributed))
     distributed.on_primary(lambda: check_reachable(cfg.logger.tracking_uri) or "")
     if not distributed.is_primary():
         logging.getLogger("glam").setLevel(logging.WARNING)  # process 0 reports progress

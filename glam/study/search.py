@@ -8,7 +8,7 @@ results file, and changes one thing: a failed trial is told to Optuna as FAIL (i
 run ends FAILED with its error, `glam.tracking`), logged, and the search goes on to `n_trials`
 while the failed trials number at most `max_failure_rate * n_trials`. Past that, or when no
 trial completes, the first error is raised: the multirun exits non-zero and the study's parent
-run ends FAILED (`glam.study.runs.StudyCallback`).
+run ends FAILED (`glam.cli.callbacks.StudyCallback`).
 """
 
 from __future__ import annotations
