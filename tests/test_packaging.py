@@ -52,7 +52,7 @@ def test_wheel_installs_into_a_fresh_venv_and_trains_from_another_directory(tmp_
     assert counts["family"] == "moe" and counts["total_params"] > 0
     assert "total estimated time" in run(str(venv / "bin" / "glam-plan"), "+study=smoke")
     for cli in ("glam-train", "glam-count", "glam-plan", "glam-bench", "glam-analyze",
-                "glam-data"):  # every command says what it takes
+                "glam-data", "glam-generate"):  # every command says what it takes
         assert "usage" in run(str(venv / "bin" / cli), "--help").lower(), cli
     said = run(str(venv / "bin" / "glam-train"), "model=tiny_moe", "train.steps=5",
         "train.batch_size=4", "checkpoint.every=0", "train.eval_batches=1",

@@ -227,24 +227,31 @@ def test_the_trained_model_is_exported_and_generates(moe_run, capsys):
         generate_main([str(tmp / "nothing"), "--prompt", "q :"])
 
 
+COUNT_MODEL_CHECKS = """
+import sys
+from glam.config import ModelConfig
+calls, check = [], ModelConfig.check
+def counted(self, *args, **kwargs):
+    calls.append(1)
+    return check(self, *args, **kwargs)
+ModelConfig.check = counted
+from glam.cli.train import main
+try:
+    main()
+finally:
+    print("MODEL CHECKS", len(calls))
+"""
+
+
 @pytest.mark.slow
-def test_a_glam_train_run_checks_its_model_section_at_most_twice(tmp_path, monkeypatch):
+def test_a_glam_train_run_checks_its_model_section_at_most_twice(tmp_path):
     """The config is resolved once per run: the model section is checked when the composed
     config is read (`glam.resolve.raw`) and once more with its derived values filled."""
-    from glam.cli.train import main
-    from glam.config import ModelConfig
-
-    calls, check = [], ModelConfig.check
-
-    def counted(self, *args, **kwargs):
-        calls.append(1)
-        return check(self, *args, **kwargs)
-
-    monkeypatch.setattr(ModelConfig, "check", counted)
-    monkeypatch.setattr(sys, "argv", [
-        "glam-train", "model=tiny_moe", "train.steps=2", "train.batch_size=4",
-        "checkpoint.every=0", "train.eval_batches=1", "data.train_tokens=5000",
-        "data.val_tokens=2000", "eval.max_examples=4", "eval.shots=[0]", "train.progress=false",
-        f"hydra.run.dir={tmp_path / 'run'}", f"logger.tracking_uri=sqlite:///{tmp_path}/m.db"])
-    main()
-    assert 1 <= len(calls) <= 2, len(calls)
+    args = ["model=tiny_moe", "train.steps=2", "train.batch_size=4", "checkpoint.every=0",
+            "train.eval_batches=1", "data.train_tokens=5000", "data.val_tokens=2000",
+            "eval.max_examples=4", "eval.shots=[0]", "train.progress=false",
+            f"hydra.run.dir={tmp_path / 'run'}", f"logger.tracking_uri=sqlite:///{tmp_path}/m.db"]
+    out = waiting.run([sys.executable, "-c", COUNT_MODEL_CHECKS, *args], 300, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    count = int(out.stdout.split("MODEL CHECKS")[-1])
+    assert 1 <= count <= 2, count

@@ -77,7 +77,9 @@ class WordTokenizer:
         return [self.index.get(w, UNK) for w in text.lower().split()]
 
     def decode(self, ids: Sequence[int]) -> str:
-        return " ".join(self.vocab[i] for i in ids if i != PAD)
+        """Words of `ids` (padding dropped); an id past the vocabulary (an embedding larger than
+        the world's words) reads as UNK's word."""
+        return " ".join(self.vocab[i if i < len(self.vocab) else UNK] for i in ids if i != PAD)
 
 
 class SentencePieceTokenizer:

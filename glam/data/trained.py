@@ -29,7 +29,10 @@ def tokenizer_settings(d: DataConfig) -> dict:
     """The settings that decide a trained tokenizer: its section, the sources' weights, the
     seed."""
     t = d.tokenizer
-    return {**asdict(t), "weights": {s.name: s.weight for s in d.sources}, "seed": d.seed}
+    # sampler 2: the sample measured in characters, long lines cut into sentences; a folder
+    # prepared with the line sampler before it trains its tokenizer again
+    return {**asdict(t), "weights": {s.name: s.weight for s in d.sources}, "seed": d.seed,
+            "sampler": 2}
 
 
 def train_tokenizer(d: DataConfig, p: Plan, engine: Engine) -> SentencePieceTokenizer:

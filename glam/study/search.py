@@ -85,7 +85,10 @@ class OptunaSearch(Sweeper):
             s.job_idx += len(returns)
             for trial, ret in zip(trials, returns):
                 try:
-                    study.tell(trial, float(ret.return_value))
+                    value = float(ret.return_value)
+                    if not math.isfinite(value):  # a diverged run, or one with no val_loss
+                        raise ValueError(f"the trial's objective is {value}")
+                    study.tell(trial, value)
                 except Exception as err:  # the job raised, or returned no finite number
                     study.tell(trial, state=optuna.trial.TrialState.FAIL)
                     failures.append(err)
