@@ -19,6 +19,7 @@ collectives must match); only process 0 writes.
 
 from __future__ import annotations
 
+import abc
 import logging
 import math
 import sys
@@ -36,7 +37,7 @@ PROGRESS_EVERY_S = 30.0  # a progress line this often when the progress bar is o
 LIVE = ("lm_loss", "loss", "learning_rate", "tokens_per_second")
 
 
-class Hook:
+class Hook(abc.ABC):
     """A periodic action: due after every `every`-th step (0: never) and, with `at_last`,
     after the last step too (without it, never after the last: the run has its own final
     action). `checked`: runs only after a health check at the same step."""
@@ -54,9 +55,9 @@ class Hook:
             return step % self.every == 0 or last
         return step % self.every == 0 and not last
 
+    @abc.abstractmethod
     def __call__(self, trainer, logger: RunLogger) -> bool | None:
         """Act on the trainer's current step; False ends this step's actions."""
-        raise NotImplementedError
 
     def close(self) -> None:
         """After the loop."""
