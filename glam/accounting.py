@@ -3,7 +3,8 @@
 FLOPs are 2 x multiply-adds of every matmul one token passes through in a forward pass at
 sequence length T: attention projections (q, k, v, o), attention scores and the weighted sum of
 values (over all T keys, as the dense kernel computes them, masked or not), dense FFNs, the
-router and the K activated experts of each MoE layer, and the output projection. Norms, softmax
+router (M x E x G, growing with the routed experts), the K x G routed and the shared experts
+of each MoE layer, and the output projection. Norms, softmax
 and the position bias are not matmuls and are left out. Training FLOPs = 3 x forward
 (forward + backward with respect to activations and weights).
 
@@ -24,6 +25,7 @@ class Counts:
     activated_params: int
     embedding_params: int
     non_embedding_params: int
+    expert_params: int  # routed and shared experts of every MoE layer
     activated_non_embedding_params: int
     forward_flops_per_token: int
     forward_flops_per_token_no_embedding: int
@@ -39,30 +41,32 @@ def count(cfg: ModelConfig, seq_len: int | None = None) -> Counts:
     """Counts for `cfg`; FLOPs at `seq_len` (default: the model's training length)."""
     t = seq_len or cfg.seq_len
     m, a, f, h, e, v = (cfg.d_model, cfg.attention_width, cfg.d_ff, cfg.expert_hidden,
-                        cfg.n_experts, cfg.vocab_size)
+                        cfg.routed_experts, cfg.vocab_size)
     n_moe = len(cfg.moe_layers)
     n_dense = cfg.n_layers - n_moe
 
     attn = 4 * m * a + cfg.rel_pos_buckets * cfg.n_heads
     norms = 2 * m
     dense_ffn = (3 if cfg.ffn_kind == "geglu" else 2) * m * f
-    expert = 2 * m * h
+    expert = (3 if cfg.expert_kind == "geglu" else 2) * m * h
+    shared_ffn = cfg.shared_experts * cfg.granularity * expert  # each as wide as a G = 1 expert
     router = m * e
     embedding = v * m * (1 if cfg.tie_embeddings else 2)
 
     shared = cfg.n_layers * (attn + norms) + n_dense * dense_ffn + n_moe * router + m
-    total_ne = shared + n_moe * e * expert
-    activated_ne = shared + n_moe * cfg.top_k * expert
+    total_ne = shared + n_moe * (e * expert + shared_ffn)
+    activated_ne = shared + n_moe * (cfg.routed_top_k * expert + shared_ffn)
 
     layer_flops = 2 * (4 * m * a) + 2 * 2 * t * a
     flops_ne = (cfg.n_layers * layer_flops + n_dense * 2 * dense_ffn
-                + n_moe * 2 * (router + cfg.top_k * expert))
+                + n_moe * 2 * (router + cfg.routed_top_k * expert + shared_ffn))
     flops = flops_ne + 2 * m * v
     return Counts(
         total_params=total_ne + embedding,
         activated_params=activated_ne + embedding,
         embedding_params=embedding,
         non_embedding_params=total_ne,
+        expert_params=n_moe * (e * expert + shared_ffn),
         activated_non_embedding_params=activated_ne,
         forward_flops_per_token=flops,
         forward_flops_per_token_no_embedding=flops_ne,

@@ -28,7 +28,7 @@ from glam.hardware import cpu_model
 from glam.data.bench import data_bench
 from glam.data.bench import render as render_data
 from glam.model.layers import project
-from glam.model.moe import DISPATCH, experts_ffn
+from glam.model.moe import DISPATCH, ExpertWeights, experts_ffn
 from glam.model.routing import expert_capacity, top_k_gating
 from glam.resolve import load
 
@@ -86,14 +86,14 @@ def moe_vs_dense(tokens: int, m: int, h: int, group: int, experts: list[int], k:
         routing_s = median_seconds(jax.jit(jax.grad(routing_only, argnums=(0, 1))), x, router)
         buffer = jnp.ones((tokens // group, e, capacity, m), dtype)
         experts_s = median_seconds(
-            jax.jit(jax.grad(lambda b, w_in, w_out: jnp.sum(experts_ffn(b, w_in, w_out)),
+            jax.jit(jax.grad(lambda b, w_in, w_out: jnp.sum(experts_ffn(b, ExpertWeights(w_in, w_out))),
                              argnums=(0, 1, 2))), buffer, w_in, w_out)
         for dispatch in dispatches:
             cap = group if dispatch == "dropless" else capacity
 
             def moe(x, router, w_in, w_out, dispatch=dispatch, cap=cap):
                 routing = top_k_gating(project(x, router), top_k=k, capacity=cap)
-                return jnp.sum(DISPATCH[dispatch](x, routing, w_in, w_out))
+                return jnp.sum(DISPATCH[dispatch](x, routing, ExpertWeights(w_in, w_out)))
 
             seconds = median_seconds(jax.jit(jax.grad(moe, argnums=(0, 1, 2, 3))),
                                      x, router, w_in, w_out)
@@ -156,9 +156,14 @@ class Shapes:
                 f"train.batch_size={self.step_batch}"]
 
     def step_models(self) -> dict[str, list[str]]:
+        matched = ["model=cpu_moe", "plan.placement=matched", *self.step_shape]
         return {"dense": ["model=cpu_dense", *self.step_shape],
                 "moe_glam": ["model=cpu_moe", *self.step_shape],
-                "moe_matched": ["model=cpu_moe", "plan.placement=matched", *self.step_shape]}
+                "moe_matched": matched,
+                # the design axes at the same activated FLOPs (glam.placement)
+                "moe_matched_g4": [*matched, "model.granularity=4"],
+                "moe_matched_shared1": [*matched, "model.shared_experts=1"],
+                "moe_matched_bias": [*matched, "model.router.balance=bias"]}
 
 
 CPU = Shapes(2048, 4096, 1024, ((128, 512), (256, 1024)), 8, 128,

@@ -55,6 +55,14 @@ class GateNorm(StrEnum):
     after = "after"
 
 
+class Balance(StrEnum):
+    """How the router's load is balanced (`glam.model.routing`)."""
+
+    aux = "aux"
+    bias = "bias"
+    both = "both"
+
+
 class Dispatch(StrEnum):
     """How tokens reach their experts (`glam.model.moe`). `auto` is resolved per backend."""
 
@@ -216,12 +224,18 @@ class RouterConfig(Section):
     z_loss_weight: float = doc(0.0, "weight of the router z-loss (ST-MoE)")
     dispatch: Dispatch = doc(Dispatch.auto, "gather | einsum | dropless; auto: dropless on "
                                             "GPU/TPU, gather on CPU, fixed by resolve")
+    balance: Balance = doc(Balance.aux, "aux: the load-balancing loss (GShard); bias: a "
+                                        "per-expert selection bias and no aux loss (DeepSeek-V3, "
+                                        "auxiliary-loss-free); both")
+    bias_rate: float = doc(1e-3, "bias balancing: each step every expert's bias moves this much "
+                                 "toward balance (sign rule; DeepSeek-V3: 0.001)")
 
     def check(self, prefix: str) -> None:
         check(self.capacity_factor > 0, f"{prefix}.capacity_factor",
               f"must be positive, got {self.capacity_factor}.")
         _positive(self, prefix, ("capacity_multiple", "group_size"))
         _non_negative(self, prefix, ("aux_loss_weight", "z_loss_weight"))
+        _positive(self, prefix, ("bias_rate",))
         check(0 <= self.jitter < 1, f"{prefix}.jitter", f"must be in [0, 1), got {self.jitter}.")
 
 
@@ -240,10 +254,17 @@ class ModelConfig(Section):
     attn_width: Optional[int] = doc(None, "N x D, stated to check it; null: not checked")
     d_ff: int = doc(256, "dense FFN hidden width F")
     ffn_kind: FFNKind = doc(FFNKind.geglu, "dense FFN: geglu (3 matrices) or gelu (2)")
-    n_experts: int = doc(0, "experts E per MoE layer; 0: dense model")
-    expert_d_ff: Optional[int] = doc(None, "expert hidden width H; null: from plan.placement, "
-                                           "filled by resolve")
-    top_k: int = doc(2, "experts K each token is sent to")
+    n_experts: int = doc(0, "experts E per MoE layer at granularity 1; 0: dense model")
+    expert_d_ff: Optional[int] = doc(None, "hidden width H of each routed expert; null: from "
+                                           "plan.placement and granularity, filled by resolve")
+    top_k: int = doc(2, "experts K each token is sent to (at granularity 1)")
+    granularity: int = doc(1, "G: each expert split into G experts G times narrower, routed "
+                              "top_k x G of n_experts x G (Krajewski et al. 2024); 1: GLaM")
+    shared_experts: int = doc(0, "always-on experts beside the routed ones, each as wide as a "
+                                 "granularity-1 expert (DeepSeekMoE); 0: GLaM")
+    expert_kind: FFNKind = doc(FFNKind.gelu, "routed and shared experts: gelu (2 matrices, "
+                                             "GLaM) or geglu (3, the dense FFN's form; sparse "
+                                             "upcycling needs the dense FFN's form)")
     moe_every: int = doc(2, "an MoE layer every this many layers")
     moe_offset: int = doc(0, "layer i is MoE when i % moe_every == moe_offset")
     tie_embeddings: bool = doc(True, "share input and output embeddings")
@@ -264,7 +285,19 @@ class ModelConfig(Section):
 
     @property
     def expert_hidden(self) -> int:
-        return self.expert_d_ff if self.expert_d_ff is not None else self.d_ff
+        """H, each expert's hidden width (d_ff / G until resolution fills `expert_d_ff`)."""
+        return self.expert_d_ff if self.expert_d_ff is not None else \
+            max(1, round(self.d_ff / self.granularity))
+
+    @property
+    def routed_experts(self) -> int:
+        """The router's outputs, E x G: the experts a token can be routed to."""
+        return self.n_experts * self.granularity
+
+    @property
+    def routed_top_k(self) -> int:
+        """The experts each token is routed to, K x G."""
+        return self.top_k * self.granularity
 
     def is_moe_layer(self, layer: int) -> bool:
         return self.n_experts > 0 and layer % self.moe_every == self.moe_offset
@@ -281,7 +314,9 @@ class ModelConfig(Section):
         _non_negative(self, prefix, ("output_z_loss_weight",))
         _positive(self, prefix, ("vocab_size", "seq_len", "d_model", "n_layers", "n_heads",
                                  "d_head", "attn_width", "d_ff", "expert_d_ff", "top_k",
-                                 "moe_every", "rel_pos_buckets", "rel_pos_max_distance"))
+                                 "moe_every", "rel_pos_buckets", "rel_pos_max_distance",
+                                 "granularity"))
+        _non_negative(self, prefix, ("shared_experts",))
         check(self.n_experts >= 0, f"{prefix}.n_experts",
               f"must be >= 0 (0 = dense), got {self.n_experts}.")
         if self.d_head is None:
@@ -570,7 +605,8 @@ class TrainConfig(Section):
                                      "more data, as the data quality study's 3x unfiltered)")
     flops_budget: Optional[float] = doc(None, "training FLOPs to spend: resolution sets steps "
                                              "to round(budget / (3 x forward FLOPs per token "
-                                             "x batch_size x model.seq_len)); null: use steps")
+                                             "x batch_size x model.seq_len)), less what the "
+                                             "train.init_from run spent; null: use steps")
     batch_size: int = doc(16, "global batch (sequences of model.seq_len + 1 tokens)")
     seed: int = doc(0, "seed of the initial weights, batches and routing noise")
     log_every: int = doc(10, "health check and metric fetch every this many steps")
@@ -582,6 +618,11 @@ class TrainConfig(Section):
                                                      "programs compiled once are loaded by "
                                                      "every later run using this folder (a "
                                                      "study shares one); null: off")
+    init_from: Optional[str] = doc(None, "sparse upcycling: a finished dense run (export "
+                                         "folder, run directory or MLflow run id) whose weights "
+                                         "start this MoE run, every expert a copy of the dense "
+                                         "FFN it replaces (Komatsuzaki et al. 2022); its "
+                                         "training FLOPs count against train.flops_budget")
 
     def check(self, prefix: str = "train") -> None:
         _positive(self, prefix, ("steps", "token_multiple", "batch_size", "log_every",

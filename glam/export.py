@@ -3,7 +3,8 @@ JSON, and the tokenizer, in one folder (`<run dir>/model/`, also the MLflow arti
 
     model.safetensors   every parameter, float32, named by its path ("blocks.0.attn.wq")
     config.json         {"model": resolved ModelConfig, "tokenizer": "word" | "sentencepiece",
-                         "glam_version", "run_id"}
+                         "glam_version", "run_id", "trained": {"steps", "tokens",
+                         "train_flops"} (what training spent: activated training FLOPs)}
     vocab.json          the world's word vocabulary (word tokenizer), or
     tokenizer.model     the SentencePiece model
 
@@ -33,7 +34,7 @@ from safetensors.numpy import load_file, save_file
 
 from glam.config import ModelConfig
 from glam.data.tokenizer import SentencePieceTokenizer, Tokenizer, WordTokenizer
-from glam.model import GLaM
+from glam.model import GLaM, WEIGHTS
 from glam.tracking import flatten
 
 FOLDER = "model"
@@ -78,9 +79,11 @@ def _check_params(flat: dict[str, np.ndarray], state, folder: Path) -> None:
 
 
 def save(folder: Path, params: dict, model: ModelConfig, tokenizer: Tokenizer,
-         run_id: str | None = None) -> Path:
-    """Write the export of `params` (nnx.to_pure_dict of the model's nnx.Param state, arrays
-    fetched to the host) into `folder`; returns it.
+         run_id: str | None = None, trained: dict | None = None) -> Path:
+    """Write the export of `params` (nnx.to_pure_dict of the model's `glam.model.WEIGHTS`:
+    parameters and router biases, arrays fetched to the host) into `folder`; returns it.
+    `trained`: what training spent ({"steps", "tokens", "train_flops"}), read back by sparse
+    upcycling (`glam.upcycle`) to count the dense run's FLOPs.
 
     Raises:
       TypeError: a tokenizer of another kind than the word or SentencePiece one.
@@ -97,7 +100,8 @@ def save(folder: Path, params: dict, model: ModelConfig, tokenizer: Tokenizer,
     else:
         raise TypeError(f"cannot export a {type(tokenizer).__name__}")
     config = {"model": OmegaConf.to_container(OmegaConf.structured(model), enum_to_str=True),
-              "tokenizer": kind, "glam_version": metadata.version("glam"), "run_id": run_id}
+              "tokenizer": kind, "glam_version": metadata.version("glam"), "run_id": run_id,
+              "trained": trained}
     (folder / "config.json").write_text(json.dumps(config, indent=1))
     return folder
 
@@ -177,7 +181,7 @@ def _foreign_keys(saved: dict, schema: type, prefix: str) -> tuple[list[str], li
     return unknown, missing
 
 
-def _read_config(path: Path) -> tuple[ModelConfig, str, str | None]:
+def read_config(path: Path) -> tuple[ModelConfig, str, str | None]:
     """The checked ModelConfig, tokenizer kind and run id of an export's config.json.
 
     Raises:
@@ -274,11 +278,11 @@ def load(source: str | Path, tracking_uri: str | None = None,
         shapes, or the tokenizer's and the embedding's sizes); the message names the file.
     """
     folder = resolve_source(source, tracking_uri)
-    config, kind, run_id = _read_config(folder / "config.json")
+    config, kind, run_id = read_config(folder / "config.json")
     tokenizer = _read_tokenizer(folder, kind, config)
     config = transform(config) if transform else config
     model = nnx.eval_shape(lambda: GLaM(config, rngs=nnx.Rngs(0)))
-    state = nnx.state(model, nnx.Param)
+    state = nnx.state(model, WEIGHTS)
     flat = _read_params(folder / "model.safetensors")
     _check_params(flat, state, folder)
     values = _nested(flat, nnx.to_pure_dict(state))

@@ -38,10 +38,12 @@ class Role(StrEnum):
 _TABLE: dict[Role, dict[str, str]] = {
     Role.STATE: {
         "model": "name vocab_size seq_len d_model n_layers n_heads d_head attn_width d_ff "
-                 "ffn_kind n_experts expert_d_ff top_k moe_every moe_offset tie_embeddings "
-                 "rel_pos_buckets rel_pos_max_distance dtype output_z_loss_weight",
+                 "ffn_kind n_experts expert_d_ff top_k granularity shared_experts expert_kind "
+                 "moe_every moe_offset tie_embeddings rel_pos_buckets rel_pos_max_distance "
+                 "dtype output_z_loss_weight",
         "model.router": "capacity_factor capacity_multiple group_size second_expert_policy "
-                        "gate_norm jitter aux_loss_weight z_loss_weight dispatch",
+                        "gate_norm jitter aux_loss_weight z_loss_weight dispatch balance "
+                        "bias_rate",
         "data": "kind n_entities n_attributes templates_per_attribute filler_share qa_share "
                 "qa_entity_fraction popularity train_tokens val_tokens seed sources malformed "
                 "segment_ids",
@@ -57,7 +59,7 @@ _TABLE: dict[Role, dict[str, str]] = {
                      "multiply_by_parameter_scale",
         "schedule": "name learning_rate warmup_steps constant_steps decay_fraction "
                     "end_lr_fraction",
-        "train": "steps batch_size seed",
+        "train": "steps batch_size seed init_from",
         "derived": "drops_tokens",
     },
     Role.RESULT: {

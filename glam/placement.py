@@ -7,6 +7,15 @@ Two placements (`plan.placement`):
 - `matched`: the expert width is solved so that the MoE model's activated forward FLOPs per token
   equal those of its dense counterpart (the same config with n_experts = 0), so the only change
   along an expert-count series is E.
+
+Granularity G (Krajewski et al. 2024) splits each expert into G experts G times narrower and
+routes each token to G times more of them: the width is that of G = 1 under the placement
+divided by G (`glam`: d_ff / G, refused unless G divides it; `matched`: the width solved at
+G = 1, divided by G and rounded). Expert parameters and expert FLOPs stay those of G = 1; the
+router's FLOPs (M x E x G per token and MoE layer) grow with G and are counted in the activated
+FLOPs, and `glam.study.plan` refuses a point whose FLOPs or expert parameters move more than
+`plan.tolerance` from its G = 1 counterpart (`coarse_counterpart`). Shared experts (DeepSeekMoE)
+are as wide as a G = 1 expert (H x G), so granularity leaves them unchanged too.
 """
 
 from __future__ import annotations
@@ -18,8 +27,9 @@ from glam.config import ConfigError, ModelConfig, Placement
 
 
 def dense_counterpart(m: ModelConfig) -> ModelConfig:
-    """`m` with no experts (and no expert width): the dense model of the same shape."""
-    return dataclasses.replace(m, n_experts=0, expert_d_ff=None)
+    """`m` with no experts (no expert width, granularity or shared experts): the dense model of
+    the same shape."""
+    return dataclasses.replace(m, n_experts=0, expert_d_ff=None, granularity=1, shared_experts=0)
 
 
 def flops(m: ModelConfig) -> int:
@@ -28,16 +38,19 @@ def flops(m: ModelConfig) -> int:
 
 
 def matched_expert_width(m: ModelConfig) -> int:
-    """Expert hidden width H whose MoE model has the dense counterpart's forward FLOPs/token.
-    FLOPs are affine in H, so two evaluations give the exact solution before rounding.
+    """Expert hidden width H whose MoE model has the dense counterpart's forward FLOPs/token at
+    granularity 1 (the K routed and the shared experts of width H plus the router cost what the
+    dense FFN costs), divided by the granularity G and rounded. FLOPs are affine in H, so two
+    evaluations give the exact solution before rounding.
 
     Raises:
       ConfigError (`plan.placement`): no positive width matches (the router alone costs more).
     """
     target = flops(dense_counterpart(m))
-    f1 = flops(dataclasses.replace(m, expert_d_ff=1))
-    f2 = flops(dataclasses.replace(m, expert_d_ff=2))
-    width = round(1 + (target - f1) / (f2 - f1))
+    coarse = dataclasses.replace(m, granularity=1)
+    f1 = flops(dataclasses.replace(coarse, expert_d_ff=1))
+    f2 = flops(dataclasses.replace(coarse, expert_d_ff=2))
+    width = round((1 + (target - f1) / (f2 - f1)) / m.granularity)
     if width < 1:
         raise ConfigError(f"plan.placement: no expert width matches the dense FLOPs with "
                           f"n_experts={m.n_experts} (the router alone costs more); use fewer "
@@ -47,9 +60,21 @@ def matched_expert_width(m: ModelConfig) -> int:
 
 def expert_width(m: ModelConfig, placement: Placement) -> int | None:
     """The expert hidden width H of `m` under `placement`: None for a dense model; the preset's
-    `expert_d_ff` or the dense FFN width under `glam`; the FLOP-matching width under `matched`."""
+    `expert_d_ff`, else the dense FFN width / granularity, under `glam`; the FLOP-matching width
+    under `matched`."""
     if m.family != "moe":
         return None
     if placement == Placement.matched:
         return matched_expert_width(m)
-    return m.expert_d_ff if m.expert_d_ff is not None else m.d_ff
+    if m.expert_d_ff is None and m.d_ff % m.granularity:
+        raise ConfigError(f"model.granularity: {m.granularity} does not divide d_ff={m.d_ff}, so "
+                          "the experts cannot be exactly G times narrower; use a divisor of "
+                          "d_ff (or plan.placement=matched).")
+    return m.expert_hidden
+
+
+def coarse_counterpart(m: ModelConfig, placement: Placement) -> ModelConfig:
+    """`m` (resolved) at granularity 1 under `placement`: the model whose activated FLOPs and
+    expert parameters a granularity series holds (`glam.study.plan`)."""
+    coarse = dataclasses.replace(m, granularity=1, expert_d_ff=m.expert_hidden * m.granularity)
+    return dataclasses.replace(coarse, expert_d_ff=expert_width(coarse, placement))

@@ -28,7 +28,7 @@ from hydra.core.config_store import ConfigStore
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, OmegaConf
 
-from glam.config import (Config, DataKind, Dispatch, ModelConfig, Placement, Section,
+from glam.config import (Balance, Config, DataKind, Dispatch, ModelConfig, Placement, Section,
                          check, doc, freeze)
 from glam.data.vocab import vocab_size
 from glam.data.world import ATTRIBUTES, WORLD_TASKS
@@ -155,6 +155,9 @@ def _fill_shape(m: ModelConfig, placement: Placement, vocab_size: int | None,
     if m.router.group_size is None:
         m.router.group_size = m.seq_len
         filled.append("model.router.group_size")
+    if m.router.balance == Balance.bias and m.router.aux_loss_weight:
+        m.router.aux_loss_weight = 0.0  # balancing by bias alone: the loss is logged, not added
+        filled.append("model.router.aux_loss_weight")
     m.check()
     return m
 
@@ -261,6 +264,17 @@ def resolve(cfg: Config, backend: str | None = None, *, checked: bool = False,
                   f"model.seq_len); pick a divisor of {tokens}.")
     check(cfg.eval.max_answer_tokens < model.seq_len, "eval.max_answer_tokens",
           f"must be below model.seq_len={model.seq_len}.")
+    spent = 0.0  # training FLOPs spent before this run: the dense run an upcycled one starts from
+    if t.init_from is not None:
+        from glam.upcycle import check_source, read_source
+
+        source = read_source(t.init_from, cfg.logger.tracking_uri)
+        check_source(model, source.model, t.init_from)
+        if t.flops_budget is not None:
+            check(source.train_flops is not None, "train.flops_budget",
+                  f"{t.init_from} does not record the FLOPs its training spent (an export "
+                  "older than that record); give train.steps instead of a budget.")
+            spent = source.train_flops
     if backend is None:
         if before_backend is not None:
             before_backend()
@@ -272,8 +286,11 @@ def resolve(cfg: Config, backend: str | None = None, *, checked: bool = False,
         sections["train"].steps = max(1, round(t.steps * t.token_multiple))
         filled.append("train.steps")
     if t.flops_budget is not None:  # the budget at glam's own count of training FLOPs
+        check(t.flops_budget > spent, "train.flops_budget",
+              f"{t.flops_budget:.4g} FLOPs, but the dense run {t.init_from} spent {spent:.4g} "
+              "already; raise the budget.")
         per_step = accounting.count(model).train_flops_per_token * t.batch_size * model.seq_len
-        sections["train"].steps = max(1, round(t.flops_budget / per_step))
+        sections["train"].steps = max(1, round((t.flops_budget - spent) / per_step))
         filled.append("train.steps")
     derived = Derived(backend=backend,
                       drops_tokens=bool(model.moe_layers)

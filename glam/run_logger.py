@@ -47,10 +47,16 @@ def git_sha() -> str:
 
 def run_name(cfg: ResolvedConfig, activated_params: int) -> str:
     """What tells a run from its neighbours first, so the MLflow UI's narrow name column shows
-    it: family and experts, activated size, training tokens, data filter, seed. E.g.
-    `moe-E8-1.2M-1.02Mtok-s0`, `dense-156K-3.07Mtok-pareto-s1`."""
+    it: family and experts (granularity, shared experts, bias balancing, upcycled), activated
+    size, training tokens, data filter, seed. E.g. `moe-E8-1.2M-1.02Mtok-s0`,
+    `moe-E8G4-S1-bias-up-1.2M-1.02Mtok-s0`, `dense-156K-3.07Mtok-pareto-s1`."""
     m = cfg.model
-    family = f"moe-E{m.n_experts}" if m.family == "moe" else "dense"
+    family = "dense"
+    if m.family == "moe":
+        family = f"moe-E{m.n_experts}" + (f"G{m.granularity}" if m.granularity > 1 else "")
+        family += f"-S{m.shared_experts}" if m.shared_experts else ""
+        family += f"-{m.router.balance}" if m.router.balance != "aux" else ""
+        family += "-up" if cfg.train.init_from else ""
     tokens = cfg.train.steps * cfg.train.batch_size * m.seq_len
     quality = getattr(cfg.data, "quality", None)
     selection = getattr(quality, "selection", None)
@@ -103,7 +109,7 @@ class RunLogger:
           fingerprint: the data fingerprint (tag `data_fingerprint`).
           extra_tags: the study point's tags (`glam.study.runs.point_tags`).
         """
-        self.output_dir = output_dir
+        self.output_dir, self.counts = output_dir, counts
         self.primary = distributed.is_primary()
         m, lg, c = cfg.model, cfg.logger, counts
         resolved = to_container(cfg)
@@ -115,6 +121,7 @@ class RunLogger:
             self.config_path.write_text(OmegaConf.to_yaml(resolved))
         params = {**resolved, "counts": c.as_dict(), "corpus": data_facts}
         tags = {"model": m.name, "family": m.family, "n_experts": m.n_experts, "top_k": m.top_k,
+                "granularity": m.granularity, "shared_experts": m.shared_experts,
                 "total_params": c.total_params, "activated_params": c.activated_params,
                 "forward_flops_per_token": c.forward_flops_per_token, "seed": cfg.train.seed,
                 "dispatch": m.router.dispatch, "git_sha": (sha := git_sha()),
@@ -180,8 +187,12 @@ class RunLogger:
             return
         from glam import export
 
+        t = cfg.train
+        tokens = t.steps * t.batch_size * cfg.model.seq_len
+        trained = {"steps": t.steps, "tokens": tokens,
+                   "train_flops": float(tokens * self.counts.train_flops_per_token)}
         folder = export.save(self.output_dir / export.FOLDER, params, cfg.model, tokenizer,
-                             self.run_id)
+                             self.run_id, trained)
         self.tracker.log_artifacts(folder, export.FOLDER)
         if cfg.logger.register_model:
             self.tracker.register_model(cfg.logger.register_model, export.FOLDER)

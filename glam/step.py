@@ -12,6 +12,7 @@ from flax import nnx
 from glam.config import ModelConfig
 from glam.mesh import state_shardings
 from glam.model import GLaM, MoEOutputs
+from glam.model.moe import update_router_bias
 
 
 def init_state(cfg: ModelConfig, tx: optax.GradientTransformation, seed: int, mesh, rules):
@@ -71,17 +72,32 @@ def loss_fn(model: GLaM, tokens: jax.Array, key, cfg: ModelConfig, scale=1.0,
     return total, (lm_loss, output_z, moe)
 
 
-def moe_metrics(moe: MoEOutputs) -> dict[str, jax.Array]:
+def moe_metrics(moe: MoEOutputs, model: GLaM) -> dict[str, jax.Array]:
     """Per-step scalars: router losses (summed over MoE layers, as added to the loss) and each
-    MoE layer's health signals (its own aux loss reads 1 under perfect balance)."""
+    MoE layer's health signals (its own aux loss reads 1 under perfect balance): `load_max`,
+    the busiest expert's load over the mean, and `load_violation`, that less 1 (MaxVio, Wang et
+    al. 2024: 0 when balanced); with bias balancing, the spread of its biases."""
     out = {"aux_loss": moe.aux_loss, "z_loss": moe.z_loss}
     for layer, stats in moe.layer_stats.items():
         for name, value in stats.items():
             if name == "expert_load":
                 out[f"moe/layer{layer}/load_max"] = value.max()
+                out[f"moe/layer{layer}/load_violation"] = value.max() - 1.0
             else:
                 out[f"moe/layer{layer}/{name}"] = value
+        ffn = model.blocks[layer].ffn
+        if hasattr(ffn, "bias"):
+            out[f"moe/layer{layer}/bias_range"] = ffn.bias[...].max() - ffn.bias[...].min()
     return out
+
+
+def balance_routers(model: GLaM, moe: MoEOutputs, rate: float) -> None:
+    """Move each bias-balanced MoE layer's selection biases by the step's expert loads
+    (`update_router_bias`), in place."""
+    for layer, stats in moe.layer_stats.items():
+        ffn = model.blocks[layer].ffn
+        if hasattr(ffn, "bias"):
+            ffn.bias.value = update_router_bias(ffn.bias[...], stats["expert_load"], rate)
 
 
 def all_finite(tree) -> jax.Array:
@@ -110,12 +126,13 @@ def make_train_step(graphdef: nnx.GraphDef, cfg: ModelConfig, schedule: optax.Sc
         grad_norm = optax.tree.norm(grads)
         learning_rate = schedule(opt.step[...])
         opt.update(model, grads)
+        balance_routers(model, moe, cfg.router.bias_rate)
         updated = nnx.state((model, opt))
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & all_finite(updated)
         metrics = {"loss": loss, "lm_loss": lm_loss, "output_z_loss": output_z,
                    "grad_norm": grad_norm,
                    "learning_rate": learning_rate, "skipped": (~finite).astype(jnp.int32),
-                   **moe_metrics(moe)}
+                   **moe_metrics(moe, model)}
         return jax.tree.map(lambda new, old: jnp.where(finite, new, old), updated, state), metrics
 
     jitted = jax.jit(train_step, donate_argnums=0,

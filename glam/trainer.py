@@ -38,12 +38,14 @@ from glam.identity import checkpoint_identity
 from glam.interrupts import StopOnSignal
 from glam.ledger import MetricLedger
 from glam.mesh import activate, check_divisibility, data_sharding, make_mesh, rules_for
+from glam.model import WEIGHTS
 from glam.optim import lr_schedule, make_optimizer
 from glam.recovery import Recovery, newest_step
 from glam.resolve import ResolvedConfig, resolve
 from glam.run_logger import RunLogger
 from glam.stability import HealthMonitor, fault_scale
 from glam.step import init_state, make_eval_step, make_train_step
+from glam.upcycle import read_source, upcycled_state
 
 log = logging.getLogger("glam.train")
 
@@ -148,7 +150,7 @@ def evaluators(cfg: ResolvedConfig, corpus: Corpus, model_graphdef, tasks: list[
 def export_model(logger: RunLogger, cfg: ResolvedConfig, model: nnx.Module, tokenizer) -> None:
     """Export the trained model (`RunLogger.export_model`); a failed write is only warned
     about: the training is done and in MLflow."""
-    params = distributed.fetch(nnx.to_pure_dict(nnx.state(model, nnx.Param)))  # every process
+    params = distributed.fetch(nnx.to_pure_dict(nnx.state(model, WEIGHTS)))  # every process
     try:
         logger.export_model(params, cfg, tokenizer)
     except OSError as err:
@@ -200,6 +202,9 @@ class Trainer:
         self.schedule = lr_schedule(cfg.schedule, t.steps)
         self.graphdef, model_graphdef, self.state, state_sharding = init_state(
             m, make_optimizer(cfg.optimizer, self.schedule), t.seed, self.mesh, self.rules)
+        if t.init_from:  # sparse upcycling (a checkpoint, when resuming, replaces it)
+            self.state = upcycled_state(self.state, self.graphdef, state_sharding,
+                                        read_source(t.init_from, cfg.logger.tracking_uri).folder)
         self.batch_sharding = data_sharding(self.mesh, self.rules)
         self.feed = self.corpus.feed(self.batch_sharding)
         self.train_step = make_train_step(self.graphdef, m, self.schedule, state_sharding,

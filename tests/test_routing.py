@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from glam.model.moe import DISPATCH, dispatch_combine_tensors
+from glam.model.moe import DISPATCH, ExpertWeights, dispatch_combine_tensors
 from glam.model.routing import expert_capacity, second_expert_noise, top_k_gating
 
 
@@ -18,11 +18,13 @@ def _gelu(x):
 
 
 def reference_moe(x, logits, w_in, w_out, *, top_k, capacity, policy, gate_norm, noise,
-                  valid=None):
-    """Route token by token, fill expert slots rank by rank, sum the gated expert outputs.
-    Returns the output, the slot of every assignment (-1: not placed) and the router losses and
-    statistics, computed by counting."""
+                  valid=None, w_gate=None, bias=None):
+    """Route token by token, fill expert slots rank by rank, sum the gated expert outputs
+    (GELU experts, or GeGLU with `w_gate`). A selection `bias` [E] is added to the logits for
+    choosing experts only. Returns the output, the slot of every assignment (-1: not placed) and
+    the router losses and statistics, computed by counting."""
     x, logits = np.asarray(x, np.float64), np.asarray(logits, np.float64)
+    chooser = logits if bias is None else logits + np.asarray(bias, np.float64)
     noise = None if noise is None else np.asarray(noise, np.float64)
     g_count, s_count, e_count = logits.shape
     out = np.zeros_like(x)
@@ -35,8 +37,9 @@ def reference_moe(x, logits, w_in, w_out, *, top_k, capacity, policy, gate_norm,
         probs /= probs.sum(-1, keepdims=True)
         chosen, gates, attempted = [], [], []
         for s in range(s_count):
-            first = int(np.argmax(probs[s]))
-            scores = logits[g, s] + noise[g, s] if policy == "sampling" and noise is not None else probs[s]
+            first = int(np.argmax(probs[s] if bias is None else chooser[g, s]))
+            scores = (chooser[g, s] + noise[g, s] if policy == "sampling" and noise is not None
+                      else probs[s] if bias is None else chooser[g, s])
             rest = [int(e) for e in np.argsort(-scores, kind="stable") if e != first][: top_k - 1]
             experts = [first] + rest
             gate = probs[s, experts]
@@ -78,7 +81,8 @@ def reference_moe(x, logits, w_in, w_out, *, top_k, capacity, policy, gate_norm,
                 weight = norm * placed[s]
             for r, e in enumerate(chosen[s]):
                 if placed[s, r]:
-                    h = _gelu(x[g, s] @ w_in[e])
+                    h = (_gelu(x[g, s] @ w_in[e]) if w_gate is None
+                         else _gelu(x[g, s] @ w_gate[e]) * (x[g, s] @ w_in[e]))
                     out[g, s] += weight[r] * (h @ w_out[e])
     stats = {"aux_loss": aux, "expert_load": demand * e_count / demand.sum(),
              "dropped_top2": (tried_lower - placed_lower) / max(tried_lower, 1)}
@@ -103,6 +107,7 @@ CASES = [
     (16, 8, 3, 0.5, 2, "sampling", "after", 0.0),
     (8, 2, 2, 4.0, 4, "all", "before", 0.0),
     (32, 16, 2, 1.25, 4, "all", "before", 5.0),
+    (32, 16, 4, 1.0, 1, "all", "before", 2.0),  # granularity 2 of E = 8, K = 2
 ]
 
 
@@ -123,7 +128,7 @@ def test_dispatch_matches_reference(case, dispatch, seed=0):
 
     routing = _jit_gating(logits, top_k=k, capacity=capacity, policy=policy,
                           gate_norm=gate_norm, noise=noise)
-    got = jax.jit(DISPATCH[dispatch])(x, routing, w_in, w_out)
+    got = jax.jit(DISPATCH[dispatch])(x, routing, ExpertWeights(w_in, w_out))
     want, slots, want_stats = reference_moe(x, logits, np.asarray(w_in), np.asarray(w_out), top_k=k,
                                  capacity=capacity, policy=policy, gate_norm=gate_norm,
                                  noise=noise)
@@ -139,6 +144,38 @@ def test_dispatch_matches_reference(case, dispatch, seed=0):
     for n in range(k + 1):
         assert float(routing.stats[f"routed_{n}"]) == pytest.approx(np.mean(n_placed == n), abs=1e-6)
     assert float(routing.stats["dropped_top1"]) == pytest.approx(np.mean(~placed[..., 0]), abs=1e-6)
+
+
+@pytest.mark.parametrize("dispatch", sorted(DISPATCH))
+@pytest.mark.parametrize("padded", [False, True], ids=["full", "padded"])
+@pytest.mark.parametrize("policy", ["all", "sampling"])
+def test_geglu_experts_and_a_selection_bias_match_the_reference(dispatch, padded, policy):
+    """GeGLU experts (upcycling's form) and an aux-loss-free selection bias, on every path, with
+    and without padding: the bias changes which experts are chosen, never the gates."""
+    g, s, e, k, m, h = 2, 16, 8, 2, 8, 16
+    keys = jax.random.split(jax.random.key(5), 8)
+    x = jax.random.normal(keys[0], (g, s, m))
+    logits = jax.random.normal(keys[1], (g, s, e)) * 2.0
+    w_in, w_gate = (jax.random.normal(key, (e, m, h)) / np.sqrt(m) for key in keys[2:4])
+    w_out = jax.random.normal(keys[4], (e, h, m)) / np.sqrt(h)
+    bias = jax.random.normal(keys[5], (e,)) * 2.0
+    valid = jax.random.uniform(keys[6], (g, s)) > 0.3 if padded else None
+    capacity = expert_capacity(s, e, k, 1.0, 1)
+    noise = second_expert_noise(keys[7], policy, logits.shape, k)
+    routing = _jit_gating(logits, top_k=k, capacity=capacity, policy=policy, gate_norm="before",
+                          noise=noise, valid=valid, selection_bias=bias)
+    got = jax.jit(DISPATCH[dispatch])(x, routing, ExpertWeights(w_in, w_out, w_gate))
+    want, slots, stats = reference_moe(
+        x, logits, *(np.asarray(w) for w in (w_in, w_out)), top_k=k, capacity=capacity,
+        policy=policy, gate_norm="before", noise=noise,
+        valid=None if valid is None else np.asarray(valid), w_gate=np.asarray(w_gate),
+        bias=np.asarray(bias))
+    np.testing.assert_array_equal(np.where(routing.placed, routing.position, -1), slots)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=2e-5, atol=2e-5)
+    np.testing.assert_allclose(routing.stats["expert_load"], stats["expert_load"], rtol=1e-5)
+    unbiased = _jit_gating(logits, top_k=k, capacity=capacity, policy=policy,
+                           gate_norm="before", noise=noise, valid=valid)
+    assert np.any(np.asarray(routing.expert_index) != np.asarray(unbiased.expert_index))
 
 
 def test_overflow_cases_really_drop():
@@ -176,7 +213,7 @@ def test_gradients_of_every_path_equal_the_einsum_reference(capacity_factor):
         x, w_router, w_in, w_out = params
         routing = top_k_gating((x @ w_router).at[..., 0].add(1.0), top_k=k, capacity=capacity,
                                valid=valid)
-        y = DISPATCH[dispatch](x, routing, w_in, w_out)
+        y = DISPATCH[dispatch](x, routing, ExpertWeights(w_in, w_out))
         return jnp.sum(y * target) + 0.01 * routing.aux_loss
 
     params = (x, w_router, w_in, w_out)
@@ -205,7 +242,7 @@ def test_ragged_dot_branch_of_dropless_equals_the_blocked_cpu_form():
                           noise=None, valid=valid)
 
     def run(x, w_in, w_out, ragged):
-        return moe_dropless(x, routing, w_in, w_out, block=8, ragged=ragged)
+        return moe_dropless(x, routing, ExpertWeights(w_in, w_out), block=8, ragged=ragged)
 
     outs = {r: jax.jit(run, static_argnums=3)(x, w_in, w_out, r) for r in (True, False)}
     np.testing.assert_allclose(outs[True], outs[False], atol=1e-6)
@@ -312,7 +349,7 @@ def test_padding_takes_no_capacity(dispatch):
     capacity = expert_capacity(s, e, k, 0.5, 1)
     routing = _jit_gating(logits, top_k=k, capacity=capacity, policy="all", gate_norm="before",
                           noise=None, valid=valid)
-    got = jax.jit(DISPATCH[dispatch])(x, routing, w_in, w_out)
+    got = jax.jit(DISPATCH[dispatch])(x, routing, ExpertWeights(w_in, w_out))
     want, slots, _ = reference_moe(x, logits, np.asarray(w_in), np.asarray(w_out), top_k=k,
                                    capacity=capacity, policy="all", gate_norm="before",
                                    noise=None, valid=np.asarray(valid))
@@ -337,12 +374,12 @@ def test_dropless_equals_capacity_routing_when_nothing_drops(e, k, block):
     valid = jax.random.uniform(keys[4], (g, s)) > 0.2
     routing = _jit_gating(logits, top_k=k, capacity=s, policy="all", gate_norm="before",
                           noise=None, valid=valid)
-    got = jax.jit(moe_dropless, static_argnames="block")(x, routing, w_in, w_out, block=block)
+    got = jax.jit(moe_dropless, static_argnames="block")(x, routing, ExpertWeights(w_in, w_out), block=block)
     want, _, _ = reference_moe(x, logits, np.asarray(w_in), np.asarray(w_out), top_k=k,
                                capacity=s, policy="all", gate_norm="before", noise=None,
                                valid=np.asarray(valid))
     np.testing.assert_allclose(np.asarray(got), want, rtol=2e-5, atol=2e-5)
-    np.testing.assert_allclose(got, DISPATCH["gather"](x, routing, w_in, w_out), atol=2e-5)
+    np.testing.assert_allclose(got, DISPATCH["gather"](x, routing, ExpertWeights(w_in, w_out)), atol=2e-5)
 
 
 def test_the_issue_example_padding_takes_nothing_from_real_tokens():

@@ -117,11 +117,11 @@ class Attention(nnx.Module):
 
 
 class FeedForward(nnx.Module):
-    """Dense FFN: GeGLU (gelu(x wi_gate) * (x wi)) wo, or plain gelu(x wi) wo."""
+    """Dense FFN M -> F -> M: GeGLU (gelu(x wi_gate) * (x wi)) wo, or plain gelu(x wi) wo
+    (`kind`: `model.ffn_kind` for a dense layer, `model.expert_kind` for shared experts)."""
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-        m, f = cfg.d_model, cfg.d_ff
-        self.gated = cfg.ffn_kind == "geglu"
+    def __init__(self, m: int, f: int, kind: str, *, rngs: nnx.Rngs):
+        self.gated = kind == "geglu"
         if self.gated:
             self.wi_gate = param(rngs, (m, f), m, ("embed", "mlp"))
         self.wi = param(rngs, (m, f), m, ("embed", "mlp"))

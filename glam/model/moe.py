@@ -1,8 +1,10 @@
-"""The MoE feed-forward layer: router, E two-matrix GELU experts, and three dispatch paths.
+"""The MoE feed-forward layer: router, routed GELU (or GeGLU) experts, optional shared experts,
+and three dispatch paths.
 
 Dimension letters as in `glam.model.routing` (G, S, E, C, K, M) plus H, the expert hidden width.
-`model.router.dispatch` picks the path; `auto` (the default) is fixed by `glam.resolve` for the
-backend: `dropless` on GPU/TPU, `gather` on CPU.
+Here E and K are the routed experts and choices, E x G and K x G of the config at granularity G
+(Krajewski et al. 2024). `model.router.dispatch` picks the path; `auto` (the default) is fixed
+by `glam.resolve` for the backend: `dropless` on GPU/TPU, `gather` on CPU.
 
 - `einsum`: one-hot dispatch and combine tensors [G, S, E, C] contracted with einsums, the GShard
   reference. Its cost grows with S * E * C, i.e. with the group size squared.
@@ -13,7 +15,7 @@ backend: `dropless` on GPU/TPU, `gather` on CPU.
 - `dropless`: assignments sorted by expert, grouped matmuls (`ragged_dot` on GPU/TPU, a blocked
   padded form on CPU); capacity is the whole group, so nothing is dropped.
 
-All three are checked against a slow loop-over-tokens reference in the tests.
+All three are checked against a slow loop-over-experts reference in the tests.
 """
 
 from __future__ import annotations
@@ -22,22 +24,45 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
+from flax import nnx, struct
 
-from glam.config import ModelConfig
+from glam.config import Balance, FFNKind, ModelConfig
 from glam.mesh import constrain
-from glam.model.layers import param, project
+from glam.model.layers import FeedForward, param, project
 from glam.model.routing import Routing, expert_capacity, second_expert_noise, top_k_gating
 
 
-def experts_ffn(x: jax.Array, w_in: jax.Array, w_out: jax.Array) -> jax.Array:
-    """Apply expert e's GELU FFN to buffer row e: [G, E, C, M] -> [G, E, C, M]. The experts run
+class RouterBias(nnx.Variable):
+    """Per-expert selection bias [E] float32 of auxiliary-loss-free balancing (DeepSeek-V3):
+    not a parameter (no gradient, no optimizer state), moved by `update_router_bias` after each
+    step; checkpointed and exported with the parameters."""
+
+
+@struct.dataclass
+class ExpertWeights:
+    """The routed experts' weights, cast to the activation dtype: `w_in` [E, M, H], `w_out`
+    [E, H, M], and `w_gate` [E, M, H] for GeGLU experts (None: GELU experts)."""
+
+    w_in: jax.Array
+    w_out: jax.Array
+    w_gate: Optional[jax.Array] = None
+
+
+def _hidden(x: jax.Array, spec: str, w_in: jax.Array, w_gate: Optional[jax.Array]) -> jax.Array:
+    """Expert hidden activations: gelu(x w_in), or gelu(x w_gate) * (x w_in) as the dense GeGLU
+    FFN computes them, each product the einsum `spec`."""
+    h = jnp.einsum(spec, x, w_in)
+    return jax.nn.gelu(h) if w_gate is None else jax.nn.gelu(jnp.einsum(spec, x, w_gate)) * h
+
+
+def experts_ffn(x: jax.Array, w: ExpertWeights) -> jax.Array:
+    """Apply expert e's FFN to buffer row e: [G, E, C, M] -> [G, E, C, M]. The experts run
     as one batched matmul over rows R = G x C per expert ([E, R, M]): on CPU 1.7x faster than
     contracting the 4-d buffer directly (the batched dot wants one free dimension per side)."""
     g, e, c, m = x.shape
     rows = x.transpose(1, 0, 2, 3).reshape(e, g * c, m)
-    h = jax.nn.gelu(jnp.einsum("erm,emh->erh", rows, w_in))
-    y = jnp.einsum("erh,ehm->erm", h, w_out)
+    h = _hidden(rows, "erm,emh->erh", w.w_in, w.w_gate)
+    y = jnp.einsum("erh,ehm->erm", h, w.w_out)
     return y.reshape(e, g, c, m).transpose(1, 0, 2, 3)
 
 
@@ -51,11 +76,11 @@ def dispatch_combine_tensors(routing: Routing) -> tuple[jax.Array, jax.Array]:
     return dispatch, combine
 
 
-def moe_einsum(x: jax.Array, routing: Routing, w_in: jax.Array, w_out: jax.Array) -> jax.Array:
+def moe_einsum(x: jax.Array, routing: Routing, w: ExpertWeights) -> jax.Array:
     """GShard one-hot dispatch: x [G, S, M] -> [G, S, M]."""
     dispatch, combine = dispatch_combine_tensors(routing)
     buffer = jnp.einsum("gsec,gsm->gecm", dispatch.astype(x.dtype), x)
-    y = _expert_parallel_ffn(buffer, w_in, w_out)
+    y = _expert_parallel_ffn(buffer, w)
     return constrain(jnp.einsum("gsec,gecm->gsm", combine.astype(x.dtype), y), "group", None, None)
 
 
@@ -100,7 +125,7 @@ def _gather_rows_bwd(res, g_out):
 gather_rows.defvjp(_gather_rows_fwd, _gather_rows_bwd)
 
 
-def moe_gather(x: jax.Array, routing: Routing, w_in: jax.Array, w_out: jax.Array) -> jax.Array:
+def moe_gather(x: jax.Array, routing: Routing, w: ExpertWeights) -> jax.Array:
     """Index dispatch: gather tokens into [G, E, C, M], batched expert matmul, gather back."""
     g, s, m = x.shape
     e, c = routing.n_experts, routing.capacity
@@ -114,13 +139,13 @@ def moe_gather(x: jax.Array, routing: Routing, w_in: jax.Array, w_out: jax.Array
         jnp.broadcast_to(jnp.arange(s * k, dtype=jnp.int32), (g, s * k)))[:, : e * c]
     token_of_slot = jnp.where(held < s * k, held // k, s)
     buffer = gather_rows(x, token_of_slot, slot.reshape(g, s, k)).reshape(g, e, c, m)
-    y = _expert_parallel_ffn(buffer, w_in, w_out).reshape(g, e * c, m)
+    y = _expert_parallel_ffn(buffer, w).reshape(g, e * c, m)
     picked = gather_rows(y, slot, held[..., None]).reshape(g, s, k, m)
     out = jnp.einsum("gskm,gsk->gsm", picked, routing.weight.astype(x.dtype))
     return constrain(out, "group", None, None)
 
 
-def moe_dropless(x: jax.Array, routing: Routing, w_in: jax.Array, w_out: jax.Array,
+def moe_dropless(x: jax.Array, routing: Routing, w: ExpertWeights,
                  block: int = 64, ragged: Optional[bool] = None) -> jax.Array:
     """Dropless dispatch (MegaBlocks-style): assignments sorted by expert, grouped matmuls.
 
@@ -143,16 +168,20 @@ def moe_dropless(x: jax.Array, routing: Routing, w_in: jax.Array, w_out: jax.Arr
     if ragged is None:
         ragged = jax.default_backend() in ("gpu", "tpu")
     if ragged:
-        h = jax.nn.gelu(jax.lax.ragged_dot(rows, w_in, sizes))
-        y_sorted = jax.lax.ragged_dot(h, w_out, sizes)
+        h = jax.lax.ragged_dot(rows, w.w_in, sizes)
+        if w.w_gate is None:
+            h = jax.nn.gelu(h)
+        else:
+            h = jax.nn.gelu(jax.lax.ragged_dot(rows, w.w_gate, sizes)) * h
+        y_sorted = jax.lax.ragged_dot(h, w.w_out, sizes)
     else:
-        y_sorted = _blocked_grouped_ffn(rows, expert[order], sizes, w_in, w_out, block, e)
+        y_sorted = _blocked_grouped_ffn(rows, expert[order], sizes, w, block, e)
     y = jnp.zeros_like(y_sorted).at[order].set(y_sorted).reshape(g, s, k, m)
     out = jnp.einsum("gskm,gsk->gsm", y, routing.weight.astype(x.dtype))
     return constrain(out, "group", None, None)
 
 
-def _blocked_grouped_ffn(rows, expert, sizes, w_in, w_out, block, e):
+def _blocked_grouped_ffn(rows, expert, sizes, w: ExpertWeights, block, e):
     """Grouped GELU FFN over expert-sorted `rows` [N, M] of `e` experts: pad each group to
     whole blocks."""
     n, m = rows.shape
@@ -168,36 +197,47 @@ def _blocked_grouped_ffn(rows, expert, sizes, w_in, w_out, block, e):
     block_expert = jnp.minimum(
         jnp.searchsorted(jnp.cumsum(padded), block_start, side="right"), e - 1)
     buffer = buffer.reshape(n_blocks, block, m)
-    h = jax.nn.gelu(jnp.einsum("bxm,bmh->bxh", buffer, w_in[block_expert]))
-    y = jnp.einsum("bxh,bhm->bxm", h, w_out[block_expert]).reshape(n_blocks * block, m)
+    gate = None if w.w_gate is None else w.w_gate[block_expert]
+    h = _hidden(buffer, "bxm,bmh->bxh", w.w_in[block_expert], gate)
+    y = jnp.einsum("bxh,bhm->bxm", h, w.w_out[block_expert]).reshape(n_blocks * block, m)
     y = jnp.concatenate([y, jnp.zeros((1, m), y.dtype)])
     return y[dest]
 
 
-def _expert_parallel_ffn(buffer: jax.Array, w_in: jax.Array, w_out: jax.Array) -> jax.Array:
+def _expert_parallel_ffn(buffer: jax.Array, w: ExpertWeights) -> jax.Array:
     """The experts on a buffer laid out by expert: under a mesh with an `expert` axis, the
     constraints make XLA move tokens with an all_to_all there and back."""
     buffer = constrain(buffer, "expert_group", "expert", None, None)
-    return constrain(experts_ffn(buffer, w_in, w_out), "expert_group", "expert", None, None)
+    return constrain(experts_ffn(buffer, w), "expert_group", "expert", None, None)
 
 
 DISPATCH = {"einsum": moe_einsum, "gather": moe_gather, "dropless": moe_dropless}
 
 
 class MoEFeedForward(nnx.Module):
-    """Top-k routed mixture of E GELU FFNs (d_model -> expert d_ff -> d_model). `cfg` is a
-    resolved model config (`glam.resolve`): concrete dispatch and group size; a raw one
-    (dispatch `auto` or no group size) raises ValueError."""
+    """Top-k routed mixture of E x G experts (d_model -> expert d_ff -> d_model, GELU or GeGLU),
+    plus `model.shared_experts` always-on experts (DeepSeekMoE), each as wide as a
+    granularity-1 expert (H x G), added unweighted: their sum is one FFN of width
+    shared_experts x H x G. `cfg` is a resolved model config
+    (`glam.resolve`): concrete dispatch and group size; a raw one (dispatch `auto` or no group
+    size) raises ValueError."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         if cfg.router.dispatch == "auto" or cfg.router.group_size is None:
             raise ValueError("MoEFeedForward needs a resolved model config (glam.resolve): "
                              "model.router.dispatch and group_size must be concrete.")
-        m, h, e = cfg.d_model, cfg.expert_hidden, cfg.n_experts
+        m, h, e = cfg.d_model, cfg.expert_hidden, cfg.routed_experts
         self.cfg = cfg
         self.router = param(rngs, (m, e), m, ("embed", None))
         self.w_in = param(rngs, (e, m, h), m, ("expert", "embed", "mlp"))
+        if cfg.expert_kind == FFNKind.geglu:
+            self.w_gate = param(rngs, (e, m, h), m, ("expert", "embed", "mlp"))
         self.w_out = param(rngs, (e, h, m), h, ("expert", "mlp", "embed"))
+        if cfg.router.balance != Balance.aux:
+            self.bias = RouterBias(jnp.zeros((e,), jnp.float32))
+        if cfg.shared_experts:
+            self.shared = FeedForward(m, cfg.shared_experts * h * cfg.granularity,
+                                      cfg.expert_kind, rngs=rngs)
 
     def __call__(self, x: jax.Array, key: Optional[jax.Array] = None,
                  mask: Optional[jax.Array] = None) -> tuple[jax.Array, Routing]:
@@ -224,14 +264,35 @@ class MoEFeedForward(nnx.Module):
                 router_in = router_in * jax.random.uniform(
                     jitter_key, router_in.shape, jnp.float32, 1.0 - r.jitter, 1.0 + r.jitter)
         logits = project(router_in, self.router[...])
-        dispatch = r.dispatch
+        dispatch, k = r.dispatch, cfg.routed_top_k
         capacity = (s if dispatch == "dropless" else  # dropless: every assignment is placed
-                    expert_capacity(s, cfg.n_experts, cfg.top_k, r.capacity_factor,
+                    expert_capacity(s, cfg.routed_experts, k, r.capacity_factor,
                                     r.capacity_multiple))
-        noise = second_expert_noise(key, r.second_expert_policy, logits.shape, cfg.top_k)
-        routing = top_k_gating(logits, top_k=cfg.top_k, capacity=capacity,
+        noise = second_expert_noise(key, r.second_expert_policy, logits.shape, k)
+        routing = top_k_gating(logits, top_k=k, capacity=capacity,
                                policy=r.second_expert_policy, gate_norm=r.gate_norm, noise=noise,
-                               valid=None if mask is None else mask.reshape(-1, s))
-        w_in, w_out = (w[...].astype(x.dtype) for w in (self.w_in, self.w_out))
-        y = DISPATCH[dispatch](grouped, routing, w_in, w_out)
-        return y.reshape(b, t, m), routing
+                               valid=None if mask is None else mask.reshape(-1, s),
+                               selection_bias=self.bias[...] if hasattr(self, "bias") else None)
+        weights = ExpertWeights(*(w[...].astype(x.dtype) for w in (self.w_in, self.w_out)),
+                                self.w_gate[...].astype(x.dtype) if hasattr(self, "w_gate")
+                                else None)
+        y = DISPATCH[dispatch](grouped, routing, weights).reshape(b, t, m)
+        if cfg.shared_experts:
+            y = y + self.shared(x)
+        return y, routing
+
+
+def update_router_bias(bias: jax.Array, expert_load: jax.Array, rate: float) -> jax.Array:
+    """One step of auxiliary-loss-free balancing (DeepSeek-V3, section 2.1.2; Wang et al. 2024,
+    arXiv 2408.15664): every expert's bias moves by `rate` toward balance, down when its load is
+    above the mean and up when below: b_e + rate * sign(1 - load_e).
+
+    Args:
+      bias: [E] float32, the selection biases.
+      expert_load: [E] float32, each expert's assignments in the step as a multiple of the mean
+        (`routing_stats`' expert_load; all ones when balanced).
+      rate: the update speed u (`model.router.bias_rate`).
+
+    Returns: [E] float32, the new biases.
+    """
+    return bias + rate * jnp.sign(1.0 - jax.lax.stop_gradient(expert_load))

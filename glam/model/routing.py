@@ -74,7 +74,8 @@ def second_expert_noise(key: Optional[jax.Array], policy: str, logits_shape: tup
 
 def top_k_gating(logits: jax.Array, *, top_k: int, capacity: int, policy: str = "all",
                  gate_norm: str = "before", noise: Optional[jax.Array] = None,
-                 valid: Optional[jax.Array] = None) -> Routing:
+                 valid: Optional[jax.Array] = None,
+                 selection_bias: Optional[jax.Array] = None) -> Routing:
     """Route each token of each group to up to `top_k` experts with GShard semantics.
 
     1. probs = softmax(logits) in float32; the top-1 expert is argmax(probs).
@@ -90,16 +91,22 @@ def top_k_gating(logits: jax.Array, *, top_k: int, capacity: int, policy: str = 
     `valid` [G, S] bool marks real tokens. Padding has no effect on anything computed here: it
     is routed nowhere, takes no capacity, and is left out of the auxiliary losses and every
     statistic (which average over real tokens only).
+
+    `selection_bias` [E] float32 (auxiliary-loss-free balancing, DeepSeek-V3) is added to the
+    logits for choosing the experts only: steps 1-2 pick by logits + bias (the same order as
+    probabilities when the bias is 0), while the gates stay the unbiased probabilities.
     """
     logits = logits.astype(jnp.float32)
     g, s, e = logits.shape
     probs = jax.nn.softmax(logits, axis=-1)
+    biased = logits if selection_bias is None else logits + selection_bias
+    scores = probs if selection_bias is None else biased  # unbiased: probabilities' exact ties
     if top_k > 1 and policy == "sampling" and noise is not None:
-        top1 = best_experts(probs, 1)
-        rest = best_experts(logits + noise, top_k - 1, exclude=top1)
+        top1 = best_experts(scores, 1)
+        rest = best_experts(biased + noise, top_k - 1, exclude=top1)
         index = jnp.concatenate([top1, rest], axis=-1)
     else:
-        index = best_experts(probs, top_k)
+        index = best_experts(scores, top_k)
     gates = jnp.take_along_axis(probs, index, axis=-1)
     normalised = gates / (gates.sum(-1, keepdims=True) + _EPS) if top_k > 1 else gates
 

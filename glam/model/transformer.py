@@ -28,7 +28,8 @@ class Block(nnx.Module):
         self.attn = Attention(cfg, rngs=rngs)
         self.ffn_norm = RMSNorm(cfg.d_model)
         self.is_moe = cfg.is_moe_layer(layer)
-        self.ffn = MoEFeedForward(cfg, rngs=rngs) if self.is_moe else FeedForward(cfg, rngs=rngs)
+        self.ffn = MoEFeedForward(cfg, rngs=rngs) if self.is_moe else FeedForward(
+            cfg.d_model, cfg.d_ff, cfg.ffn_kind, rngs=rngs)
 
     def __call__(self, x: jax.Array, key: Optional[jax.Array], mask: Optional[jax.Array],
                  segment_ids: Optional[jax.Array] = None):

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from glam import accounting
 from glam.config import ConfigError
 from glam.hardware import profile
-from glam.placement import dense_counterpart, flops
+from glam.placement import coarse_counterpart, dense_counterpart, flops
 from glam.resolve import ResolvedConfig, load
 from glam.study.points import expand
 
@@ -22,6 +22,8 @@ class PlanRow:
     name: str
     family: str
     n_experts: int
+    granularity: int
+    shared_experts: int
     d_model: int
     n_layers: int
     d_ff: int
@@ -30,6 +32,9 @@ class PlanRow:
     activated_params: int
     forward_flops_per_token: int
     dense_flops_per_token: int  # of the same config with n_experts = 0
+    expert_params: int  # routed and shared experts
+    coarse_flops_per_token: int  # of the same config at granularity 1 (experts G x wider)
+    coarse_expert_params: int
     train_tokens: int  # steps x batch x seq_len
     train_flops: float  # train_tokens x 3 x forward FLOPs/token
     est_seconds: float  # wall time: probed on this machine, or FLOPs at the profile's utilisation
@@ -40,27 +45,43 @@ class PlanRow:
     def of(cls, cfg: ResolvedConfig, overrides: str, seconds_per_flop: float) -> "PlanRow":
         """The row of `cfg`; `seconds_per_flop` converts training FLOPs to the estimate."""
         m, c = cfg.model, accounting.count(cfg.model)
+        coarse = accounting.count(coarse_counterpart(m, cfg.plan.placement)
+                                  if m.family == "moe" else m)
         tokens = cfg.train.steps * cfg.train.batch_size * m.seq_len
         train_flops = float(tokens * c.train_flops_per_token)
-        return cls(m.name, m.family, m.n_experts, m.d_model, m.n_layers, m.d_ff,
-                   m.expert_hidden if m.family == "moe" else None, c.total_params,
-                   c.activated_params, c.forward_flops_per_token, flops(dense_counterpart(m)),
-                   tokens, train_flops, train_flops * seconds_per_flop, "flops", overrides)
+        return cls(m.name, m.family, m.n_experts, m.granularity, m.shared_experts, m.d_model,
+                   m.n_layers, m.d_ff, m.expert_hidden if m.family == "moe" else None,
+                   c.total_params, c.activated_params, c.forward_flops_per_token,
+                   flops(dense_counterpart(m)), c.expert_params, coarse.forward_flops_per_token,
+                   coarse.expert_params, tokens, train_flops, train_flops * seconds_per_flop,
+                   "flops", overrides)
 
 
-def check_matched(rows: list[PlanRow], tolerance: float) -> None:
+def check_matched(rows: list[PlanRow], tolerance: float, match_flops: bool = True) -> None:
     """Refuse a series whose points' activated FLOPs are not all within `tolerance` of their
-    dense counterparts' (the same config with n_experts = 0).
+    dense counterparts' (the same config with n_experts = 0; with `match_flops`), or whose
+    fine-grained points
+    (granularity G > 1) move their activated FLOPs or expert parameters more than `tolerance`
+    from their granularity-1 counterparts' (`glam.placement.coarse_counterpart`; the router's
+    FLOPs, M x E x G, are counted).
 
     Raises:
       ConfigError (`plan.tolerance`): lists every point outside the tolerance.
     """
     bad = []
     for r in rows:
-        gap = abs(r.forward_flops_per_token / r.dense_flops_per_token - 1)
-        if gap > tolerance:
-            bad.append(f"{r.overrides}: {r.forward_flops_per_token:,} FLOPs/token, "
-                       f"{gap:.1%} from the dense {r.dense_flops_per_token:,}")
+        checks = [("FLOPs/token", r.forward_flops_per_token, r.dense_flops_per_token, "dense")
+                  ] if match_flops else []
+        if r.granularity > 1:
+            checks += [("FLOPs/token", r.forward_flops_per_token, r.coarse_flops_per_token,
+                        "granularity-1"),
+                       ("expert params", r.expert_params, r.coarse_expert_params,
+                        "granularity-1")]
+        for what, value, reference, of in checks:
+            gap = abs(value / reference - 1)
+            if gap > tolerance:
+                bad.append(f"{r.overrides}: {value:,} {what}, {gap:.1%} from the {of} "
+                           f"{reference:,}")
     if bad:
         raise ConfigError(f"plan.tolerance: {len(bad)} study point(s) break the {tolerance:.0%} "
                           "activated-FLOPs match:\n  " + "\n  ".join(bad))
@@ -87,8 +108,8 @@ def plan(overrides: list[str], hardware: str = "cpu", backend: str = "cpu", prob
         cfgs.append(load(point, backend))
         distinct = " ".join(o for o in point if o not in overrides)
         rows.append(PlanRow.of(cfgs[-1], distinct, seconds_per_flop))
-    if cfgs and cfgs[-1].study.match_flops:
-        check_matched(rows, cfgs[-1].plan.tolerance)
+    if cfgs:  # granularity is always checked against G = 1; the dense match when asked for
+        check_matched(rows, cfgs[-1].plan.tolerance, cfgs[-1].study.match_flops)
     if probe:
         rows = probed(rows, cfgs, points, jobs)
     return rows
