@@ -97,7 +97,7 @@ def balance_routers(model: GLaM, moe: MoEOutputs, rate: float) -> None:
     for layer, stats in moe.layer_stats.items():
         ffn = model.blocks[layer].ffn
         if hasattr(ffn, "bias"):
-            ffn.bias.value = update_router_bias(ffn.bias[...], stats["expert_load"], rate)
+            ffn.bias[...] = update_router_bias(ffn.bias[...], stats["expert_load"], rate)
 
 
 def all_finite(tree) -> jax.Array:

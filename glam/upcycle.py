@@ -8,10 +8,11 @@ state before the first step; the optimizer starts fresh, as does the schedule.
 
 The router keeps its random initialisation, so the (at first identical) experts see different
 tokens and drift apart. Every other weight is the dense model's, so the upcycled model computes
-the dense model's function exactly while each token's placed gates sum to 1: with K x G >= 2
-and gates normalised before dropping (`gate_norm=before`, GLaM's) when none of its assignments
-is dropped, with `gate_norm=after` when one is placed. With dropless dispatch, or capacity for
-every assignment, the first loss is the dense model's.
+the dense model's function exactly while each token's placed gates sum to 1, which needs
+K >= 2 (a top-1 gate is the router probability): with gates normalised before dropping
+(`gate_norm=before`, GLaM's) when none of its assignments is dropped, with `gate_norm=after`
+when one is placed. With dropless dispatch, or capacity for every assignment, the first loss is
+the dense model's.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from glam.config import ConfigError, GateNorm, ModelConfig
+from glam.config import ConfigError, ModelConfig
 
 # Dense FFN parameter -> the expert parameter holding one copy of it per expert.
 EXPERT_COPIES = {"w_in": "wi", "w_gate": "wi_gate", "w_out": "wo"}
@@ -85,9 +86,9 @@ def check_source(m: ModelConfig, source: ModelConfig, where: str) -> None:
         (m.expert_hidden == source.d_ff, "model.expert_d_ff",
          f"{m.expert_hidden}, but each expert copies the dense FFN of width {source.d_ff}; "
          "leave it unset under plan.placement=glam"),
-        (m.routed_top_k > 1 or m.router.gate_norm == GateNorm.after, "model.router.gate_norm",
-         "before with top_k=1: the one gate is a router probability below 1, so the upcycled "
-         "layer would scale the dense FFN down; set gate_norm=after or top_k=2"),
+        (m.routed_top_k > 1, "model.top_k",
+         "1: the one gate is the router probability (below 1, and the router's only gradient), "
+         "so the upcycled layer would scale the dense FFN down; use top_k=2"),
     ]
     for ok, name, message in rules:
         if not ok:
