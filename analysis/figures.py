@@ -27,6 +27,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from analysis.axes import AXES  # noqa: E402
 from analysis.fit import honest_fit  # noqa: E402
 from glam.accounting import short_count  # noqa: E402
 
@@ -106,14 +107,18 @@ def size_key(table: pd.DataFrame) -> str:
 
 def point_keys(table: pd.DataFrame) -> list[str]:
     """The columns that tell one study point from another besides its series and seed: the
-    activated size, the training tokens when the runs differ in them (a ladder), and the
-    schedule, optimizer and router settings that differ (a search's trials). Seeds of one point
+    activated size, the training tokens when the runs differ in them (a ladder), the MoE design
+    axes a study varies (`analysis.axes`), and the schedule, optimizer and router settings that
+    differ (a search's trials). Seeds of one point
     are pooled; different points never are."""
     keys = [size_key(table)]
     if "train_tokens" in table and table["train_tokens"].nunique() > 1:
         keys.append("train_tokens")
-    return keys + [c for c in table.columns  # a search's trials
-                   if c.startswith(TUNED) and table[c].nunique(dropna=True) > 1]
+    design = [a for a in AXES if a in table and table[a].nunique() > 1]  # `with_axes` columns
+    sources = {source for source, _, _ in AXES.values()}
+    return keys + design + [c for c in table.columns  # a search's trials
+                            if c.startswith(TUNED) and c not in sources
+                            and table[c].nunique(dropna=True) > 1]
 
 
 def at_longest(table: pd.DataFrame) -> tuple[pd.DataFrame, str]:
