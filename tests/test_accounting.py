@@ -38,6 +38,8 @@ def test_analytic_params_equal_instantiated_model(preset):
     dict(tie_embeddings=False, ffn_kind="gelu"),
     dict(n_experts=3, top_k=1, expert_d_ff=40, moe_every=3, moe_offset=2, n_layers=5),
     dict(d_head=24, attn_width=72, n_heads=3, rel_pos_buckets=8, rel_pos_max_distance=20),
+    dict(granularity=4, shared_experts=2, expert_kind="geglu", router={"balance": "bias"}),
+    dict(granularity=2, shared_experts=1, top_k=1),
 ])
 def test_analytic_params_equal_model_variants(overrides):
     cfg = model_config(**{**dict(vocab_size=50, d_model=32, n_layers=2, n_heads=2, d_ff=64,
@@ -79,14 +81,17 @@ def test_dense_forward_flops_equal_traced_matmuls(ffn_kind, tie):
     assert _traced_forward_flops_per_token(cfg, 2) == accounting.count(cfg).forward_flops_per_token
 
 
-def test_moe_forward_flops_equal_traced_matmuls():
+@pytest.mark.parametrize("axes", [{}, dict(granularity=2, shared_experts=1, expert_kind="geglu"),
+                                  dict(granularity=4, shared_experts=2)])
+def test_moe_forward_flops_equal_traced_matmuls(axes):
     """With E * C == K * S (capacity factor 1, no rounding) the gather path's expert matmuls are
-    exactly the K activated experts; the only extra matmul is the K-way combine (2 K M)."""
+    exactly the K activated experts (K x G of E x G at granularity G, the router counted, the
+    shared experts beside them); the only extra matmul is the K-way combine (2 K M)."""
     cfg = model_config(vocab_size=50, seq_len=16, d_model=32, n_layers=4, n_heads=2, d_ff=64,
-                       n_experts=4, top_k=2,
+                       n_experts=4, top_k=2, **axes,
                        router={"capacity_factor": 1.0, "capacity_multiple": 1})
     counts = accounting.count(cfg)
-    combine = counts.n_moe_layers * 2 * cfg.top_k * cfg.d_model
+    combine = counts.n_moe_layers * 2 * cfg.routed_top_k * cfg.d_model
     assert _traced_forward_flops_per_token(cfg, 2) == counts.forward_flops_per_token + combine
 
 
