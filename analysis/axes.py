@@ -23,6 +23,9 @@ AXES = {
     "balance": ("param.model.router.balance", "aux", "load balancing"),
     "upcycled": ("param.train.init_from", False, "started from a dense run"),
 }
+# Study-point columns an axis changes by design: an upcycled run trains fewer tokens than its
+# from-scratch twin at the same total FLOPs (the dense run spent the rest).
+MOVES = {"upcycled": ("train_tokens",)}
 BITS, BITS_PER_PARAM = "knowledge/bits", "knowledge/bits_per_param"
 PANELS = (("val_loss", "validation loss (nats/token)"), (BITS, "knowledge (bits)"),
           (BITS_PER_PARAM, "knowledge per parameter (bits)"))
@@ -81,7 +84,7 @@ def verdicts(table: pd.DataFrame, metrics: tuple[str, ...], keys: list[str]) -> 
     moe = table[table["family"] == "moe"]
     for axis in varied(table):
         glam = AXES[axis][1]
-        others = [k for k in keys if k != axis]
+        others = [k for k in keys if k != axis and k not in MOVES.get(axis, ())]
         for point, group in moe.groupby(others) if others else [((), moe)]:
             label = ", ".join(map(str, point if isinstance(point, tuple) else (point,)))
             base = group[group[axis] == glam]
@@ -104,7 +107,7 @@ def figure(table: pd.DataFrame, out: Path, keys: list[str]) -> list[Path]:
     moe = table[table["family"] == "moe"]
     panels = [(m, label) for m, label in PANELS if m in moe and moe[m].notna().any()]
     for axis in varied(table):
-        others = [k for k in keys if k != axis]
+        others = [k for k in keys if k != axis and k not in MOVES.get(axis, ())]
         stats = (moe.groupby([*others, axis])[[m for m, _ in panels]]
                  .agg(["mean", "std", "count"]))
         out.mkdir(parents=True, exist_ok=True)
