@@ -45,7 +45,7 @@ from glam.resolve import ResolvedConfig, resolve
 from glam.run_logger import RunLogger
 from glam.stability import HealthMonitor, fault_scale
 from glam.step import init_state, make_eval_step, make_train_step
-from glam.upcycle import read_source, upcycled_state
+from glam.upcycle import upcycled_state
 
 log = logging.getLogger("glam.train")
 
@@ -203,8 +203,7 @@ class Trainer:
         self.graphdef, model_graphdef, self.state, state_sharding = init_state(
             m, make_optimizer(cfg.optimizer, self.schedule), t.seed, self.mesh, self.rules)
         if t.init_from:  # sparse upcycling (a checkpoint, when resuming, replaces it)
-            self.state = upcycled_state(self.state, self.graphdef, state_sharding,
-                                        read_source(t.init_from, cfg.logger.tracking_uri).folder)
+            self.state = upcycled_state(self.state, self.graphdef, state_sharding, cfg)
         self.batch_sharding = data_sharding(self.mesh, self.rules)
         self.feed = self.corpus.feed(self.batch_sharding)
         self.train_step = make_train_step(self.graphdef, m, self.schedule, state_sharding,

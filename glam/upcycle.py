@@ -126,11 +126,13 @@ def _copy(target: dict, dense: dict, path: str) -> dict:
     return out
 
 
-def upcycled_state(state, graphdef, sharding, source: Path):
+def upcycled_state(state, graphdef, sharding, cfg):
     """The train state `state` (nnx.state((model, optimizer)) of a fresh MoE model) with the
-    dense export at `source` written into its weights, laid out as `sharding`.
+    weights of the dense run `cfg.train.init_from` (`cfg`: the resolved config) written in,
+    laid out as `sharding`.
 
     Raises:
+      ConfigError: the dense run's export is gone or damaged (`read_source`).
       ValueError: the two models' weights do not correspond (see `_copy`).
     """
     import jax
@@ -140,6 +142,7 @@ def upcycled_state(state, graphdef, sharding, source: Path):
     from glam import export
     from glam.model import WEIGHTS
 
+    source = read_source(cfg.train.init_from, cfg.logger.tracking_uri).folder
     dense = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(export.load(source).model,
                                                                 WEIGHTS)))
     model, optimizer = nnx.merge(graphdef, state)
