@@ -1,14 +1,17 @@
 """What to train next for a training budget, from a finished ladder (`glam-plan --budget`).
 
 A ladder is a study whose runs vary the activated size N and the training tokens D (and, for
-MoE, the expert count E), each run with its own schedule length. `fit_ladder` fits
-L(N, D, E) (`analysis.loss_law`, Chinchilla's approach 3 with the routed extension when the
-ladder has several expert counts) to the runs' final validation losses; `propose` refuses a
-law whose exponents the runs do not determine, takes the compute-optimal N and D of each expert
-count for the budget and sizes a model of the base config's shape family (the ladder's largest
-rung unless `model=` says otherwise) to that N, refusing an optimum that family cannot reach.
-`write_study` writes the proposals as model presets and a study that trains each at exactly the
-budget (`train.flops_budget`), so the next study is one command:
+MoE, the expert count E or the granularity G), each run with its own schedule length.
+`fit_ladder` fits L(N, D, E) (`analysis.loss_law`, Chinchilla's approach 3 with the routed
+extension when the ladder has several expert counts) to the runs' final validation losses;
+`propose` refuses a law whose exponents the runs do not determine, takes the compute-optimal N
+and D of each expert count for the budget and sizes a model of the base config's shape family
+(the ladder's largest rung unless `model=` says otherwise) to that N, refusing an optimum that
+family cannot reach. When the ladder varies E or G, `choose` also compares the law forms over
+them by held-out error (`analysis.law_choice.compare_forms`) and proposes the E (G) of lowest
+expected loss at the budget under the chosen form. `write_study` writes the proposals as model
+presets and a study that trains each at exactly the budget (`train.flops_budget`), so the next
+study is one command:
 
     glam-plan --budget 3e14 --ladder docs/results/study_ladder/runs.csv +study=study_ladder
     glam-train -m --config-dir outputs/plan/budget_3e14 +study=budget_3e14
@@ -26,6 +29,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from analysis import law_choice
 from analysis.loss_law import Allocation, LossLaw, compute_optimal, fit_loss_law
 from glam import accounting
 from glam.config import ConfigError, ModelConfig
@@ -35,12 +39,14 @@ COLUMNS = ("activated_params", "train_tokens", "val_loss", "n_experts")
 MAX_LAYERS = 96  # the deepest shape `size_model` tries
 SIZING_SLACK = 2.0  # an optimum this far outside the sizes a family reaches is refused
 EXTRAPOLATION_WARN = 10.0  # a budget, N or D this far outside the ladder's runs is warned about
+MOE_BOOT = 100  # bootstrap refits of the law form `choose` sizes a proposal under
 
 
 def ladder_points(table: pd.DataFrame) -> pd.DataFrame:
-    """The ladder's runs as fitting points: n (activated parameters), d (training tokens), loss
-    (final validation loss, nats/token) and experts (1 for dense). Unfinished runs and runs
-    without a validation loss are left out.
+    """The ladder's runs as fitting points (`analysis.law_choice.points`): n (activated
+    parameters), d (training tokens), loss (final validation loss, nats/token), experts (1 for
+    dense) and granularity (1 without the column). Unfinished runs and runs without a validation
+    loss are left out.
 
     Raises:
       ValueError: a column of `COLUMNS` is missing (the table is not a glam run table).
@@ -49,13 +55,7 @@ def ladder_points(table: pd.DataFrame) -> pd.DataFrame:
     if missing:
         raise ValueError(f"the ladder table lacks {missing}: give a glam run table "
                          "(glam-analyze's runs.csv, or an MLflow experiment of glam runs)")
-    if "status" in table:
-        table = table[table["status"] == "FINISHED"]
-    table = table[np.isfinite(table["val_loss"].astype(float))]
-    return pd.DataFrame({"n": table["activated_params"].astype(float),
-                         "d": table["train_tokens"].astype(float),
-                         "loss": table["val_loss"].astype(float),
-                         "experts": table["n_experts"].astype(float).clip(lower=1)})
+    return law_choice.points(table)
 
 
 def fit_ladder(table: pd.DataFrame, n_boot: int = 100) -> LossLaw:
@@ -84,9 +84,10 @@ def _heads(base: ModelConfig, layers: int) -> tuple[int, int]:
     return low, max(low, round(4 * ratio * layers / head))
 
 
-def size_model(base: ModelConfig, params: float, experts: int) -> ModelConfig:
+def size_model(base: ModelConfig, params: float, experts: int,
+               granularity: int = 1) -> ModelConfig:
     """A model of `base`'s family (head width, FFN ratio, MoE placement and routing) with about
-    `params` activated parameters and `experts` experts (0: dense).
+    `params` activated parameters, `experts` experts (0: dense) and `granularity` G.
 
     Depth L = 1..MAX_LAYERS (multiples of `moe_every` for MoE) and width M (a multiple of the
     head width, within 4x of the base's width per layer times L) are searched; the candidate
@@ -110,7 +111,8 @@ def size_model(base: ModelConfig, params: float, experts: int) -> ModelConfig:
                 break
         if heads == low and size > 2 * params:  # deeper only grows too
             break
-    return dataclasses.replace(best, n_experts=experts, expert_d_ff=None)
+    return dataclasses.replace(best, n_experts=experts, expert_d_ff=None,
+                               granularity=granularity if experts else 1)
 
 
 def size_range(base: ModelConfig, experts: int) -> tuple[int, int]:
@@ -135,11 +137,13 @@ class Proposal:
     loss: float  # the law's loss at (params, tokens)
     loss_band: tuple[float, float]  # 95% bootstrap band of that loss
     beyond: dict[str, float]  # `extrapolation` of the budget, params and tokens
+    granularity: int = 1
 
     def row(self) -> dict:
         a = self.allocation
-        return {"preset": self.name, "experts": self.experts, "optimal_params": a.params,
-                "optimal_tokens": a.tokens, "d_model": self.model.d_model,
+        return {"preset": self.name, "experts": self.experts, "granularity": self.granularity,
+                "optimal_params": a.params, "optimal_tokens": a.tokens,
+                "d_model": self.model.d_model,
                 "n_layers": self.model.n_layers, "d_ff": self.model.d_ff,
                 "params": self.params, "tokens": self.tokens, "expected_val_loss": self.loss,
                 "loss_low": self.loss_band[0], "loss_high": self.loss_band[1],
@@ -182,6 +186,35 @@ def check_determined(law: LossLaw) -> None:
                               f"{k}: {v}" for k, v in bad.items()))
 
 
+def _proposal(law: LossLaw, flops: float, base: ModelConfig, experts: int, name: str,
+              at: float, granularity: int = 1) -> Proposal:
+    """The compute-optimal configuration of `law` (evaluated at `at` experts) for `flops`,
+    sized from `base` with `experts` (0: dense) and `granularity`. Raises ConfigError
+    (`--budget`) for an optimum beyond the family's sizes, as `propose`."""
+    k = flops_per_param_token(base)
+    allocation = compute_optimal(law, flops, experts=at, flops_per_param_token=k)
+    low, high = size_range(base, experts)
+    if not low / SIZING_SLACK <= allocation.params <= high * SIZING_SLACK:
+        # N_opt grows as C^(beta / (alpha + beta)): the budgets whose optimum it reaches
+        reach = [flops * (n / allocation.params) ** ((law.alpha + law.beta) / law.beta)
+                 for n in (low, high)]
+        raise ConfigError(
+            f"--budget {flops:.3g}: the law's optimum{f' at E = {experts}' if experts else ''} "
+            f"is {allocation.params:.3g} activated parameters, outside the {low:.3g}-"
+            f"{high:.3g} that the family of model={base.name} reaches (1-{MAX_LAYERS} "
+            f"layers); give a budget of {reach[0]:.2g}-{reach[1]:.2g} FLOPs, or size from "
+            "a model= of another family")
+    model = size_model(base, allocation.params, experts, granularity)
+    counts = accounting.count(dense_counterpart(model))
+    params, tokens = counts.activated_params, flops / counts.train_flops_per_token
+    at_runs = [r(params, tokens, at) for r in law.replicates()]
+    loss = float(law(params, tokens, at))
+    band = tuple(map(float, np.quantile(at_runs, [0.025, 0.975]))) if at_runs else (loss, loss)
+    return Proposal(name, experts, allocation, dataclasses.replace(model, name=name),
+                    float(params), float(tokens), loss, band,
+                    extrapolation(law, flops, k, params, tokens), model.granularity)
+
+
 def propose(law: LossLaw, flops: float, base: ModelConfig, experts: list[int],
             tag: str) -> list[Proposal]:
     """The compute-optimal configuration for `flops` training FLOPs at each expert count in
@@ -194,31 +227,81 @@ def propose(law: LossLaw, flops: float, base: ModelConfig, experts: list[int],
         (`size_range`), naming the budgets that family can serve.
     """
     check_determined(law)
-    out = []
-    k = flops_per_param_token(base)
-    for e in sorted(set(experts)):
-        allocation = compute_optimal(law, flops, experts=max(e, 1), flops_per_param_token=k)
-        low, high = size_range(base, e)
-        if not low / SIZING_SLACK <= allocation.params <= high * SIZING_SLACK:
-            # N_opt grows as C^(beta / (alpha + beta)): the budgets whose optimum it reaches
-            reach = [flops * (n / allocation.params) ** ((law.alpha + law.beta) / law.beta)
-                     for n in (low, high)]
-            raise ConfigError(
-                f"--budget {flops:.3g}: the law's optimum{f' at E = {e}' if e else ''} is "
-                f"{allocation.params:.3g} activated parameters, outside the {low:.3g}-"
-                f"{high:.3g} that the family of model={base.name} reaches (1-{MAX_LAYERS} "
-                f"layers); give a budget of {reach[0]:.2g}-{reach[1]:.2g} FLOPs, or size from "
-                "a model= of another family")
-        model = size_model(base, allocation.params, e)
-        counts = accounting.count(dense_counterpart(model))
-        params, tokens = counts.activated_params, flops / counts.train_flops_per_token
-        at = [r(params, tokens, max(e, 1)) for r in law.replicates()]
-        loss = float(law(params, tokens, max(e, 1)))
-        band = tuple(map(float, np.quantile(at, [0.025, 0.975]))) if at else (loss, loss)
-        name = f"{tag}_{'dense' if e == 0 else f'e{e}'}"
-        out.append(Proposal(name, e, allocation, dataclasses.replace(model, name=name),
-                            float(params), float(tokens), loss, band,
-                            extrapolation(law, flops, k, params, tokens)))
+    return [_proposal(law, flops, base, e, f"{tag}_{'dense' if e == 0 else f'e{e}'}", max(e, 1))
+            for e in sorted(set(experts))]
+
+
+def candidates(ladder: list[float]) -> list[int]:
+    """The values `choose` weighs along an axis: powers of 2 from 1 to the ladder's largest
+    value, and the ladder's own; none beyond, where the fit has no runs to check its trend."""
+    top = max(ladder)
+    return sorted({2**i for i in range(int(math.log2(top)) + 1)} | {int(v) for v in ladder})
+
+
+@dataclass(frozen=True)
+class Choice:
+    """The E (or G) of lowest expected loss at the budget along one axis of the ladder."""
+
+    comparison: law_choice.Comparison  # the forms compared; `comparison.chosen` is the one used
+    losses: dict[int, float]  # candidate E (1: dense) or G -> loss at its compute optimum
+    skipped: dict[int, str]  # candidate -> why the law gives no optimum there
+    best: int | None
+    proposal: Proposal | None  # the sized model; None for Chinchilla's form or when refused
+    refused: str = ""  # why no model was sized at `best`
+
+
+def _at(law, x: int, experts_axis: bool) -> tuple[LossLaw, float]:
+    """`law` (of any form) at candidate `x` as a LossLaw in N and D, with the expert count to
+    evaluate it at: loss_law's law is routed over E and flat in G."""
+    if isinstance(law, LossLaw):
+        return law, float(x) if experts_axis else 1.0
+    return law.at(x), 1.0
+
+
+def choose(table: pd.DataFrame, flops: float, base: ModelConfig, tag: str) -> list[Choice]:
+    """Per axis the ladder varies (`law_choice.compare_forms`: E at granularity 1, G at one expert
+    count), the candidate (`candidates`) of lowest loss at its compute optimum for `flops`
+    (at `base`'s FLOPs per parameter and token) under the form of lower held-out error, sized
+    as `<tag>_best_e<E>[_g<G>]` (`_best_dense`) unless that form is Chinchilla's: its best E is
+    an end of the ladder's range, whose proposal `propose` makes, and its best G is 1.
+
+    A best candidate whose law leaves alpha or beta undetermined, or whose optimum the family
+    cannot reach, is `refused` with the reason; an axis no form could be fitted on is left out.
+    """
+    pts, k, out = ladder_points(table), flops_per_param_token(base), []
+    for comparison in law_choice.compare_forms(pts, n_boot=0):  # bands: the chosen form's refit
+        if comparison.chosen is None:
+            continue
+        law = comparison.laws[comparison.chosen]
+        experts_axis = comparison.axis == "experts"
+        axis = comparison.runs["experts" if experts_axis else "granularity"]
+        losses, skipped = {}, {}
+        for x in candidates(list(axis)):
+            at, experts = _at(law, x, experts_axis)
+            try:
+                losses[x] = compute_optimal(at, flops, experts, flops_per_param_token=k).loss
+            except ValueError as err:  # an exponent not positive at x: no optimum
+                skipped[x] = str(err)
+        if not losses:
+            out.append(Choice(comparison, losses, skipped, None, None,
+                              "no candidate has an optimum"))
+            continue
+        best = min(losses, key=losses.get)  # ties (a law flat in G): the smaller value
+        e, g = (best, 1) if experts_axis else (int(comparison.experts), best)
+        proposal, refused = None, ""
+        if comparison.chosen != "chinchilla":
+            law = law_choice.fit_form(comparison.chosen, comparison.runs, n_boot=MOE_BOOT)
+            at, _ = _at(law, best, experts_axis)
+            bad = {n: r for n, r in at.undetermined().items() if n in ("alpha", "beta")}
+            name = f"{tag}_best_{'dense' if e == 1 else f'e{e}'}" + (f"_g{g}" if g > 1 else "")
+            if bad:
+                refused = "; ".join(f"{n}: {r}" for n, r in bad.items())
+            else:
+                try:
+                    proposal = _proposal(at, flops, base, 0 if e == 1 else e, name, 1.0, g)
+                except ConfigError as err:  # beyond the family's sizes
+                    refused = str(err)
+        out.append(Choice(comparison, losses, skipped, best, proposal, refused))
     return out
 
 
@@ -263,8 +346,8 @@ def write_study(proposals: list[Proposal], flops: float, base_overrides: dict, o
         (out / "model" / f"{p.name}.yaml").write_text(
             f"# glam-plan --budget {flops:.3g}: {p.allocation.params:.4g} activated parameters "
             f"and {p.allocation.tokens:.4g} tokens are compute-optimal\n# at E = "
-            f"{max(p.experts, 1)}; this shape has {p.params:.4g} and the budget buys it "
-            f"{p.tokens:.4g} tokens\n# (expected val loss {p.loss:.4f}, 95% band "
+            f"{max(p.experts, 1)}, G = {p.granularity}; this shape has {p.params:.4g} and the "
+            f"budget buys it {p.tokens:.4g} tokens\n# (expected val loss {p.loss:.4f}, 95% band "
             f"{p.loss_band[0]:.4f}-{p.loss_band[1]:.4f})\n"
             + yaml.safe_dump(fields, sort_keys=False))
     base_overrides = dict(base_overrides)

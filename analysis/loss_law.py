@@ -151,7 +151,7 @@ def _terms(theta, logn, logd, loge):
                                         e + np.zeros_like(logn)), axis=0)
 
 
-def _huber(r):
+def huber(r):
     small = np.abs(r) <= HUBER_DELTA
     return np.where(small, 0.5 * r**2, HUBER_DELTA * (np.abs(r) - 0.5 * HUBER_DELTA)), small
 
@@ -170,7 +170,7 @@ def _objective(theta, logn, logd, loge, logl, free):
     weights = np.exp(terms - top)  # logsumexp and its softmax in one pass
     total = weights.sum(axis=0)
     r = top + np.log(total) - logl
-    loss = _huber(r)[0].sum() / HUBER_DELTA**2
+    loss = huber(r)[0].sum() / HUBER_DELTA**2
     w = weights / total * (np.clip(r / HUBER_DELTA, -1, 1) / HUBER_DELTA)  # d lse/d term x slope
     grad = np.array([w[0].sum(), w[1].sum(), w[2].sum(), -(w[0] @ logn), -(w[1] @ logd),
                      -(w[0] @ loge)])
@@ -213,7 +213,7 @@ def _starts(values, data, n_starts):
     if n_starts is None or n_starts >= len(grid):
         return grid
     *logs, logl = data
-    objective = _huber(logsumexp(_terms(grid.T[:, :, None], *logs), axis=0) - logl)[0].sum(-1)
+    objective = huber(logsumexp(_terms(grid.T[:, :, None], *logs), axis=0) - logl)[0].sum(-1)
     return grid[np.argsort(objective, kind="stable")[:n_starts]]
 
 

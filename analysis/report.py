@@ -13,7 +13,7 @@ from pathlib import Path
 import pandas as pd
 from mlflow.tracking import MlflowClient
 
-from analysis import energy, figures, knowledge, quality
+from analysis import axes, energy, figures, knowledge, law_choice, quality
 from analysis.fit import fit_routed_law
 from analysis.runs import export, load_histories, load_runs, read_table
 from analysis.summary import print_summary
@@ -21,6 +21,8 @@ from glam import tracking
 
 # The findings a study is judged by: knowledge stored, and recall of the world's QA.
 VERDICT_METRICS = ("knowledge/bits", "eval/world_qa_seen/0shot", "val_loss")
+LAW_COLUMNS = ("activated_params", "train_tokens", "val_loss", "n_experts")
+LAW_BOOT = 100  # bootstrap refits of each law form compared
 
 
 def find_study_parent(client: MlflowClient, study: str) -> str:
@@ -45,6 +47,36 @@ def expert_loads(client: MlflowClient, table: pd.DataFrame) -> dict:
                 continue
             loads[row["run_name"]] = json.loads(Path(path).read_text())
     return loads
+
+
+def law_comparison(table: pd.DataFrame, out: Path) -> list[Path]:
+    """When the runs vary the expert count or the granularity, the loss-law forms fitted along
+    each axis (`analysis.law_choice.compare_forms`), one printed line per form with its held-out
+    error (or why it was skipped) and the form that fits better, all written to
+    `<out>/law_comparison.json`; nothing when they vary neither. Never raises for runs that
+    cannot determine a form."""
+    missing = [c for c in LAW_COLUMNS if c not in table]
+    if missing:
+        print(f"glam-analyze: law forms skipped: the table lacks {missing}")
+        return []
+    comparisons = law_choice.compare_forms(law_choice.points(table), n_boot=LAW_BOOT)
+    if not comparisons:
+        return []
+    for c in comparisons:
+        where = f" at E = {c.experts:g}" if c.axis == "granularity" else ""
+        print(f"Law forms over {c.axis}{where} ({len(c.runs)} runs; held-out RMSE of log loss, "
+              "K-fold over configurations):")
+        for form, error in c.held_out.items():
+            print(f"  {form}: {error:.4g}" + (f"  <- fits better: {c.reason}"
+                                              if form == c.chosen else ""))
+        for form, why in c.skipped.items():
+            print(f"  {form}: skipped: {why}")
+        if c.chosen is None:
+            print(f"  fits better: none ({c.reason})")
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "law_comparison.json"
+    path.write_text(json.dumps({"comparisons": [c.summary() for c in comparisons]}, indent=1))
+    return [path]
 
 
 def analyze(table: pd.DataFrame, out: Path, which: list[str], shots: int,
@@ -88,6 +120,11 @@ def analyze(table: pd.DataFrame, out: Path, which: list[str], shots: int,
             path = out / "routed_law_fit.json"
             path.write_text(json.dumps(law.summary(), indent=1))
             written.append(path)
+    if "design_axes" in which and axes.varied(table):
+        written += axes.figure(table, out, figures.point_keys(table))
+    if not arms and (experts.nunique() >= 2 or ("granularity" in table and
+                                                 table["granularity"].fillna(1).nunique() >= 2)):
+        written += law_comparison(table, out)
     return written
 
 
@@ -113,6 +150,7 @@ def report(args: argparse.Namespace) -> None:
         name = args.study or args.experiment or parent
     if table.empty:
         raise SystemExit("glam-analyze: no finished runs to analyse")
+    table = axes.with_axes(table)  # a design axis a study varies tells its points apart
     out = Path(args.out or Path("outputs") / "analysis" / str(name))
     written = analyze(table, out, args.figures, args.shots, client)
     written.append(export(table, out / "runs.csv"))
@@ -130,6 +168,13 @@ def report(args: argparse.Namespace) -> None:
     if lines:
         print("\nVerdicts (final metrics; gain: MoE better when positive; spread: the two seed "
               "stds in quadrature):")
+        for line in lines:
+            print(f"  {line}")
+    lines = axes.verdicts(table, (*VERDICT_METRICS, axes.BITS_PER_PARAM),
+                          figures.point_keys(table))
+    if lines:
+        print("\nDesign axes (each setting against GLaM's at the same point; gain: better when "
+              "positive; spread: the two seed stds in quadrature):")
         for line in lines:
             print(f"  {line}")
     if quality.is_study(table):

@@ -14,8 +14,8 @@ from mlflow.tracking import MlflowClient
 from glam import tracking
 
 # Columns every analysis relies on, from tags and metrics.
-NUMERIC_TAGS = ("n_experts", "top_k", "total_params", "activated_params",
-                "forward_flops_per_token", "seed")
+NUMERIC_TAGS = ("n_experts", "top_k", "granularity", "shared_experts", "total_params",
+                "activated_params", "forward_flops_per_token", "seed")
 
 
 def _experiment_ids(client: MlflowClient, experiment: str | None) -> list[str]:

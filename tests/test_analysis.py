@@ -8,7 +8,7 @@ import pytest
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
-from analysis import energy, figures, knowledge, quality
+from analysis import energy, figures, knowledge, quality, report
 from glam.cli.analyze import main as analyze_main
 from analysis.fit import fit_power_law, fit_routed_law, saturating_experts
 from analysis.runs import export, load_histories, load_runs, read_table
@@ -413,3 +413,36 @@ def test_a_missing_value_never_becomes_a_verdict_or_a_fitted_point():
     stats = pd.DataFrame({"x": [1.0, 2.0, 4.0, 8.0], "mean": [1.0, 2.0, 4.0, float("nan")],
                           "std": [0.1] * 4, "count": [2, 2, 2, 0]})
     assert honest_fit([1, 1, 2, 2, 4, 4], [1, 1, 2, 2, 4, 4], stats, "m") is None
+
+
+def test_law_forms_are_compared_when_the_runs_vary_the_expert_count(run_table, tmp_path, capsys,
+                                                                     monkeypatch):
+    """A ladder over N, D and E: each form's held-out error printed, and its coefficients,
+    intervals, error and the chosen form in law_comparison.json beside routed_law_fit.json; a
+    study of one token count: each form skipped with the reason, nothing raised."""
+    from analysis.loss_law import LossLaw
+
+    monkeypatch.setattr(report, "LAW_BOOT", 5)
+    truth = LossLaw(E=1.5, A=300.0, B=900.0, alpha=0.3, beta=0.28, gamma=0.07)
+    ladder = pd.DataFrame([
+        {"run_id": f"{n}-{d}-{e}", "family": "moe" if e > 1 else "dense", "n_experts": e,
+         "model": str(n), "seed": 0, "activated_params": n, "train_tokens": d,
+         "forward_flops_per_token": 2 * n, "val_loss": float(truth(n, d, max(e, 1)))}
+        for n in (1e6, 1e7, 1e8) for d in (1e8, 1e9, 1e10) for e in (0, 8)])
+    written = report.analyze(ladder, tmp_path / "ladder", [], 0, None)
+    assert {p.name for p in written} == {"routed_law_fit.json", "law_comparison.json"}
+    (found,) = json.loads((tmp_path / "ladder" / "law_comparison.json").read_text())["comparisons"]
+    assert found["axis"] == "experts" and found["n_runs"] == 18
+    assert found["chosen"] == "chinchilla"  # the runs' own form; joint no better held out
+    joint = found["forms"]["joint"]
+    assert joint["held_out_rmse_log_loss"] < 1e-3 and joint["law"]["n_boot"] == 5
+    assert set(joint["law"]["intervals_95"]) >= {"alpha", "gamma", "delta", "zeta", "omega"}
+    out = capsys.readouterr().out
+    assert "Law forms over experts (18 runs" in out and "<- fits better" in out
+
+    written = report.law_comparison(run_table, tmp_path / "one_length")
+    out = capsys.readouterr().out
+    for form in ("chinchilla", "joint"):
+        assert f"{form}: skipped: the runs have one value of token counts" in out
+    assert "fits better: none" in out
+    assert json.loads(written[0].read_text())["comparisons"][0]["chosen"] is None

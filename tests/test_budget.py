@@ -9,6 +9,7 @@ import pytest
 
 from analysis import budget
 from analysis.loss_law import LossLaw, compute_optimal
+from analysis.moe_law import GranularityLaw, JointLaw
 from glam import accounting
 from glam.config import ConfigError
 from glam.placement import dense_counterpart
@@ -34,6 +35,7 @@ def quick_fit(monkeypatch):
     """glam-plan --budget fitting with 10 bootstrap refits rather than 100."""
     fit = budget.fit_ladder
     monkeypatch.setattr(budget, "fit_ladder", lambda table: fit(table, n_boot=10))
+    monkeypatch.setattr(budget, "MOE_BOOT", 10)
 
 
 def _within(value: float, band: tuple[float, float]) -> bool:
@@ -217,3 +219,51 @@ def test_out_is_checked_before_fitting(case, tmp_path, capsys, monkeypatch):
     code = _plan(tmp_path, "--budget", "3e13", "--out", str(out))
     err = capsys.readouterr().err
     assert code == 2 and f"--out {out}" in err and "Traceback" not in err
+
+
+# A ladder over expert counts whose losses follow a joint law (analysis.moe_law) with an
+# interior optimum at 3e13 FLOPs: more experts lower the parameter term (gamma) and raise the
+# token term (omega).
+JOINT = JointLaw(a=60.0, b=400.0, c=0.5, alpha=0.3, beta=0.28, gamma=0.03, delta=0.0, zeta=0.0,
+                 omega=0.25)
+GRANULAR = GranularityLaw(a=60.0, b=400.0, c=0.5, g=30.0, alpha=0.3, beta=0.28, gamma=0.6)
+
+
+def _moe_ladder(law, column: str, values) -> pd.DataFrame:
+    """Runs of `law` over 4 sizes x 3 token counts x `values` of `column` (n_experts, or
+    granularity at 8 experts)."""
+    return pd.DataFrame([
+        {"activated_params": n, "train_tokens": d, "status": "FINISHED", "n_experts": 8,
+         "granularity": 1, column: v, "val_loss": float(law(n, d, max(v, 1)))}
+        for n in (3e4, 1e5, 3e5, 1e6) for d in (1e6, 3e6, 1e7) for v in values])
+
+
+def test_the_candidates_are_powers_of_two_within_the_ladder():
+    assert budget.candidates([1, 8]) == [1, 2, 4, 8]
+    assert budget.candidates([1, 3, 16]) == [1, 2, 3, 4, 8, 16]
+
+
+@pytest.mark.parametrize("column,values,form,preset", [
+    ("n_experts", (0, 2, 8, 16), "joint", "budget_3e13_best_e4"),
+    ("granularity", (1, 2, 4), "granularity", "budget_3e13_best_e8_g4"),
+])
+def test_a_ladder_over_experts_or_granularity_proposes_the_value_of_lowest_loss(
+        column, values, form, preset, tmp_path, capsys, quick_fit):
+    """The form the runs were drawn from fits better held out; the candidate of lowest loss at
+    the budget's optimum under it (E = 4, which the ladder did not train; G = 4) is sized,
+    written and loads with its expert count and granularity."""
+    law = JOINT if column == "n_experts" else GRANULAR
+    _moe_ladder(law, column, values).to_csv(tmp_path / "ladder.csv", index=False)
+    code = _plan(tmp_path, "--budget", "3e13", "--out", str(tmp_path / "next"))
+    out = capsys.readouterr().out
+    assert code == 0 and f"fits better: {form}" in out, out
+    base = load(["model=ladder_s"], "cpu").model
+    k = budget.flops_per_param_token(base)
+    losses = {x: compute_optimal(law.at(x), 3e13, flops_per_param_token=k).loss
+              for x in budget.candidates([max(v, 1) for v in values])}
+    best = min(losses, key=losses.get)
+    assert best == 4 and f"lowest: {'E' if column == 'n_experts' else 'G'} = 4 ({preset})" in out
+    cfg = load([f"hydra.searchpath=[file://{SWEEPS_DIR},file://{tmp_path / 'next'}]",
+                "+study=budget_3e13", f"model={preset}"], "cpu")
+    assert (cfg.model.n_experts, cfg.model.granularity) == ((4, 1) if column == "n_experts"
+                                                            else (8, 4))

@@ -15,7 +15,7 @@ import os
 # What the figures and the fits need (pandas, MLflow, matplotlib) is imported by
 # `analysis.report` once the arguments are read: `glam-analyze --help` needs none of it.
 FIGURES = ("compute_vs_accuracy", "expert_count", "knowledge_capacity", "data_efficiency",
-           "routing_health", "data_quality")
+           "routing_health", "data_quality", "design_axes")
 
 
 def main(argv: list[str] | None = None) -> None:

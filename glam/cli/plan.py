@@ -1,6 +1,8 @@
 """`glam-plan`: the points of a study with sizes, FLOPs and run-time estimates, FLOP-checked
 (`glam.study.plan`); with `--budget`, the compute-optimal dense and MoE proposals from a
-finished ladder's loss law (`analysis.budget`), written as a study.
+finished ladder's loss law, and over a ladder that varies the expert count or granularity the
+E or G of lowest expected loss under the law form that fits better held out (`analysis.budget`,
+docs/laws.md), written as a study.
 
     glam-plan +study=expert_count 'train.seed=range(3)'
     glam-plan --budget 3e12 --ladder docs/results/study_ladder/runs.csv +study=study_ladder
@@ -24,9 +26,10 @@ from glam.study.plan import plan
 
 def budget(flops: float, ladder: str, overrides: list[str], out: str | None) -> Path:
     """`glam-plan --budget`: fit the ladder, propose, write the study (`analysis.budget`), print
-    the law with its intervals, what it leaves undetermined, the proposals, how far they lie
-    outside the ladder (a warning beyond `EXTRAPOLATION_WARN`) and the command; returns the
-    study file.
+    the law with its intervals, what it leaves undetermined, per axis of E or G the ladder
+    varies the law forms' held-out errors, the form used and the value of lowest expected loss
+    (`choose`, a warning where it is not sized), the proposals, how far they lie outside the
+    ladder (a warning beyond `EXTRAPOLATION_WARN`) and the command; returns the study file.
 
     Raises:
       ConfigError: `--out` cannot be written (checked before fitting); the ladder leaves an
@@ -58,6 +61,13 @@ def budget(flops: float, ladder: str, overrides: list[str], out: str | None) -> 
             print(f"glam-plan: warning: {name}: {reason}", file=sys.stderr)
     experts = sorted({int(e) for e in proposals.ladder_points(runs)["experts"]} | {1})
     chosen = proposals.propose(law, flops, cfg.model, [0 if e == 1 else e for e in experts], tag)
+    for choice in proposals.choose(runs, flops, cfg.model, tag):
+        print(_choice_text(choice, flops, chosen))
+        if choice.refused:
+            print(f"glam-plan: warning: {choice.comparison.axis}: the value of lowest "
+                  f"expected loss was not sized: {choice.refused}", file=sys.stderr)
+        if choice.proposal is not None:
+            chosen.append(choice.proposal)
     for p in chosen:
         far = {k: v for k, v in p.beyond.items() if v > 1}
         if max(p.beyond.values()) > proposals.EXTRAPOLATION_WARN:
@@ -76,6 +86,33 @@ def budget(flops: float, ladder: str, overrides: list[str], out: str | None) -> 
     print(f"wrote {len(chosen)} presets and the study {study}; train them with:\n"
           f"  glam-train -m --config-dir {folder} +study={tag}")
     return study
+
+
+def _choice_text(choice, flops: float, existing: list) -> str:
+    """The law forms compared along one axis, each with its held-out error (or why it was
+    skipped), the form used, the expected loss of each candidate at the budget and the
+    proposal of lowest expected loss."""
+    c = choice.comparison
+    where = f" at E = {c.experts:g}" if c.axis == "granularity" else ""
+    lines = [f"law forms over {c.axis}{where} ({len(c.runs)} runs; held-out RMSE of log loss, "
+             "folds over configurations):"]
+    lines += [f"  {form}: {c.held_out[form]:.4g}" for form in c.held_out]
+    lines += [f"  {form}: skipped: {why}" for form, why in c.skipped.items()]
+    lines.append(f"  fits better: {c.chosen} ({c.reason})")
+    name = "E" if c.axis == "experts" else "G"
+    label = {x: "dense" if c.axis == "experts" and x == 1 else str(x) for x in choice.losses}
+    lines.append(f"  expected loss at the optimum for {flops:.3g} FLOPs under {c.chosen}: "
+                 + ", ".join(f"{name} = {label[x]}: {v:.4f}" for x, v in choice.losses.items())
+                 + "".join(f"; {name} = {x}: {why}" for x, why in choice.skipped.items()))
+    if choice.best is not None:
+        # Chinchilla's form: the best is one of `propose`'s (an end of E's range; G = 1)
+        experts = ((0 if choice.best == 1 else choice.best) if c.axis == "experts"
+                   else int(c.experts))
+        preset = (choice.proposal.name if choice.proposal is not None else
+                  "not sized" if choice.refused else
+                  next((p.name for p in existing if p.experts == experts), "not proposed"))
+        lines.append(f"  lowest: {name} = {label[choice.best]} ({preset})")
+    return "\n".join(lines)
 
 
 def _law_text(law) -> str:
@@ -106,7 +143,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--budget", type=float, metavar="FLOPS",
                         help="propose the dense and MoE configurations of lowest expected "
                              "validation loss for this many training FLOPs, from the loss law "
-                             "fitted to --ladder, and write them as a study")
+                             "fitted to --ladder (and the expert count or granularity of "
+                             "lowest loss when the ladder varies them), and write them as a "
+                             "study")
     parser.add_argument("--ladder", metavar="RUNS",
                         help="with --budget: a finished ladder, as a run table (runs.csv or "
                              ".parquet from glam-analyze) or an MLflow experiment name")
