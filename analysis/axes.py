@@ -24,8 +24,9 @@ AXES = {
     "upcycled": ("param.train.init_from", False, "started from a dense run"),
 }
 # Study-point columns an axis changes by design: an upcycled run trains fewer tokens than its
-# from-scratch twin at the same total FLOPs (the dense run spent the rest).
-MOVES = {"upcycled": ("train_tokens",)}
+# from-scratch twin at the same total FLOPs (the dense run spent the rest); bias balancing
+# resolves the aux loss weight to 0.
+MOVES = {"upcycled": ("train_tokens",), "balance": ("param.model.router.aux_loss_weight",)}
 BITS, BITS_PER_PARAM = "knowledge/bits", "knowledge/bits_per_param"
 PANELS = (("val_loss", "validation loss (nats/token)"), (BITS, "knowledge (bits)"),
           (BITS_PER_PARAM, "knowledge per parameter (bits)"))
