@@ -40,7 +40,7 @@ def with_axes(table: pd.DataFrame) -> pd.DataFrame:
     for axis, (source, glam, _) in AXES.items():
         values = out[source] if source in out else pd.Series([None] * len(out), index=out.index)
         if axis == "upcycled":
-            out[axis] = values.notna() & (values.astype(str) != "None")
+            out[axis] = values.notna() & ~values.astype(str).str.strip().isin(["", "None"])
         elif isinstance(glam, int):
             out[axis] = pd.to_numeric(values, errors="coerce").fillna(glam).astype(int)
         else:

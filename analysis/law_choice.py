@@ -22,10 +22,13 @@ COEFFICIENTS = {"chinchilla": 6, "joint": 9, "granularity": 7}  # compare_forms 
 def points(table: pd.DataFrame) -> pd.DataFrame:
     """A run table (`analysis.runs.load_runs`, or runs.csv) as fitting points: n
     (`activated_params`), d (`train_tokens`), loss (`val_loss`), experts (`n_experts`, 1 for
-    dense) and granularity (1 where the column is missing or NaN). Unfinished runs and runs
-    without a finite loss are left out (the fits refuse a run without a finite N or D)."""
+    dense) and granularity (1 where the column is missing or NaN). Unfinished runs, upcycled
+    runs and runs without a finite loss are left out (the fits refuse a run without a finite N or D)."""
     if "status" in table:
         table = table[table["status"] == "FINISHED"]
+    if "param.train.init_from" in table:  # an upcycled run's D leaves out its dense run's tokens
+        source = table["param.train.init_from"].astype(str).str.strip()
+        table = table[table["param.train.init_from"].isna() | source.isin(["", "None"])]
     g = table["granularity"] if "granularity" in table else pd.Series(1.0, index=table.index)
     out = pd.DataFrame({"n": table["activated_params"].astype(float),
                         "d": table["train_tokens"].astype(float),

@@ -48,8 +48,9 @@ def count(cfg: ModelConfig, seq_len: int | None = None) -> Counts:
     attn = 4 * m * a + cfg.rel_pos_buckets * cfg.n_heads
     norms = 2 * m
     dense_ffn = (3 if cfg.ffn_kind == "geglu" else 2) * m * f
-    expert = (3 if cfg.expert_kind == "geglu" else 2) * m * h
-    shared_ffn = cfg.shared_experts * cfg.granularity * expert  # each as wide as a G = 1 expert
+    matrices = 3 if cfg.expert_kind == "geglu" else 2
+    expert = matrices * m * h
+    shared_ffn = matrices * m * cfg.shared_hidden  # each shared expert as wide as a G = 1 expert
     router = m * e
     embedding = v * m * (1 if cfg.tie_embeddings else 2)
 

@@ -255,8 +255,9 @@ class ModelConfig(Section):
     d_ff: int = doc(256, "dense FFN hidden width F")
     ffn_kind: FFNKind = doc(FFNKind.geglu, "dense FFN: geglu (3 matrices) or gelu (2)")
     n_experts: int = doc(0, "experts E per MoE layer at granularity 1; 0: dense model")
-    expert_d_ff: Optional[int] = doc(None, "hidden width H of each routed expert; null: from "
-                                           "plan.placement and granularity, filled by resolve")
+    expert_d_ff: Optional[int] = doc(None, "expert hidden width at granularity 1 (each of the "
+                                           "E x G experts is expert_d_ff / G wide); null: from "
+                                           "plan.placement, filled by resolve")
     top_k: int = doc(2, "experts K each token is sent to (at granularity 1)")
     granularity: int = doc(1, "G: each expert split into G experts G times narrower, routed "
                               "top_k x G of n_experts x G (Krajewski et al. 2024); 1: GLaM")
@@ -285,9 +286,17 @@ class ModelConfig(Section):
 
     @property
     def expert_hidden(self) -> int:
-        """H, each expert's hidden width (d_ff / G until resolution fills `expert_d_ff`)."""
-        return self.expert_d_ff if self.expert_d_ff is not None else \
-            max(1, round(self.d_ff / self.granularity))
+        """H, each routed expert's hidden width: `expert_d_ff` (d_ff until resolution fills it)
+        divided by the granularity G and rounded."""
+        width = self.expert_d_ff if self.expert_d_ff is not None else self.d_ff
+        return max(1, round(width / self.granularity))
+
+    @property
+    def shared_hidden(self) -> int:
+        """The shared experts' hidden width together: shared_experts x the granularity-1 expert
+        width (`expert_d_ff`, d_ff until resolution fills it)."""
+        return self.shared_experts * (self.expert_d_ff if self.expert_d_ff is not None
+                                      else self.d_ff)
 
     @property
     def routed_experts(self) -> int:
@@ -634,6 +643,9 @@ class TrainConfig(Section):
             check(self.token_multiple == 1, f"{prefix}.flops_budget",
                   f"sets the steps itself; drop train.token_multiple={self.token_multiple} or "
                   "the budget.")
+        check(self.init_from is None or bool(self.init_from.strip()), f"{prefix}.init_from",
+              "is empty; give a finished dense run (its directory, export folder or MLflow run "
+              "id), or null to start from scratch.")
 
 
 @dataclass

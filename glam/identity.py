@@ -98,7 +98,7 @@ ROLES: dict[str, Role] = {f"{section}.{name}": r for r, sections in _TABLE.items
 
 # Written into every checkpoint record; a record without it (or with another) predates the
 # current run identity and is refused with that reason rather than with a field diff.
-IDENTITY_VERSION = 2
+IDENTITY_VERSION = 3  # 3: the MoE design axes (granularity, shared experts, balance, init_from)
 
 
 def role(path: str) -> Role:

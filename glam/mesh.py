@@ -82,8 +82,10 @@ def check_divisibility(shape: tuple[int, int, int], model: ModelConfig, batch_si
     """
     data, expert, tensor = shape
     problems = []
-    if model.n_experts and model.n_experts % expert:
-        problems.append(f"model.n_experts={model.n_experts} is not divisible by mesh.expert={expert}")
+    if model.n_experts and model.routed_experts % expert:
+        what = "n_experts" if model.granularity == 1 else "n_experts x granularity"
+        problems.append(f"model.{what}={model.routed_experts} is not divisible by "
+                        f"mesh.expert={expert}")
     if batch_size % (data * expert):
         problems.append(f"train.batch_size={batch_size} is not divisible by mesh.data x mesh.expert"
                         f" = {data * expert}")

@@ -9,13 +9,14 @@ Two placements (`plan.placement`):
   along an expert-count series is E.
 
 Granularity G (Krajewski et al. 2024) splits each expert into G experts G times narrower and
-routes each token to G times more of them: the width is that of G = 1 under the placement
-divided by G (`glam`: d_ff / G, refused unless G divides it; `matched`: the width solved at
-G = 1, divided by G and rounded). Expert parameters and expert FLOPs stay those of G = 1; the
-router's FLOPs (M x E x G per token and MoE layer) grow with G and are counted in the activated
-FLOPs, and `glam.study.plan` refuses a point whose FLOPs or expert parameters move more than
-`plan.tolerance` from its G = 1 counterpart (`coarse_counterpart`). Shared experts (DeepSeekMoE)
-are as wide as a G = 1 expert (H x G), so granularity leaves them unchanged too.
+routes each token to G times more of them. `model.expert_d_ff` is always the width at G = 1
+(`glam`: the preset's or d_ff, which G must divide; `matched`: solved at G = 1), and each of
+the E x G experts is expert_d_ff / G wide (`ModelConfig.expert_hidden`). Expert parameters and
+expert FLOPs stay those of G = 1; the router's FLOPs (M x E x G per token and MoE layer) grow
+with G and are counted in the activated FLOPs, and `glam.study.plan` refuses a point whose
+FLOPs or expert parameters move more than `plan.tolerance` from its G = 1 counterpart
+(`coarse_counterpart`). Shared experts (DeepSeekMoE) are as wide as a G = 1 expert, so
+granularity leaves them unchanged too.
 """
 
 from __future__ import annotations
@@ -38,10 +39,10 @@ def flops(m: ModelConfig) -> int:
 
 
 def matched_expert_width(m: ModelConfig) -> int:
-    """Expert hidden width H whose MoE model has the dense counterpart's forward FLOPs/token at
-    granularity 1 (the K routed and the shared experts of width H plus the router cost what the
-    dense FFN costs), divided by the granularity G and rounded. FLOPs are affine in H, so two
-    evaluations give the exact solution before rounding.
+    """Expert hidden width at granularity 1 whose MoE model has the dense counterpart's forward
+    FLOPs/token (the K routed and the shared experts plus the router cost what the dense FFN
+    costs). FLOPs are affine in the width, so two evaluations give the exact solution before
+    rounding.
 
     Raises:
       ConfigError (`plan.placement`): no positive width matches (the router alone costs more).
@@ -50,7 +51,7 @@ def matched_expert_width(m: ModelConfig) -> int:
     coarse = dataclasses.replace(m, granularity=1)
     f1 = flops(dataclasses.replace(coarse, expert_d_ff=1))
     f2 = flops(dataclasses.replace(coarse, expert_d_ff=2))
-    width = round((1 + (target - f1) / (f2 - f1)) / m.granularity)
+    width = round(1 + (target - f1) / (f2 - f1))
     if width < 1:
         raise ConfigError(f"plan.placement: no expert width matches the dense FLOPs with "
                           f"n_experts={m.n_experts} (the router alone costs more); use fewer "
@@ -59,22 +60,32 @@ def matched_expert_width(m: ModelConfig) -> int:
 
 
 def expert_width(m: ModelConfig, placement: Placement) -> int | None:
-    """The expert hidden width H of `m` under `placement`: None for a dense model; the preset's
-    `expert_d_ff`, else the dense FFN width / granularity, under `glam`; the FLOP-matching width
-    under `matched`."""
+    """`model.expert_d_ff` of `m` under `placement`, the expert width at granularity 1: None for
+    a dense model; the preset's `expert_d_ff`, else the dense FFN width, under `glam`; the
+    FLOP-matching width under `matched`.
+
+    Raises:
+      ConfigError: `model.granularity` does not divide the `glam` width (the experts would not
+        be exactly G times narrower); no width matches under `matched` (`plan.placement`).
+    """
     if m.family != "moe":
         return None
     if placement == Placement.matched:
-        return matched_expert_width(m)
-    if m.expert_d_ff is None and m.d_ff % m.granularity:
-        raise ConfigError(f"model.granularity: {m.granularity} does not divide d_ff={m.d_ff}, so "
-                          "the experts cannot be exactly G times narrower; use a divisor of "
-                          "d_ff (or plan.placement=matched).")
-    return m.expert_hidden
+        width = matched_expert_width(m)
+        if width < m.granularity:
+            raise ConfigError(f"model.granularity: {m.granularity} experts per expert of the "
+                              f"matched width {width} would be under one unit wide; use at "
+                              f"most {width}.")
+        return width
+    width = m.expert_d_ff if m.expert_d_ff is not None else m.d_ff
+    if width % m.granularity:
+        raise ConfigError(f"model.granularity: {m.granularity} does not divide the expert width "
+                          f"{width}, so the experts cannot be exactly G times narrower; use a "
+                          "divisor of it (or plan.placement=matched).")
+    return width
 
 
-def coarse_counterpart(m: ModelConfig, placement: Placement) -> ModelConfig:
-    """`m` (resolved) at granularity 1 under `placement`: the model whose activated FLOPs and
-    expert parameters a granularity series holds (`glam.study.plan`)."""
-    coarse = dataclasses.replace(m, granularity=1, expert_d_ff=m.expert_hidden * m.granularity)
-    return dataclasses.replace(coarse, expert_d_ff=expert_width(coarse, placement))
+def coarse_counterpart(m: ModelConfig) -> ModelConfig:
+    """`m` (resolved) at granularity 1, its experts G times wider: the model whose activated
+    FLOPs and expert parameters a granularity series holds (`glam.study.plan`)."""
+    return dataclasses.replace(m, granularity=1)

@@ -155,11 +155,27 @@ def _fill_shape(m: ModelConfig, placement: Placement, vocab_size: int | None,
     if m.router.group_size is None:
         m.router.group_size = m.seq_len
         filled.append("model.router.group_size")
+    # Settings with no effect take their defaults, so a point's identity is the model it trains
+    # (a dense point of a granularity sweep is the plain dense point).
+    if m.family == "dense":
+        _defaults(m, "model", ("granularity", "shared_experts", "expert_kind"), filled)
+        _defaults(m.router, "model.router", ("balance",), filled)
+    if m.router.balance == Balance.aux:
+        _defaults(m.router, "model.router", ("bias_rate",), filled)
     if m.router.balance == Balance.bias and m.router.aux_loss_weight:
         m.router.aux_loss_weight = 0.0  # balancing by bias alone: the loss is logged, not added
         filled.append("model.router.aux_loss_weight")
     m.check()
     return m
+
+
+def _defaults(section: Section, prefix: str, names: tuple[str, ...], filled: list[str]) -> None:
+    """Set each field of `names` in `section` to its schema default, listing those changed."""
+    for name in names:
+        default = type(section).__dataclass_fields__[name].default
+        if getattr(section, name) != default:
+            setattr(section, name, default)
+            filled.append(f"{prefix}.{name}")
 
 
 def _fill_dispatch(m: ModelConfig, backend: str, filled: list[str]) -> None:

@@ -45,7 +45,7 @@ from glam.resolve import ResolvedConfig, resolve
 from glam.run_logger import RunLogger
 from glam.stability import HealthMonitor, fault_scale
 from glam.step import init_state, make_eval_step, make_train_step
-from glam.upcycle import upcycled_state
+from glam.upcycle import dense_weights, upcycled_state
 
 log = logging.getLogger("glam.train")
 
@@ -200,10 +200,10 @@ class Trainer:
         compile_cache.use(t.compilation_cache_dir)  # before the first program is compiled
         self.cache_counts = compile_cache.counts()
         self.schedule = lr_schedule(cfg.schedule, t.steps)
+        dense = dense_weights(cfg, self.corpus.tokenizer)  # upcycling: checked before compiling
         self.graphdef, model_graphdef, self.state, state_sharding = init_state(
             m, make_optimizer(cfg.optimizer, self.schedule), t.seed, self.mesh, self.rules)
-        if t.init_from:  # sparse upcycling (a checkpoint, when resuming, replaces it)
-            self.state = upcycled_state(self.state, self.graphdef, state_sharding, cfg)
+        self.state = upcycled_state(self.state, self.graphdef, state_sharding, dense)
         self.batch_sharding = data_sharding(self.mesh, self.rules)
         self.feed = self.corpus.feed(self.batch_sharding)
         self.train_step = make_train_step(self.graphdef, m, self.schedule, state_sharding,

@@ -3,8 +3,11 @@ finished dense run, every expert a copy of the dense FFN it replaces (`train.ini
 
 `read_source` reads the dense run's export (its model config and the training FLOPs it spent)
 for resolution: `check_source` refuses a pair that cannot be upcycled, and `train.flops_budget`
-counts the dense run's FLOPs. `upcycled_state` writes the dense weights into a fresh MoE train
-state before the first step; the optimizer starts fresh, as does the schedule.
+counts the dense run's FLOPs. Before anything is compiled, `dense_weights` loads the weights
+and refuses a dense run whose tokenizer is not the run's own (its embedding rows would mean
+other tokens); `upcycled_state` then writes them into the fresh MoE train state. The optimizer
+starts fresh, as does the schedule. The dense run must stay where it is while the MoE run may
+resume (resolution reads it).
 
 The router keeps its random initialisation, so the (at first identical) experts see different
 tokens and drift apart. Every other weight is the dense model's, so the upcycled model computes
@@ -53,10 +56,13 @@ def read_source(init_from: str, tracking_uri: str | None = None) -> Source:
         folder = export.resolve_source(init_from, tracking_uri)
         model, _, _ = export.read_config(folder / "config.json")
         trained = json.loads((folder / "config.json").read_text()).get("trained") or {}
+        flops = trained.get("train_flops") if isinstance(trained, dict) else "not a record"
+        if flops is not None and not (isinstance(flops, (int, float)) and flops >= 0):
+            raise export.ExportError(f"{folder / 'config.json'}: trained.train_flops is "
+                                     f"{flops!r}, not a number of FLOPs; export the run again")
     except (FileNotFoundError, ValueError) as err:
         raise ConfigError(f"train.init_from: {err}") from None
-    flops = trained.get("train_flops")
-    return Source(folder, model, float(flops) if flops is not None else None)
+    return Source(folder, model, None if flops is None else float(flops))
 
 
 def check_source(m: ModelConfig, source: ModelConfig, where: str) -> None:
@@ -126,15 +132,26 @@ def _copy(target: dict, dense: dict, path: str) -> dict:
     return out
 
 
-def upcycled_state(state, graphdef, sharding, cfg):
-    """The train state `state` (nnx.state((model, optimizer)) of a fresh MoE model) with the
-    weights of the dense run `cfg.train.init_from` (`cfg`: the resolved config) written in,
-    laid out as `sharding`.
+def _same_tokenizer(a, b) -> bool:
+    """Whether two tokenizers map text to the same ids: the same word list, or the same
+    SentencePiece model."""
+    words = [getattr(t, "vocab", None) for t in (a, b)]
+    pieces = [getattr(t, "model_bytes", None) for t in (a, b)]
+    return type(a) is type(b) and words[0] == words[1] and pieces[0] == pieces[1]
+
+
+def dense_weights(cfg, tokenizer) -> dict | None:
+    """The weights (a pure dict of host arrays) of the dense run `cfg.train.init_from` names
+    (`cfg`: the resolved config), to start the MoE run from; None when the run does not
+    upcycle. Also read when resuming: a checkpoint then replaces them, but one set aside as
+    damaged may send the run back to step 0.
 
     Raises:
-      ConfigError: the dense run's export is gone or damaged (`read_source`).
-      ValueError: the two models' weights do not correspond (see `_copy`).
+      ConfigError (`train.init_from`): the export is gone, damaged, or trained on another
+        tokenizer than `tokenizer`, the run's own.
     """
+    if cfg.train.init_from is None:
+        return None
     import jax
     import numpy as np
     from flax import nnx
@@ -143,8 +160,33 @@ def upcycled_state(state, graphdef, sharding, cfg):
     from glam.model import WEIGHTS
 
     source = read_source(cfg.train.init_from, cfg.logger.tracking_uri).folder
-    dense = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(export.load(source).model,
-                                                                WEIGHTS)))
+    try:
+        loaded = export.load(source)
+    except (FileNotFoundError, ValueError) as err:
+        raise ConfigError(f"train.init_from: {err}") from None
+    if not _same_tokenizer(loaded.tokenizer, tokenizer):
+        raise ConfigError(f"train.init_from: {cfg.train.init_from} was trained on another "
+                          "tokenizer or vocabulary than this run's data, so its embedding rows "
+                          "would stand for other tokens; upcycle a dense run of the same data "
+                          "config (data.*, its seed included).")
+    return jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(loaded.model, WEIGHTS)))
+
+
+def upcycled_state(state, graphdef, sharding, dense: dict | None):
+    """The train state `state` (nnx.state((model, optimizer)) of a fresh MoE model) with the
+    `dense_weights` written in, laid out as `sharding`; `state` itself when `dense` is None.
+
+    Raises:
+      ValueError: the two models' weights do not correspond (see `_copy`).
+    """
+    if dense is None:
+        return state
+    import jax
+    import numpy as np
+    from flax import nnx
+
+    from glam.model import WEIGHTS
+
     model, optimizer = nnx.merge(graphdef, state)
     weights = nnx.state(model, WEIGHTS)
     fresh = jax.tree.map(np.asarray, nnx.to_pure_dict(weights))

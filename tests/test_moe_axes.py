@@ -41,7 +41,8 @@ def test_shared_experts_are_a_dense_ffn_added_to_the_routed_output(kind, granula
     mask = jnp.array([[True] * 8, [True] * 5 + [False] * 3])
     y, _ = layer(x, mask=mask)
     y_routed, _ = routed_only(x, mask=mask)
-    assert layer.shared.wi.shape == (16, 2 * with_shared.expert_hidden * granularity)
+    assert layer.shared.wi.shape == (16, 2 * with_shared.expert_d_ff)
+    assert with_shared.expert_d_ff == 32 and with_shared.expert_hidden == 32 // granularity
     wi, wo = np.asarray(layer.shared.wi[...], np.float64), np.asarray(layer.shared.wo[...], np.float64)
     xs = np.asarray(x, np.float64)
     hidden = _gelu(xs @ wi) if kind == "gelu" else \
@@ -55,7 +56,8 @@ def test_granularity_keeps_expert_parameters_and_counts_the_router():
     base = dict(vocab_size=64, d_model=16, d_ff=64, n_experts=8)
     coarse = model_config(backend="cpu", **base)
     fine = model_config(backend="cpu", granularity=4, **base)
-    assert (fine.routed_experts, fine.routed_top_k, fine.expert_d_ff) == (32, 8, 16)
+    assert (fine.routed_experts, fine.routed_top_k, fine.expert_d_ff, fine.expert_hidden) == \
+        (32, 8, 64, 16)
     layer = MoEFeedForward(fine, rngs=nnx.Rngs(0))
     assert layer.router.shape == (16, 32) and layer.w_in.shape == (32, 16, 16)
     c, f = accounting.count(coarse), accounting.count(fine)
@@ -64,13 +66,18 @@ def test_granularity_keeps_expert_parameters_and_counts_the_router():
     router_growth = 2 * 16 * 8 * (4 - 1) * moe_layers
     assert f.forward_flops_per_token - c.forward_flops_per_token == router_growth
     assert f.total_params - c.total_params == 16 * 8 * 3 * moe_layers  # the router's weights
-    assert accounting.count(coarse_counterpart(fine, "glam")) == c
+    assert accounting.count(coarse_counterpart(fine)) == c
     # matched placement: the width solved at G = 1, divided by G
     matched = model_config(backend="cpu", placement="matched", granularity=4, **base)
     solved = model_config(backend="cpu", placement="matched", **base)
-    assert matched.expert_d_ff == round(solved.expert_d_ff / 4)
-    with pytest.raises(ConfigError, match="model.granularity"):
-        model_config(backend="cpu", granularity=3, **base)  # 3 does not divide d_ff
+    assert matched.expert_d_ff == solved.expert_d_ff == 46
+    assert matched.expert_hidden == round(46 / 4)
+    # an explicit width is the granularity-1 width too
+    preset = model_config(backend="cpu", granularity=4, expert_d_ff=48, **base)
+    assert preset.expert_hidden == 12
+    for bad in (dict(granularity=3), dict(granularity=4, expert_d_ff=42)):
+        with pytest.raises(ConfigError, match="model.granularity"):
+            model_config(backend="cpu", **{**base, **bad})  # G does not divide the width
 
 
 def test_a_granularity_study_that_moves_flops_beyond_the_tolerance_is_refused():
@@ -213,9 +220,47 @@ def test_a_model_that_cannot_be_upcycled_is_refused_naming_the_field(dense_run, 
         _load(tmp_path, *overrides, f"train.init_from={folder}")
 
 
+def test_moe_settings_of_a_dense_point_take_their_defaults(tmp_path):
+    """A dense point of a granularity or balance sweep is the plain dense point (one run)."""
+    from glam.identity import config_hash
+
+    plain = _load(tmp_path)
+    swept = _load(tmp_path, "model.granularity=4", "model.shared_experts=2",
+                  "model.expert_kind=geglu", "model.router.balance=bias",
+                  "model.router.bias_rate=0.5")
+    assert config_hash(swept) == config_hash(plain)
+    assert "model.granularity" in swept.derived.filled
+    aux = _load(tmp_path, *MOE, "model.router.bias_rate=0.5")  # no bias: its rate does nothing
+    assert aux.model.router.bias_rate == plain.model.router.bias_rate
+
+
+@pytest.mark.slow
+def test_a_damaged_dense_run_or_one_of_other_data_is_refused_before_compiling(dense_run,
+                                                                             tmp_path):
+    import json
+    import shutil
+
+    folder, _ = dense_run
+    other = _load(tmp_path, *MOE, "data.seed=7", f"train.init_from={folder}")
+    with pytest.raises(ConfigError, match="train.init_from: .*another tokenizer"):
+        Trainer(other, tmp_path / "other")
+    damaged = shutil.copytree(folder / "model", tmp_path / "damaged")
+    weights = damaged / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    cfg = _load(tmp_path, *MOE, f"train.init_from={damaged}")
+    with pytest.raises(ConfigError, match="train.init_from: .*model.safetensors"):
+        Trainer(cfg, tmp_path / "damaged_run")
+    saved = json.loads((damaged / "config.json").read_text())
+    (damaged / "config.json").write_text(json.dumps({**saved, "trained": "abc"}))
+    with pytest.raises(ConfigError, match="train.init_from: .*trained.train_flops"):
+        _load(tmp_path, *MOE, f"train.init_from={damaged}")
+
+
 def test_upcycling_from_nothing_or_from_an_moe_run_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="train.init_from: no exported model"):
         _load(tmp_path, *MOE, f"train.init_from={tmp_path / 'missing'}")
+    with pytest.raises(ConfigError, match="train.init_from: is empty"):
+        _load(tmp_path, *MOE, "train.init_from=")
     from glam import export
     from glam.data.tokenizer import WordTokenizer
 

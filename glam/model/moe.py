@@ -217,8 +217,8 @@ DISPATCH = {"einsum": moe_einsum, "gather": moe_gather, "dropless": moe_dropless
 class MoEFeedForward(nnx.Module):
     """Top-k routed mixture of E x G experts (d_model -> expert d_ff -> d_model, GELU or GeGLU),
     plus `model.shared_experts` always-on experts (DeepSeekMoE), each as wide as a
-    granularity-1 expert (H x G), added unweighted: their sum is one FFN of width
-    shared_experts x H x G. `cfg` is a resolved model config
+    granularity-1 expert (`expert_d_ff`), added unweighted: their sum is one FFN of width
+    `model.shared_hidden`. `cfg` is a resolved model config
     (`glam.resolve`): concrete dispatch and group size; a raw one (dispatch `auto` or no group
     size) raises ValueError."""
 
@@ -236,8 +236,7 @@ class MoEFeedForward(nnx.Module):
         if cfg.router.balance != Balance.aux:
             self.bias = RouterBias(jnp.zeros((e,), jnp.float32))
         if cfg.shared_experts:
-            self.shared = FeedForward(m, cfg.shared_experts * h * cfg.granularity,
-                                      cfg.expert_kind, rngs=rngs)
+            self.shared = FeedForward(m, cfg.shared_hidden, cfg.expert_kind, rngs=rngs)
 
     def __call__(self, x: jax.Array, key: Optional[jax.Array] = None,
                  mask: Optional[jax.Array] = None) -> tuple[jax.Array, Routing]:

@@ -45,8 +45,7 @@ class PlanRow:
     def of(cls, cfg: ResolvedConfig, overrides: str, seconds_per_flop: float) -> "PlanRow":
         """The row of `cfg`; `seconds_per_flop` converts training FLOPs to the estimate."""
         m, c = cfg.model, accounting.count(cfg.model)
-        coarse = accounting.count(coarse_counterpart(m, cfg.plan.placement)
-                                  if m.family == "moe" else m)
+        coarse = accounting.count(coarse_counterpart(m))
         tokens = cfg.train.steps * cfg.train.batch_size * m.seq_len
         train_flops = float(tokens * c.train_flops_per_token)
         return cls(m.name, m.family, m.n_experts, m.granularity, m.shared_experts, m.d_model,
