@@ -54,11 +54,38 @@ def test_a_fixed_override_replaces_the_swept_values():
     assert len(points) == 2 and all("model.n_experts=64" in p for p in points)
 
 
+def _stage_one(study: str, where) -> None:
+    """Exports where a two-stage study's second stage looks for its first (upcycling's dense
+    runs, `outputs/studies/upcycling_dense/seed<seed>` under `where`)."""
+    if study != "upcycling":
+        return
+    import jax
+    from flax import nnx
+
+    from glam import export
+    from glam.data.tokenizer import WordTokenizer
+    from glam.model import GLaM
+
+    for point in expand(["+study=upcycling_dense"]):
+        cfg = load(point)
+        model = GLaM(cfg.model, rngs=nnx.Rngs(0))
+        params = jax.device_get(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+        folder = where / "outputs/studies/upcycling_dense" / f"seed{cfg.train.seed}" / "model"
+        words = [f"w{i}" for i in range(cfg.model.vocab_size - 3)]
+        export.save(folder, params, cfg.model, WordTokenizer(words),
+                    trained={"steps": cfg.train.steps, "tokens": 1, "train_flops": 2.0e11})
+
+
 @pytest.mark.slow  # composes every point of every study
 @pytest.mark.parametrize("study", STUDIES)
-def test_every_study_composes(study):
+def test_every_study_composes(study, tmp_path, monkeypatch):
     points = expand([f"+study={study}"])
     assert len(points) >= 2
+    if study == "upcycling":  # its upcycled arm reads the first stage's runs
+        monkeypatch.chdir(tmp_path)
+        with pytest.raises(ConfigError, match="train.init_from: .*upcycling_dense/seed0"):
+            load(points[0])
+        _stage_one(study, tmp_path)
     for point in points:
         cfg = load(point)  # resolves; paper-scale points are counted, never allocated
         assert cfg.study.name == study and cfg.logger.experiment == study
