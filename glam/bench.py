@@ -227,7 +227,8 @@ def render(results: dict, command: str) -> str:
               f"| model | s/step | tokens/s | MFU ({dtype} peak) | vs dense | peak RSS GiB |",
               "|---|---|---|---|---|---|"]
     for name, r in results["steps"].items():
-        model = r["model"].replace(f" {results['step_shape']} model.dtype={dtype}", "")
+        model = r["model"].replace(f" {results['step_shape']}", "").replace(
+            f" model.dtype={dtype}", "")
         lines.append(f"| {name} ({model}) | {r['seconds']:.3f} | {r['tokens_per_s']:,.0f} | "
                      f"{r['flops_per_s'] / peak:.0%} | {r['seconds'] / dense['seconds']:.2f} | "
                      f"{r['peak_rss_gib']:.2f} |")
