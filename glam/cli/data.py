@@ -27,15 +27,20 @@ from glam.data.sources import DataError
 from glam.interrupts import SIGNALS, Interrupted
 
 log = logging.getLogger("glam.data")
-COMMANDS = ("prepare",)
+COMMANDS = ("prepare", "lm-eval-tasks")
 USAGE = """usage: glam-data prepare [HYDRA OVERRIDES ...]
+       glam-data lm-eval-tasks --out DIR [HYDRA OVERRIDES ...]
 
 Reads the text sources of the data config (data=pydocs, data=glam_mixture, ...), trains or
 loads its SentencePiece tokenizer (and the quality classifier when data.quality.selection is
 not none), writes token shards and a manifest under data.prepared_dir. With a sweep or a study
 (+study=data_quality), prepares every distinct data config its points use, one after another.
 Re-running with the same inputs and settings does nothing; an interrupted run completes when run
-again. Runs on local Dask worker processes, or on the cluster at data.engine.address."""
+again. Runs on local Dask worker processes, or on the cluster at data.engine.address.
+
+lm-eval-tasks writes the world's few-shot tasks (the data config's world, eval.seed,
+eval.max_examples) as lm-evaluation-harness tasks into DIR: a YAML and two JSONL files each, for
+glam-eval --include_path DIR (glam.eval.lm_tasks)."""
 
 
 def _stop(signum, frame) -> None:
@@ -148,9 +153,32 @@ def prepare_all(overrides: list[str]) -> None:
         record_epochs(cfg, manifest, lengths.get(cfg.data.prepared_dir, []))
 
 
+def lm_eval_tasks(args: list[str]) -> None:
+    """`glam-data lm-eval-tasks --out DIR OVERRIDES`: the world's tasks for lm-eval.
+
+    Raises:
+      ConfigError: no --out, or a data config that is not the world (`data.kind`).
+    """
+    if "--out" not in args or args.index("--out") + 1 >= len(args):
+        raise ConfigError("--out: give the folder the task files go into (--out DIR)")
+    at = args.index("--out")
+    out, overrides = Path(args[at + 1]), args[:at] + args[at + 2:]
+    from glam.data.world import World
+    from glam.eval.lm_tasks import write
+    from glam.resolve import load_raw
+
+    cfg = load_raw(overrides)
+    if cfg.data.kind != DataKind.world:
+        raise ConfigError(f"data.kind: {cfg.data.kind}; the lm-eval tasks are the generated "
+                          "world's (data=world or another world config)")
+    for path in write(World(cfg.data), out, cfg.eval.max_examples, cfg.eval.seed,
+                      cfg.eval.max_answer_tokens):
+        print(path)
+
+
 def main() -> None:
     args = sys.argv[1:]
-    if args and (args[0] in ("-h", "--help") or args[:1] == ["prepare"]
+    if args and (args[0] in ("-h", "--help") or args[0] in COMMANDS
                  and any(a in ("-h", "--help") for a in args[1:])):
         print(USAGE)
         raise SystemExit(0)
@@ -161,7 +189,10 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="[%(name)s] %(message)s")
     logging.getLogger("glam").setLevel(logging.INFO)
     try:
-        prepare_all(args[1:])
+        if args[0] == "lm-eval-tasks":
+            lm_eval_tasks(args[1:])
+        else:
+            prepare_all(args[1:])
     except (ConfigError, DataError, HydraException, OmegaConfBaseException) as err:
         print(f"glam-data: {err}", file=sys.stderr)
         raise SystemExit(2) from None
