@@ -115,6 +115,20 @@ def test_glam_eval_logs_the_results_to_the_run(trained, capsys):
         capsys.readouterr().out
 
 
+def test_lm_evals_own_command_line_runs_a_glam_model(trained):
+    """`python -m glam.eval.lm_harness` is the `lm_eval` command with `glam` registered."""
+    import sys
+
+    import waiting
+
+    folder, _, _, tasks = trained
+    done = waiting.run([sys.executable, "-m", "glam.eval.lm_harness", "--model", "glam",
+                        "--model_args", f"path={folder}", "--batch_size", "8", "--tasks",
+                        "glam_world_facts", "--include_path", str(tasks), "--limit", "10"], 600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "glam_world_facts" in done.stdout and "acc" in done.stdout
+
+
 @pytest.mark.parametrize("args,message", [
     (["--tasks", "no_such_task"], "--tasks: lm-eval knows no task no_such_task"),
     (["--tasks", "glam_world_facts", "--limit", "-1"], "--limit must be >= 0"),

@@ -1,8 +1,9 @@
 """A glam model in EleutherAI's lm-evaluation-harness: `GlamLM`, registered as model `glam`.
 
-Importing this module registers the class (lm-eval 0.4 finds models only by registration, so
-the `lm_eval` command does not see it; `glam-eval` and `lm_eval.simple_evaluate(model="glam",
-...)` after this import do). It loads an export (`glam.export.load`: an export folder, a run
+Importing this module registers the class. lm-eval 0.4 finds models only by registration, so
+the `lm_eval` command does not see it; `python -m glam.eval.lm_harness` is that command with it
+registered (`--model glam --model_args path=<run> --tasks ... --include_path ...`), as are
+`glam-eval` and `lm_eval.simple_evaluate(model="glam", ...)` after this import. It loads an export (`glam.export.load`: an export folder, a run
 directory or an MLflow run id) with the run's own tokenizer (world words or SentencePiece), and
 routes every MoE layer as generation does (`glam.generate.inference_config`: each token alone,
 dropless, no jitter).
@@ -51,7 +52,7 @@ class GlamLM(TemplateLM):
 
     Args (lm-eval's `--model_args`, strings from the command line):
       path: export folder, run directory or MLflow run id (`runs:/<id>` or the bare id).
-      batch_size: rows scored per compiled call.
+      batch_size: rows scored per compiled call (lm-eval's `--batch_size`; "auto": 16).
       tracking_uri: MLflow store of a run id (default: $MLFLOW_TRACKING_URI, else
         sqlite:///mlflow.db).
 
@@ -65,7 +66,7 @@ class GlamLM(TemplateLM):
         loaded = load(path, tracking_uri, transform=inference_config)
         self.model, self.config, self.tok = loaded.model, loaded.config, loaded.tokenizer
         self.run_id, self.window = loaded.run_id, loaded.config.seq_len
-        self.rows = int(batch_size)
+        self.rows = int(batch_size) if str(batch_size).isdigit() else 16  # lm-eval's "auto"
         graphdef, self._state = nnx.split(self.model)
         self._score = jax.jit(lambda s, t, m: _scores(nnx.merge(graphdef, s), t, m))
 
@@ -136,3 +137,9 @@ class GlamLM(TemplateLM):
                     text = text.split(stop, 1)[0] if stop else text
                 texts[i] = text
         return texts
+
+
+if __name__ == "__main__":  # lm-eval's own command line, with `glam` registered
+    from lm_eval.__main__ import cli_evaluate
+
+    cli_evaluate()
