@@ -101,10 +101,11 @@ def test_the_worlds_tasks_score_the_same_in_both_harnesses(trained):
     assert 100 * em == pytest.approx(ours["eval/world_qa_seen/0shot"], abs=1e-9)
 
 
-def test_glam_eval_logs_the_results_to_the_run(trained, capsys):
+def test_glam_eval_logs_the_results_to_the_run(trained, capsys, tmp_path):
     folder, _, uri, tasks = trained
     eval_main([str(folder), "--tasks", "glam_world_facts,glam_world_qa", "--include_path",
-               str(tasks), "--limit", "20", "--tracking-uri", uri])
+               str(tasks), "--limit", "20", "--out", str(tmp_path)])  # the run's own store
+    assert (tmp_path / "results_glam_world_facts_glam_world_qa.json").is_file()
     run_id = json.loads((folder / "model" / "config.json").read_text())["run_id"]
     client = MlflowClient(uri)
     logged = client.get_run(run_id).data.metrics
@@ -131,12 +132,15 @@ def test_lm_evals_own_command_line_runs_a_glam_model(trained):
 
 @pytest.mark.parametrize("args,message", [
     (["--tasks", "no_such_task"], "--tasks: lm-eval knows no task no_such_task"),
-    (["--tasks", "glam_world_facts", "--limit", "-1"], "--limit must be >= 0"),
+    (["--tasks", "glam_world_facts", "--limit", "0"], "--limit must be at least 1"),
+    (["--tasks", "glam_world_facts", "--tracking-uri", "sqlite:///{tmp}/other.db"],
+     "--tracking-uri: no active MLflow run"),  # refused before evaluating
 ])
-def test_glam_eval_refuses_bad_input_with_exit_2(trained, capsys, args, message):
+def test_glam_eval_refuses_bad_input_with_exit_2(trained, capsys, args, message, tmp_path):
     folder, _, uri, tasks = trained
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
     with pytest.raises(SystemExit) as exit_:
-        eval_main([str(folder), *args, "--include_path", str(tasks), "--tracking-uri", uri])
+        eval_main([str(folder), *args, "--include_path", str(tasks)])
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and message in err and "Traceback" not in err
 

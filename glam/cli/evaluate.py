@@ -7,8 +7,8 @@ to the run in MLflow.
 
 Each numeric result becomes the metric `lm_eval/<task>/<metric>` of the run that trained the
 model (`<metric>.<filter>` for a filter other than lm-eval's `none`), and the whole results
-JSON the artifact `lm_eval/results_<tasks>.json`, so runs compare in the MLflow UI and in
-glam-analyze's run tables. Needs the `eval` extra (`pip install 'glam[eval]'`).
+JSON the artifact `lm_eval/results_<tasks>.json` (also written under `--out`), so runs compare
+in the MLflow UI and in glam-analyze's run tables. The run is checked before evaluating. Needs the `eval` extra (`pip install 'glam[eval]'`).
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ import math
 import os
 import re
 import sys
-import tempfile
 from pathlib import Path
 
 
@@ -45,11 +44,49 @@ def metrics(results: dict) -> dict[str, float]:
     return out
 
 
-def evaluate(args: argparse.Namespace) -> dict:
-    """Run lm-eval on the export `args.run` names; log to its MLflow run unless `--no-log`.
+def tracking_uri(args: argparse.Namespace) -> str:
+    """`--tracking-uri`; else the store the run directory's `config.yaml` names; else
+    $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db."""
+    if args.tracking_uri:
+        return args.tracking_uri
+    saved = Path(args.run) / "config.yaml"
+    if saved.is_file():
+        import yaml
+
+        uri = ((yaml.safe_load(saved.read_text()) or {}).get("logger") or {}).get("tracking_uri")
+        if uri and "***" not in uri:  # a redacted password cannot be used
+            return uri
+    return os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db")
+
+
+def _check_run(store, run_id: str | None, uri: str) -> None:
+    """Refuse, before evaluating, a run the results cannot be logged to.
 
     Raises:
-      FileNotFoundError / ValueError: no usable export, or a task lm-eval does not know.
+      ValueError: the export names no run, or the store has no active run of that id.
+    """
+    from mlflow.exceptions import MlflowException
+
+    from glam.tracking import redact
+
+    if run_id is None:
+        raise ValueError("the export names no MLflow run; give --no-log to print the results")
+    try:
+        stage = store.get_run(run_id).info.lifecycle_stage
+    except MlflowException:
+        stage = None
+    if stage != "active":
+        raise ValueError(f"--tracking-uri: no active MLflow run {run_id} at {redact(uri)}; give "
+                         "the store the run was logged to, or --no-log")
+
+
+def evaluate(args: argparse.Namespace) -> dict:
+    """Run lm-eval on the export `args.run` names; write the results JSON under `args.out`;
+    log to the model's MLflow run unless `--no-log` (the run checked first).
+
+    Raises:
+      FileNotFoundError / ValueError: no usable export, a task lm-eval does not know, or no
+        MLflow run to log to.
     """
     import lm_eval
     from lm_eval.tasks import TaskManager
@@ -58,8 +95,11 @@ def evaluate(args: argparse.Namespace) -> dict:
     from glam.eval.lm_harness import GlamLM
     from glam.tracking import client
 
-    uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db")
+    uri = tracking_uri(args)
     lm = GlamLM(args.run, batch_size=args.batch_size, tracking_uri=uri)
+    store = None if args.no_log else client(uri)
+    if store is not None:
+        _check_run(store, lm.run_id, uri)
     tasks = [t for t in args.tasks.split(",") if t]
     manager = TaskManager(include_path=args.include_path)
     unknown = [t for t in tasks if t not in manager.all_tasks]
@@ -73,15 +113,17 @@ def evaluate(args: argparse.Namespace) -> dict:
     found = metrics(results)
     for key, value in sorted(found.items()):
         print(f"{key}: {value:.4g}")
-    if args.no_log or lm.run_id is None:
-        print("not logged to MLflow" + ("" if args.no_log else ": the export names no run"))
+    folder = Path(args.out or Path("outputs") / "lm_eval" / (lm.run_id or Path(args.run).name))
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"results_{'_'.join(tasks)[:100]}.json"
+    path.write_text(json.dumps(results, indent=1, default=handle_non_serializable))
+    print(f"results: {path}")
+    if store is None:
         return found
-    store = client(uri)
-    store.log_batch(lm.run_id, metrics=[_metric(k, v) for k, v in found.items()])
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / f"results_{'_'.join(tasks)[:100]}.json"
-        path.write_text(json.dumps(results, indent=1, default=handle_non_serializable))
-        store.log_artifact(lm.run_id, str(path), artifact_path="lm_eval")
+    entries = [_metric(k, v) for k, v in found.items()]
+    for lo in range(0, len(entries), 1000):  # MLflow takes at most 1,000 metrics a call
+        store.log_batch(lm.run_id, metrics=entries[lo : lo + 1000])
+    store.log_artifact(lm.run_id, str(path), artifact_path="lm_eval")
     print(f"logged {len(found)} metrics and lm_eval/{path.name} to MLflow run {lm.run_id}")
     return found
 
@@ -105,24 +147,28 @@ def main(argv: list[str] | None = None) -> None:
                                                         "(default: each task's own)")
     parser.add_argument("--limit", type=int, help="at most this many examples per task")
     parser.add_argument("--batch_size", type=int, default=16, help="rows per compiled call")
-    parser.add_argument("--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI, "
-                                               "else sqlite:///mlflow.db)")
+    parser.add_argument("--tracking-uri", help="MLflow store (default: the run directory's "
+                                               "logger.tracking_uri, else "
+                                               "$MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
+    parser.add_argument("--out", help="folder of the results JSON (default: "
+                                      "outputs/lm_eval/<run id>)")
     parser.add_argument("--no-log", action="store_true", help="print only, log nothing")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    for name in ("num_fewshot", "limit", "batch_size"):
+    for name, least in (("num_fewshot", 0), ("limit", 1), ("batch_size", 1)):
         value = getattr(args, name)
-        if value is not None and value < (1 if name == "batch_size" else 0):
-            parser.error(f"--{name} must be {'positive' if name == 'batch_size' else '>= 0'}, "
-                         f"got {value}")
+        if value is not None and value < least:
+            parser.error(f"--{name} must be at least {least}, got {value}")
     if args.include_path and not Path(args.include_path).is_dir():
         parser.error(f"--include_path {args.include_path}: not a folder")
     if importlib.util.find_spec("lm_eval") is None:
         print("glam-eval: lm-eval is not installed; pip install 'glam[eval]'", file=sys.stderr)
         raise SystemExit(2)
+    from mlflow.exceptions import MlflowException
+
     try:
         evaluate(args)
-    except (FileNotFoundError, ValueError) as err:
-        print(f"glam-eval: {err}", file=sys.stderr)
+    except (FileNotFoundError, ValueError, MlflowException) as err:
+        print(f"glam-eval: {str(err).splitlines()[0]}", file=sys.stderr)
         raise SystemExit(2) from None
 
 

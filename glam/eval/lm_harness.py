@@ -13,15 +13,16 @@ dropless, no jitter).
   relative position bias makes the result independent of it), float32 log-softmax.
 - `loglikelihood_rolling`: lm-eval's disjoint rolling windows of `seq_len` tokens, the first
   predicted from <eos>.
-- `generate_until`: greedy decoding with the KV cache (`glam.generate`), the context truncated
-  from the left so context + `max_gen_toks` fit the window, cut at <eos> and at the first
-  `until` string.
+- `generate_until`: greedy decoding with the KV cache (`glam.generate`), `max_gen_toks` capped
+  at the window less one, the context truncated from the left so both fit the window, cut at
+  <eos> and at the first `until` string.
 
 Requires the `eval` extra (`pip install 'glam[eval]'`).
 """
 
 from __future__ import annotations
 
+import logging
 from collections import defaultdict
 
 import jax
@@ -34,6 +35,8 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
 from glam.export import load
 from glam.generate import generate, inference_config
+
+log = logging.getLogger("glam.eval")
 
 
 def _scores(model, tokens: jax.Array, mask: jax.Array):
@@ -84,6 +87,9 @@ class GlamLM(TemplateLM):
         """[(log p of each continuation, whether it is the greedy one)] in request order."""
         rows = []
         for _, context, continuation in requests:
+            if len(continuation) > self.window:
+                raise ValueError(f"a continuation of {len(continuation)} tokens is longer than "
+                                 f"the model's window ({self.window}); it cannot be scored")
             whole = (list(context) + list(continuation))[-(self.window + 1):]
             rows.append((whole, len(continuation)))
         out = []
@@ -96,7 +102,8 @@ class GlamLM(TemplateLM):
                 tokens[i, width - len(whole):], mask[i, width - len(whole):] = whole, True
             logp, greedy = jax.device_get(self._score(self._state, tokens, mask))
             for i, (_, n) in enumerate(batch):  # the continuation: the last n targets
-                out.append((float(logp[i, -n:].sum()), bool(greedy[i, -n:].all())))
+                last = slice(self.window - n, self.window)  # empty for n = 0: log p 0, greedy
+                out.append((float(logp[i, last].sum()), bool(greedy[i, last].all())))
         return out
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
@@ -115,29 +122,39 @@ class GlamLM(TemplateLM):
         return totals.tolist()
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        """Greedy continuations, each cut at <eos> and at the first of its `until` strings;
-        prompts of one length decode as one batch."""
+        """Greedy continuations, each cut at <eos> (or padding) and at the first of its `until`
+        strings. `max_gen_toks` is capped at the window less one token of context; sampling
+        settings are ignored (greedy, as glam's harness). Prompts of one length decode together,
+        `batch_size` at a time (a short batch filled with copies: one compiled shape)."""
         by_length: dict[tuple, list[int]] = defaultdict(list)
         prompts = []
         for i, req in enumerate(requests):
             context, kwargs = req.args
-            new = int(kwargs.get("max_gen_toks", 16))
-            ids = self.tok_encode(context)[-max(1, self.window - new):] or [self.eot_token_id]
+            new = min(int(kwargs.get("max_gen_toks", 16)), self.window - 1)
+            if kwargs.get("do_sample") or float(kwargs.get("temperature", 0) or 0) > 0:
+                log.warning("generate_until decodes greedily; do_sample/temperature ignored")
+            ids = self.tok_encode(context)[-(self.window - new):] or [self.eot_token_id]
             prompts.append(ids)
             by_length[(len(ids), new)].append(i)
         texts = [""] * len(requests)
+        stops = (self.eot_token_id, self.tok.pad_id)
         for (length, new), members in by_length.items():
-            batch = np.asarray([prompts[i] for i in members], np.int32)
-            out = generate(self.model, batch, new, eos_id=self.eot_token_id)[:, length:]
-            for i, ids in zip(members, out.tolist()):
-                ids = ids[: ids.index(self.eot_token_id)] if self.eot_token_id in ids else ids
-                text = " " + self.tok_decode(ids)
-                until = requests[i].args[1].get("until") or []
-                for stop in [until] if isinstance(until, str) else until:
-                    text = text.split(stop, 1)[0] if stop else text
-                texts[i] = text
+            for lo in range(0, len(members), self.rows):
+                chunk = members[lo : lo + self.rows]
+                batch = np.asarray([prompts[i] for i in chunk]
+                                   + [prompts[chunk[0]]] * (self.rows - len(chunk)), np.int32)
+                out = generate(self.model, batch, new, eos_id=self.eot_token_id)
+                for i, ids in zip(chunk, out.tolist()):
+                    answer = ids[length:]
+                    end = next((j for j, t in enumerate(answer) if t in stops), len(answer))
+                    # decoded after its prompt, so a piece that starts no word gets no space
+                    text = self.tok_decode(prompts[i] + answer[:end])[
+                        len(self.tok_decode(prompts[i])):]
+                    until = requests[i].args[1].get("until") or []
+                    for stop in [until] if isinstance(until, str) else until:
+                        text = text.split(stop, 1)[0] if stop else text
+                    texts[i] = text
         return texts
-
 
 if __name__ == "__main__":  # lm-eval's own command line, with `glam` registered
     from lm_eval.__main__ import cli_evaluate

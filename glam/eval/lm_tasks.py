@@ -8,12 +8,13 @@ The same examples as glam's own harness (`glam.eval.tasks.world_tasks`, same `ev
   (`acc`). glam scores an option as its summed log-probability after the context, as lm-eval's
   `acc` does, so 0-shot accuracies agree exactly (tested).
 - `world_qa`, `world_qa_seen` (generation): "q: <question> a:", greedy, cut at " ." or a new
-  line; exact match after the leading space (`exact_match`, filter `strip`, case-insensitive).
+  line; exact match after the leading space (`exact_match`, filter `strip`) normalised as glam
+  normalises answers (case, punctuation, articles, whitespace).
 
 Where the formats cannot agree: k-shot demonstrations. glam draws each example's own k from the
 train split with its seed and separates them by the <eos> id; the YAML keeps the <eos>
-separator (`fewshot_delimiter`) but lm-eval draws its demonstrations with its own sampler, so
-k > 0 scores are not the same prompts. Task names carry a `glam_` prefix, clear of lm-eval's own.
+separator (`fewshot_delimiter`) and the demonstrations' form, but lm-eval draws them with its
+own sampler, so k > 0 scores are not the same prompts. Task names carry a `glam_` prefix, clear of lm-eval's own.
 """
 
 from __future__ import annotations
@@ -64,8 +65,14 @@ def task_config(task: Task, folder: Path) -> dict:
             # the answer without the space that follows "a:"
             "filter_list": [{"name": "strip", "filter": [{"function": "remove_whitespace"},
                                                          {"function": "take_first"}]}],
+            # a demonstration's answer ends " ." as in glam's prompts
+            "fewshot_config": {"doc_to_target": "{{answers[0]}} ."},
+            # glam's answer normalisation (glam.eval.scoring): case, punctuation, articles,
+            # whitespace
             "metric_list": [{"metric": "exact_match", "aggregation": "mean",
-                             "higher_is_better": True, "ignore_case": True}]}
+                             "higher_is_better": True, "ignore_case": True,
+                             "ignore_punctuation": True,
+                             "regexes_to_ignore": [r"(?i)\b(a|an|the)\b", r"\s+"]}]}
 
 
 def write(world: World, folder: Path, max_examples: int, seed: int,
