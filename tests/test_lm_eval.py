@@ -64,6 +64,13 @@ def test_loglikelihoods_equal_the_models_forward_pass(trained):
     (rolling,) = lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (text,), 0)])
     whole = _forward_logp(model, [lm.eot_token_id, *lm.tok_encode(text)])
     assert rolling == pytest.approx(float(whole.sum()), abs=1e-3)
+    # edges: nothing to score; more than the window; more new tokens than the window holds
+    assert lm._loglikelihood_tokens([(None, ids, [])]) == [(0.0, True)]
+    with pytest.raises(ValueError, match="longer than the model's window"):
+        lm._loglikelihood_tokens([(None, ids[:1], ids * lm.window)])
+    (answer,) = lm.generate_until([Instance("generate_until", {}, (
+        context, {"until": [" ."], "max_gen_toks": 10 * lm.window}), 0)])
+    assert isinstance(answer, str)
 
 
 def _glam_scores(folder, cfg):
